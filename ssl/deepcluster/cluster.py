@@ -1,0 +1,172 @@
+"""Clustering step of DeepCluster: PCA-whiten, L2-normalise, faiss k-means, no empty clusters.
+
+The whitening and the centroids are kept as plain arrays (`Clustering`) so a trained model can assign
+new images to the learned clusters without faiss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+from sklearn.metrics import normalized_mutual_info_score
+
+from .errors import ParamError
+
+
+@dataclass
+class Whitening:
+    """y = (x @ A.T + b), then L2-normalised. A holds eigenvectors scaled by eigenvalue^-1/2."""
+
+    A: np.ndarray  # (pca_dim, d)
+    b: np.ndarray  # (pca_dim,)
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        y = np.asarray(x, dtype=np.float32) @ self.A.T + self.b
+        return l2_normalize(y)
+
+
+@dataclass
+class Clustering:
+    assignments: np.ndarray  # (n,) int64 cluster id per image
+    distances: np.ndarray  # (n,) squared L2 distance to the assigned centroid
+    centroids: np.ndarray  # (k, pca_dim) in the whitened space
+    whitening: Whitening
+    loss: float  # k-means objective after the last iteration
+    reseeded: int  # empty clusters that had to be re-seeded by splitting a large one
+
+    @property
+    def k(self) -> int:
+        return int(self.centroids.shape[0])
+
+    def sizes(self) -> np.ndarray:
+        return np.bincount(self.assignments, minlength=self.k)
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def fit_whitening(features: np.ndarray, pca_dim: int) -> Whitening:
+    """PCA to `pca_dim` with whitening (eigen power -0.5), as in the paper."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    dim = min(pca_dim, x.shape[1], x.shape[0])
+    pca = faiss.PCAMatrix(x.shape[1], dim, -0.5)
+    pca.train(x)
+    A = faiss.vector_to_array(pca.A).reshape(dim, x.shape[1])
+    b = faiss.vector_to_array(pca.b)
+    return Whitening(A=A.astype(np.float32), b=b.astype(np.float32))
+
+
+def _flat_index(dim: int, use_gpu: bool) -> faiss.Index:
+    if use_gpu and gpu_available():
+        res = faiss.StandardGpuResources()
+        cfg = faiss.GpuIndexFlatConfig()
+        cfg.device = 0
+        return faiss.GpuIndexFlatL2(res, dim, cfg)
+    return faiss.IndexFlatL2(dim)
+
+
+def gpu_available() -> bool:
+    """faiss-gpu is installed and sees a device (faiss-cpu has no StandardGpuResources)."""
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def kmeans(
+    x: np.ndarray, k: int, iters: int = 20, redo: int = 1, seed: int = 0, use_gpu: bool = False
+) -> tuple[np.ndarray, float]:
+    """faiss k-means; returns centroids (k, d) and the final objective."""
+    n, d = x.shape
+    if n < k:
+        raise ParamError(f"cluster.k = {k}: needs at least k images, got {n}")
+    clus = faiss.Clustering(d, k)
+    clus.niter = iters
+    clus.nredo = redo
+    clus.seed = seed
+    clus.max_points_per_centroid = 10_000_000  # use every point: no silent subsampling
+    clus.min_points_per_centroid = 1
+    index = _flat_index(d, use_gpu)
+    clus.train(x, index)
+    centroids = faiss.vector_to_array(clus.centroids).reshape(k, d)
+    stats = clus.iteration_stats
+    loss = float(stats.at(stats.size() - 1).obj) if stats.size() else float("nan")
+    return centroids.astype(np.float32), loss
+
+
+def assign(
+    x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nearest centroid of each row: (ids, squared distances)."""
+    index = _flat_index(centroids.shape[1], use_gpu)
+    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
+    dist, ids = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
+    return ids[:, 0].astype(np.int64), dist[:, 0].astype(np.float32)
+
+
+def reseed_empty(
+    x: np.ndarray, centroids: np.ndarray, ids: np.ndarray, seed: int = 0, eps: float = 1e-4
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Give every empty cluster half of a large one, as the reference DeepCluster does.
+
+    The empty centroid becomes a slightly perturbed copy of a centroid drawn with probability
+    proportional to its cluster's size; the donor moves the other way, and the donor's members are
+    split between the two by distance. Repeats until no cluster is empty (n >= k).
+    """
+    rng = np.random.default_rng(seed)
+    centroids, ids = centroids.copy(), ids.copy()
+    k = centroids.shape[0]
+    reseeded = 0
+    while True:
+        sizes = np.bincount(ids, minlength=k)
+        empty = np.flatnonzero(sizes == 0)
+        if empty.size == 0 or sizes.max() < 2:
+            break
+        j = int(empty[0])
+        donors = np.flatnonzero(sizes >= 2)
+        p = sizes[donors] / sizes[donors].sum()
+        c = int(rng.choice(donors, p=p))
+        noise = eps * rng.standard_normal(centroids.shape[1]).astype(np.float32)
+        centroids[j] = centroids[c] + noise
+        centroids[c] = centroids[c] - noise
+        members = np.flatnonzero(ids == c)
+        to_j = _split_members(x[members], centroids[c], centroids[j])
+        ids[members[to_j]] = j
+        reseeded += 1
+    return centroids, ids, reseeded
+
+
+def _split_members(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Mask of rows closer to b than a; never all or none of them (each side keeps at least one)."""
+    closer_b = ((x - b) ** 2).sum(1) < ((x - a) ** 2).sum(1)
+    if closer_b.all() or not closer_b.any():
+        closer_b = np.zeros(len(x), dtype=bool)
+        closer_b[len(x) // 2 :] = True
+    return closer_b
+
+
+def cluster_features(
+    features: np.ndarray,
+    k: int,
+    pca_dim: int,
+    iters: int = 20,
+    redo: int = 1,
+    seed: int = 0,
+    use_gpu: bool = False,
+) -> Clustering:
+    """Features -> PCA-whiten -> L2 -> k-means -> assignments with no empty cluster."""
+    if not np.isfinite(features).all():
+        raise ValueError("features contain NaN or infinity: the network diverged (lower train.lr)")
+    whitening = fit_whitening(features, pca_dim)
+    x = whitening.apply(features)
+    centroids, loss = kmeans(x, k, iters, redo, seed, use_gpu)
+    ids, _ = assign(x, centroids, use_gpu)
+    centroids, ids, reseeded = reseed_empty(x, centroids, ids, seed)
+    dist = ((x - centroids[ids]) ** 2).sum(1).astype(np.float32)
+    return Clustering(ids, dist, centroids, whitening, loss, reseeded)
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information between two labelings (e.g. epochs t-1 and t)."""
+    return float(normalized_mutual_info_score(a, b))

@@ -1,0 +1,101 @@
+"""Bundled sample data: scikit-learn's digits exported as a class-per-folder PNG tree.
+
+The export is byte-identical on every machine because a DVC md5 of the folder is committed. zlib
+builds (classic zlib, zlib-ng) compress the same data to different bytes, so the PNGs are written by
+hand with uncompressed ("stored") deflate blocks; only the checksums come from `zlib`, and those are
+fixed by their definitions.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+from sklearn.datasets import load_digits
+
+from deepcluster.io import write_bytes
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+ZLIB_HEADER = b"\x78\x01"  # deflate, 32 KiB window, no preset dictionary, "fastest" level hint
+STORED_BLOCK_MAX = 65535  # a stored deflate block's length field is 16 bits
+DIGITS_MAX_VALUE = 16  # digits pixels count set bits in a 4x4 block: 0..16
+
+
+def export_digits(out_dir: Path) -> int:
+    """Write the 1797 digits as `out_dir/<digit>/<index:04d>.png`; return the number of images.
+
+    Images keep their native 8x8 size as 8-bit greyscale, pixel = round(v * 255 / 16). Exporting
+    into a folder that holds this export (complete or partial) completes it, leaving files that
+    are already identical untouched; a folder holding anything else raises FileExistsError so a
+    user's files are never mixed into the sample.
+    """
+    out_dir = Path(out_dir)
+    digits = load_digits()
+    pixels = np.rint(digits.images * 255 / DIGITS_MAX_VALUE).astype(np.uint8)
+    files = {
+        f"{label}/{index:04d}.png": image
+        for index, (label, image) in enumerate(zip(digits.target, pixels, strict=True))
+    }
+    _refuse_foreign_entries(out_dir, set(files))
+    for relative, image in files.items():
+        _write_if_changed(out_dir / relative, encode_grey_png(image))
+    return len(files)
+
+
+def encode_grey_png(pixels: np.ndarray) -> bytes:
+    """Encode a 2-D uint8 array as an 8-bit greyscale PNG, deterministically and uncompressed."""
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected a 2-D uint8 array, got {pixels.ndim}-D {pixels.dtype}")
+    height, width = pixels.shape
+    # bit depth 8, colour type 0 (greyscale), deflate, adaptive filtering, no interlace
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    # every scanline starts with its filter type; 0 means "none"
+    scanlines = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    return (
+        PNG_SIGNATURE
+        + _chunk(b"IHDR", header)
+        + _chunk(b"IDAT", _zlib_stored(scanlines))
+        + _chunk(b"IEND", b"")
+    )
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data)
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+
+def _zlib_stored(data: bytes) -> bytes:
+    """A zlib stream holding `data` in stored deflate blocks (no compression)."""
+    blocks = []
+    # range(max(.., 1)) so that empty data still gets its one, final, empty block
+    for start in range(0, max(len(data), 1), STORED_BLOCK_MAX):
+        block = data[start : start + STORED_BLOCK_MAX]
+        is_final = start + STORED_BLOCK_MAX >= len(data)
+        # 3 header bits (BFINAL, BTYPE=00) padded to a byte, then LEN and its one's complement
+        blocks.append(struct.pack("<BHH", int(is_final), len(block), len(block) ^ 0xFFFF) + block)
+    return ZLIB_HEADER + b"".join(blocks) + struct.pack(">I", zlib.adler32(data))
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    # replacing a file is much slower than reading it, and keeping mtimes spares DVC a rehash
+    if path.is_file() and path.read_bytes() == data:
+        return
+    write_bytes(path, data)
+
+
+def _refuse_foreign_entries(out_dir: Path, expected_files: set[str]) -> None:
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise FileExistsError(f"cannot export digits to {out_dir}: it exists and is not a folder")
+    expected = expected_files | {relative.split("/")[0] for relative in expected_files}
+    present = (entry.relative_to(out_dir).as_posix() for entry in out_dir.rglob("*"))
+    foreign = sorted(relative for relative in present if relative not in expected)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        raise FileExistsError(
+            f"cannot export digits to {out_dir}: it holds {len(foreign)} entries that are not part "
+            f"of the digits export ({shown}); choose an empty or new folder"
+        )

@@ -1,0 +1,52 @@
+"""Shared fixtures: the real digits sample exported as PNG files and ingested once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deepcluster import pipeline
+from deepcluster.config import params_from_dict
+from deepcluster.paths import Artifacts
+from deepcluster.sample import export_digits
+
+# Small, quick settings for tests on two CPU cores; the pipeline code is the same as the demo's.
+FAST = {
+    "data": {"resolution": 16},
+    "cluster": {"k": 30, "pca_dim": 32},
+    "train": {"epochs": 2, "batch_size": 32, "hflip": False, "crop_scale": [0.7, 1.0]},
+    "eval": {"probe_epochs": 200},
+}
+
+
+def fast_params(**sections):
+    raw = {name: dict(values) for name, values in FAST.items()}
+    for name, values in sections.items():
+        raw.setdefault(name, {}).update(values)
+    return params_from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("digits")
+    export_digits(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ingested(digits_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
+    """Digits ingested at the test resolution; tests copy it before writing anything."""
+    art = Artifacts(tmp_path_factory.mktemp("ingested"))
+    pipeline.ingest(digits_folder, fast_params(), art, progress=False)
+    return art
+
+
+@pytest.fixture
+def workspace(ingested: Artifacts, tmp_path: Path) -> Artifacts:
+    """A private artifacts folder holding the shared ingest outputs."""
+    import shutil
+
+    art = Artifacts(tmp_path / "artifacts")
+    shutil.copytree(ingested.root, art.root)
+    return art

@@ -1,0 +1,273 @@
+"""Ingest on a deliberately messy folder of real files: every file is accounted for, with reasons."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from PIL import Image
+
+from deepcluster.data import (
+    MANIFEST_SCHEMA,
+    REJECTED_SCHEMA,
+    IngestError,
+    build_cache,
+    cache_is_current,
+    decode_image,
+    load_cache,
+    read_manifest,
+    require_images,
+    scan_images,
+    write_tables,
+)
+from deepcluster.io import atomic_path
+
+RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
+
+# path -> (width, height, mode, label) of every file the scan must accept
+GOOD = {
+    "cats/grey.png": (10, 10, "L", "cats"),
+    "cats/photo.jpg": (20, 16, "RGB", "cats"),
+    "cats/red.png": (16, 12, "RGB", "cats"),
+    "cats/wide.png": (40, 20, "RGB", "cats"),
+    "dogs/alpha.png": (8, 8, "RGBA", "dogs"),
+    "dogs/blue.JPEG": (12, 12, "RGB", "dogs"),
+    "dogs/palette.gif": (9, 7, "P", "dogs"),
+}
+# path -> a substring the rejection reason must contain
+BAD = {
+    "cats/tiny.png": "image too small (1x5)",
+    "dogs/empty.png": "empty file (0 bytes)",
+    "dogs/red_copy.png": "duplicate of cats/red.png",
+    "dogs/text.jpg": "not a decodable image: cannot identify image file",
+    "dogs/truncated.png": "truncated or corrupt image data",
+    "notes.txt": "unsupported file type '.txt'",
+}
+HIDDEN = (".DS_Store", ".dvc/config", "cats/.thumb.png")
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def solid(colour: tuple[int, int, int], size: tuple[int, int]) -> Image.Image:
+    return Image.new("RGB", size, colour)
+
+
+def left_right(left: tuple, right: tuple, size: tuple[int, int], mode: str = "RGB") -> Image.Image:
+    """An image whose left half is `left` and right half is `right`."""
+    image = Image.new(mode, size, right)
+    image.paste(Image.new(mode, (size[0] // 2, size[1]), left), (0, 0))
+    return image
+
+
+def make_messy_folder(root: Path) -> None:
+    files: dict[str, bytes] = {}
+    files["cats/grey.png"] = png_bytes(Image.linear_gradient("L").resize((10, 10)))
+    photo = io.BytesIO()
+    solid(RED, (20, 16)).save(photo, format="JPEG")
+    files["cats/photo.jpg"] = photo.getvalue()
+    files["cats/red.png"] = png_bytes(solid(RED, (16, 12)))
+    files["cats/wide.png"] = png_bytes(left_right(RED, BLUE, (40, 20)))
+    # left half fully transparent black: must come out white, not black
+    files["dogs/alpha.png"] = png_bytes(left_right((0, 0, 0, 0), GREEN + (255,), (8, 8), "RGBA"))
+    blue = io.BytesIO()
+    solid(BLUE, (12, 12)).save(blue, format="JPEG")
+    files["dogs/blue.JPEG"] = blue.getvalue()
+    gif = io.BytesIO()
+    left_right(RED, GREEN, (9, 7)).convert("P", palette=Image.Palette.ADAPTIVE).save(gif, "GIF")
+    files["dogs/palette.gif"] = gif.getvalue()
+
+    files["cats/tiny.png"] = png_bytes(solid(RED, (1, 5)))
+    files["dogs/empty.png"] = b""
+    files["dogs/red_copy.png"] = files["cats/red.png"]
+    files["dogs/text.jpg"] = b"this is not a JPEG\n"
+    # random pixels do not compress, so cutting the file in half cuts the pixel data
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    whole = png_bytes(Image.fromarray(noise))
+    files["dogs/truncated.png"] = whole[: len(whole) // 2]
+    files["notes.txt"] = b"shot on a sunny day\n"
+    for hidden in HIDDEN:
+        files[hidden] = b"tool metadata"
+
+    for relative, data in files.items():
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(data)
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("messy")
+    make_messy_folder(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def scanned(messy: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    return scan_images(messy)
+
+
+def test_good_images_are_in_the_manifest(scanned: tuple[pl.DataFrame, pl.DataFrame]) -> None:
+    manifest, _ = scanned
+    assert manifest.schema == pl.Schema(MANIFEST_SCHEMA)
+    assert manifest["path"].to_list() == sorted(GOOD)
+    for row in manifest.iter_rows(named=True):
+        assert (row["width"], row["height"], row["mode"], row["label"]) == GOOD[row["path"]]
+        assert len(row["sha256"]) == 64 and row["bytes"] > 0
+
+
+def test_bad_files_are_rejected_with_specific_reasons(
+    scanned: tuple[pl.DataFrame, pl.DataFrame],
+) -> None:
+    _, rejected = scanned
+    assert rejected.schema == pl.Schema(REJECTED_SCHEMA)
+    assert rejected["path"].to_list() == sorted(BAD)
+    for path, reason in rejected.iter_rows():
+        assert BAD[path] in reason, (path, reason)
+
+
+def test_every_visible_file_is_accounted_for_exactly_once(
+    messy: Path, scanned: tuple[pl.DataFrame, pl.DataFrame]
+) -> None:
+    manifest, rejected = scanned
+    on_disk = {
+        path.relative_to(messy).as_posix()
+        for path in messy.rglob("*")
+        if path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(messy).parts)
+    }
+    listed = manifest["path"].to_list() + rejected["path"].to_list()
+    assert sorted(listed) == sorted(on_disk)
+    assert not set(listed) & set(HIDDEN)
+
+
+def test_parallel_scan_and_cache_match_sequential(
+    messy: Path, scanned: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+) -> None:
+    manifest, rejected = scanned
+    parallel_manifest, parallel_rejected = scan_images(messy, workers=2)
+    assert parallel_manifest.equals(manifest) and parallel_rejected.equals(rejected)
+
+    build_cache(messy, manifest, 8, tmp_path / "serial.npy")
+    build_cache(messy, manifest, 8, tmp_path / "parallel.npy", workers=2)
+    np.testing.assert_array_equal(
+        load_cache(tmp_path / "serial.npy"), load_cache(tmp_path / "parallel.npy")
+    )
+
+
+def test_cache_pixels(
+    messy: Path, scanned: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+) -> None:
+    manifest, _ = scanned
+    path = build_cache(messy, manifest, 8, tmp_path / "cache.npy")
+    cache = load_cache(path)
+    assert cache.shape == (manifest.height, 3, 8, 8) and cache.dtype == np.uint8
+    row = {name: index for index, name in enumerate(manifest["path"])}
+
+    grey = cache[row["cats/grey.png"]]
+    assert np.array_equal(grey[0], grey[1]) and np.array_equal(grey[1], grey[2])
+    assert grey.min() < 64 and grey.max() > 192  # the gradient survives the resize
+
+    alpha = cache[row["dogs/alpha.png"]]
+    assert tuple(alpha[:, 0, 0]) == WHITE and tuple(alpha[:, 7, 7]) == GREEN
+
+    # 40x20 -> 16x8 -> centre crop of columns 4..11: red then blue, blended only at the seam
+    wide = cache[row["cats/wide.png"]]
+    assert all(tuple(wide[:, y, x]) == RED for y in range(8) for x in range(3))
+    assert all(tuple(wide[:, y, x]) == BLUE for y in range(8) for x in range(5, 8))
+
+    gif = cache[row["dogs/palette.gif"]]
+    assert tuple(gif[:, 3, 0]) == RED and tuple(gif[:, 3, 7]) == GREEN
+
+
+def test_cache_description_detects_staleness(
+    messy: Path, scanned: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+) -> None:
+    manifest, _ = scanned
+    out = build_cache(messy, manifest, 8, tmp_path / "cache.npy")
+    assert cache_is_current(out, manifest, 8)
+    assert not cache_is_current(out, manifest, 16)
+    assert not cache_is_current(out, manifest.head(3), 8)
+
+
+def test_decode_stretches_16_bit_and_converts_cmyk(tmp_path: Path) -> None:
+    deep = np.array([[1000, 2000], [3000, 3000]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    decoded = decode_image(tmp_path / "deep.png", 2)
+    assert decoded.shape == (3, 2, 2)
+    assert decoded[0].tolist() == [[0, 128], [255, 255]]
+
+    solid(RED, (4, 4)).convert("CMYK").save(tmp_path / "cmyk.jpg")
+    assert decode_image(tmp_path / "cmyk.jpg", 4)[0].min() > 200
+
+
+def test_labels_are_null_unless_every_image_is_in_a_subfolder(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "one.png").write_bytes(png_bytes(solid(RED, (4, 4))))
+    (tmp_path / "two.png").write_bytes(png_bytes(solid(BLUE, (4, 4))))
+    manifest, rejected = scan_images(tmp_path)
+    assert manifest["path"].to_list() == ["a/one.png", "two.png"]
+    assert manifest["label"].null_count() == 2 and rejected.height == 0
+
+
+def test_missing_or_unusable_folder_raises(tmp_path: Path) -> None:
+    with pytest.raises(IngestError, match="data folder not found"):
+        scan_images(tmp_path / "nope")
+    (tmp_path / "file.png").write_bytes(b"")
+    with pytest.raises(IngestError, match="not a directory"):
+        scan_images(tmp_path / "file.png")
+
+    manifest, rejected = scan_images(tmp_path)
+    assert manifest.height == 0 and manifest.schema == pl.Schema(MANIFEST_SCHEMA)
+    with pytest.raises(IngestError, match=r"1 files rejected, e.g. file.png: empty file"):
+        require_images(manifest, rejected, tmp_path)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can read any file")
+def test_unreadable_file_is_rejected(tmp_path: Path) -> None:
+    locked = tmp_path / "locked.png"
+    locked.write_bytes(png_bytes(solid(RED, (4, 4))))
+    locked.chmod(0)
+    try:
+        _, rejected = scan_images(tmp_path)
+    finally:
+        locked.chmod(0o600)
+    assert rejected.row(0) == ("locked.png", "permission denied")
+
+
+def test_tables_round_trip(scanned: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path) -> None:
+    manifest, rejected = scanned
+    paths = write_tables(manifest, rejected, tmp_path / "tables")
+    assert read_manifest(paths["manifest"]).equals(manifest)
+    assert pl.read_parquet(paths["rejected"]).equals(rejected)
+    with pytest.raises(IngestError, match="manifest not found"):
+        read_manifest(tmp_path / "missing.parquet")
+    with pytest.raises(IngestError, match="image cache not found"):
+        load_cache(tmp_path / "missing.npy")
+
+
+def test_failed_writes_leave_nothing_behind(
+    messy: Path, scanned: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path
+) -> None:
+    target = tmp_path / "out" / "artifact.bin"
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("crash mid-write")
+    assert list(target.parent.iterdir()) == []
+
+    # an image that vanished after the scan: the cache build fails and leaves no cache
+    manifest, _ = scanned
+    moved = messy / "cats" / "red.png"
+    moved.rename(tmp_path / "red.png")
+    try:
+        with pytest.raises(IngestError, match="cannot decode"):
+            build_cache(messy, manifest, 8, tmp_path / "cache" / "images.npy")
+    finally:
+        (tmp_path / "red.png").rename(moved)
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -1,0 +1,90 @@
+"""The bundled digits sample: layout, pixels, and byte-for-byte determinism across machines."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from deepcluster.sample import encode_grey_png, export_digits
+
+# sha256 over "<relative path>\n<sha256 of file>\n" for every exported file in sorted path order;
+# computed once from export_digits and pinned: DVC's committed md5 depends on these exact bytes
+DIGITS_EXPORT_SHA256 = "dec0ed247d741539d5f061d322becebbea04e1c5ae539f78cdd97e9ee4f7fae8"
+
+
+def export_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        file_hash = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest.update(f"{path.relative_to(folder).as_posix()}\n{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("digits")
+    assert export_digits(folder) == 1797
+    return folder
+
+
+def test_layout_and_labels(digits_dir: Path) -> None:
+    digits = load_digits()
+    files = sorted(p for p in digits_dir.rglob("*") if p.is_file())
+    assert len(files) == 1797
+    assert sorted(p.name for p in digits_dir.iterdir()) == [str(d) for d in range(10)]
+    for index, label in enumerate(digits.target):
+        assert (digits_dir / str(label) / f"{index:04d}.png").is_file()
+
+
+def test_pillow_reads_expected_pixels(digits_dir: Path) -> None:
+    digits = load_digits()
+    expected = np.rint(digits.images * 255 / 16).astype(np.uint8)
+    for index in (0, 3, 1000, 1796):
+        path = digits_dir / str(digits.target[index]) / f"{index:04d}.png"
+        with Image.open(path) as image:
+            assert (image.format, image.mode, image.size) == ("PNG", "L", (8, 8))
+            np.testing.assert_array_equal(np.asarray(image), expected[index])
+    assert expected.min() == 0 and expected.max() == 255
+
+
+def test_export_is_byte_identical_and_pinned(digits_dir: Path, tmp_path: Path) -> None:
+    assert export_digits(tmp_path / "again") == 1797
+    assert export_fingerprint(tmp_path / "again") == export_fingerprint(digits_dir)
+    assert export_fingerprint(digits_dir) == DIGITS_EXPORT_SHA256
+
+
+def test_reexport_into_same_folder_is_idempotent_and_repairs(digits_dir: Path) -> None:
+    assert export_digits(digits_dir) == 1797
+    assert export_fingerprint(digits_dir) == DIGITS_EXPORT_SHA256
+    (digits_dir / "0" / "0000.png").write_bytes(b"damaged")
+    (digits_dir / "1" / "0001.png").unlink()
+    assert export_digits(digits_dir) == 1797
+    assert export_fingerprint(digits_dir) == DIGITS_EXPORT_SHA256
+
+
+def test_refuses_folder_with_foreign_files(tmp_path: Path) -> None:
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(FileExistsError, match="not part of the digits export"):
+        export_digits(tmp_path)
+    assert [p.name for p in (tmp_path / "3").iterdir()] == ["holiday.jpg"]
+
+
+def test_png_stream_is_stored_and_valid() -> None:
+    # larger than one stored block, to cover the block split
+    pixels = np.arange(300 * 300, dtype=np.uint32).reshape(300, 300).astype(np.uint8)
+    png = encode_grey_png(pixels)
+    idat_start = png.index(b"IDAT") + 4
+    idat_length = int.from_bytes(png[idat_start - 8 : idat_start - 4], "big")
+    stream = png[idat_start : idat_start + idat_length]
+    assert stream[:2] == b"\x78\x01"
+    assert len(zlib.decompress(stream)) == 300 * 301  # one filter byte per row
+    with Image.open(io.BytesIO(png)) as image:
+        np.testing.assert_array_equal(np.asarray(image), pixels)
