@@ -11,10 +11,12 @@ from deepcluster.config import params_from_dict
 from deepcluster.paths import Artifacts
 from deepcluster.sample import export_digits
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Small, quick settings for tests on two CPU cores; the pipeline code is the same as the demo's.
 FAST = {
     "data": {"resolution": 16},
-    "cluster": {"k": 30, "pca_dim": 32},
+    "cluster": {"k": 30, "pca_dim": 16},
     "train": {"epochs": 2, "batch_size": 32, "hflip": False, "crop_scale": [0.7, 1.0]},
     "eval": {"probe_epochs": 200},
 }
