@@ -19,6 +19,7 @@ __all__ = ["ParamError", "Params", "load_params", "params_from_dict"]
 
 ARCHS = ("smallconv", "alexnet", "vgg16", "resnet18", "resnet50")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULES = ("constant", "cosine")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,9 @@ class TrainParams:
     epochs: int = 12
     batch_size: int = 128
     lr: float = 0.05
+    schedule: str = (
+        "cosine"  # constant (the paper) | cosine: decay per epoch to a steadier final model
+    )
     momentum: float = 0.9
     weight_decay: float = 1e-5
     crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop: area fraction range
@@ -159,6 +163,12 @@ def validate(p: Params) -> Params:
     _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
     _require(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2")
     _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
+    _require(
+        t.schedule in SCHEDULES,
+        "train.schedule",
+        t.schedule,
+        f"must be one of {', '.join(SCHEDULES)}",
+    )
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
     _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
     lo, hi = t.crop_scale

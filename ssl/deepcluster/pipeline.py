@@ -21,7 +21,15 @@ from .errors import MissingArtifact, UserError
 from .io import atomic_path, write_json
 from .models import build_model
 from .paths import Artifacts
-from .train import EpochStats, ImageSource, TrainResult, compute_features, load_model, train
+from .train import (
+    EpochStats,
+    ImageSource,
+    TrainResult,
+    compute_features,
+    eval_batch_size,
+    load_model,
+    train,
+)
 
 
 def labels_of(manifest: pl.DataFrame) -> np.ndarray | None:
@@ -85,7 +93,7 @@ def features_step(params: Params, art: Artifacts, progress: bool = True) -> np.n
     device = resolve_device(params.train.device)
     model = load_model(require(art.model, "train"), device)
     source = ImageSource(_cache(params, art), device)
-    feats = compute_features(model, source, params.train.batch_size, params.train.amp, progress)
+    feats = compute_features(model, source, eval_batch_size(params), params.train.amp, progress)
     _save_npy(art.features, feats)
     return feats
 
@@ -127,9 +135,8 @@ def random_init_features(params: Params, images: np.ndarray, progress: bool) -> 
     model = build_model(params.model, params.cluster.k)
     device = resolve_device(params.train.device)
     source = ImageSource(images, device)
-    return compute_features(
-        model.to(device), source, params.train.batch_size, params.train.amp, progress
-    )
+    batch = eval_batch_size(params)
+    return compute_features(model.to(device), source, batch, params.train.amp, progress)
 
 
 def _labelled_metrics(params, labels, feature_sets: dict[str, np.ndarray], assignments) -> dict:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -42,6 +43,7 @@ class EpochStats:
     nmi_prev: float | None  # NMI between this epoch's and the previous epoch's assignments
     nmi_labels: float | None  # NMI against the folder labels, when there are any
     reseeded: int  # empty clusters re-seeded by splitting
+    lr: float
     largest_cluster_share: float
     seconds: float
 
@@ -85,6 +87,11 @@ class ImageSource:
         return tensor.to(self.device, non_blocking=True)
 
 
+def eval_batch_size(params: Params) -> int:
+    """Inference needs no small batches for gradient noise: use at least 256 images a batch."""
+    return max(params.train.batch_size, 256)
+
+
 def _prepare(batch_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
     return aug.normalize(batch_u8).contiguous(memory_format=memory_format(device))
 
@@ -117,12 +124,15 @@ def train_one_epoch(
     clustering: Clustering,
     params: Params,
     generator: torch.Generator,
+    lr: float,
     progress: bool = True,
 ) -> float:
     """One pass of SGD on pseudo-labels drawn uniformly over clusters; returns the mean loss."""
     t, device = params.train, source.device
     model.reset_head(clustering.k)
-    head_opt = torch.optim.SGD(model.head.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    head_opt = torch.optim.SGD(model.head.parameters(), lr=lr, weight_decay=t.weight_decay)
     indices, labels = uniform_over_clusters(clustering.assignments, len(source), generator)
     model.train()
     total, seen = 0.0, 0
@@ -146,6 +156,14 @@ def train_one_epoch(
         seen += len(idx)
         bar.set_postfix(loss=f"{total / seen:.3f}")
     return total / max(seen, 1)
+
+
+def epoch_lr(params: Params, epoch: int) -> float:
+    """Learning rate of a 0-based epoch: constant as in the paper, or cosine-decayed per epoch."""
+    t = params.train
+    if t.schedule == "constant":
+        return t.lr
+    return t.lr * 0.5 * (1 + math.cos(math.pi * epoch / t.epochs))
 
 
 def params_fingerprint(params: Params) -> str:
@@ -241,7 +259,7 @@ def train(
     last_epoch = t.epochs if stop_after is None else min(t.epochs, stop_after)
     for epoch in range(start_epoch, last_epoch):
         began = time.perf_counter()
-        feats = compute_features(model, source, t.batch_size, t.amp, progress)
+        feats = compute_features(model, source, eval_batch_size(params), t.amp, progress)
         clustering = cluster_features(
             feats,
             c.k,
@@ -251,7 +269,10 @@ def train(
             seed=t.seed + epoch,
             use_gpu=device.type == "cuda",
         )
-        loss = train_one_epoch(model, optimizer, source, clustering, params, generator, progress)
+        lr = epoch_lr(params, epoch)
+        loss = train_one_epoch(
+            model, optimizer, source, clustering, params, generator, lr, progress
+        )
         ids = clustering.assignments
         stats = EpochStats(
             epoch=epoch + 1,
@@ -260,6 +281,7 @@ def train(
             nmi_prev=None if previous is None else nmi(previous, ids),
             nmi_labels=None if labels is None else nmi(labels, ids),
             reseeded=clustering.reseeded,
+            lr=lr,
             largest_cluster_share=float(clustering.sizes().max() / len(ids)),
             seconds=time.perf_counter() - began,
         )
