@@ -60,3 +60,17 @@ def test_checkpoint_from_other_params_is_not_resumed(workspace: Artifacts) -> No
     pipeline.train_step(fast_params(train={"epochs": 1}), workspace, progress=False)
     with pytest.raises(UserError, match="trained with other parameters"):
         pipeline.train_step(fast_params(train={"epochs": 2, "lr": 0.2}), workspace, progress=False)
+
+
+def test_constant_schedule_extends_a_finished_run_cosine_does_not(workspace: Artifacts) -> None:
+    constant = {"schedule": "constant"}
+    pipeline.train_step(fast_params(train={"epochs": 1, **constant}), workspace, progress=False)
+    longer = pipeline.train_step(
+        fast_params(train={"epochs": 2, **constant}), workspace, progress=False
+    )
+    assert longer.resumed_from == 1 and len(longer.history) == 2
+    with pytest.raises(UserError, match="already holds 2 epochs, more than train.epochs = 1"):
+        pipeline.train_step(fast_params(train={"epochs": 1, **constant}), workspace, progress=False)
+    # the cosine schedule depends on the run's length: another length is another run
+    with pytest.raises(UserError, match="trained with other parameters"):
+        pipeline.train_step(fast_params(train={"epochs": 3}), workspace, progress=False)

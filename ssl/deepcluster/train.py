@@ -167,9 +167,14 @@ def epoch_lr(params: Params, epoch: int) -> float:
 
 
 def params_fingerprint(params: Params) -> str:
-    """Hash of everything that shapes a training run except its length, so a longer run can resume."""
+    """Hash of everything that shapes a training run.
+
+    With a constant learning rate the length is left out, so a finished run can be extended; a
+    cosine schedule depends on the length, so there it is part of the fingerprint.
+    """
     d = params.to_dict()
-    d["train"] = {k: v for k, v in d["train"].items() if k != "epochs"}
+    if params.train.schedule == "constant":
+        d["train"] = {k: v for k, v in d["train"].items() if k != "epochs"}
     d["eval"] = {}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -245,6 +250,11 @@ def train(
         if state["fingerprint"] != params_fingerprint(params):
             raise UserError(
                 f"{ckpt_path} was trained with other parameters; delete it or use another output folder"
+            )
+        if int(state["epoch"]) > t.epochs:
+            raise UserError(
+                f"{ckpt_path} already holds {state['epoch']} epochs, more than train.epochs = "
+                f"{t.epochs}; delete it or use another output folder"
             )
         model.reset_head(state["model"]["head.weight"].shape[0])
         model.load_state_dict(state["model"])
