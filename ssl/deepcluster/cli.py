@@ -81,19 +81,49 @@ def ingest(
     )
 
 
+FreshOpt = Annotated[
+    bool, typer.Option("--fresh", help="Delete the epoch checkpoint first: train from scratch.")
+]
+
+
 @app.command()
 def train(
     params: ParamsOpt = Path("params.yaml"),
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    fresh: FreshOpt = False,
 ) -> None:
-    """Train with DeepCluster; resumes from the last epoch checkpoint if one is there."""
-    from . import pipeline
+    """Train with DeepCluster; resumes from the last epoch checkpoint if one is there.
 
+    Logged as an MLflow run (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db here).
+    """
     art = _artifacts(artifacts)
-    result = pipeline.train_step(_params(params, set_), art, progress=not quiet)
+    result = _tracked_train(_params(params, set_), art, None, fresh, quiet)
     typer.echo(f"trained {len(result.history)} epochs; model at {art.model}")
+
+
+def _tracked_train(params, art, data_dir: Path | None, fresh: bool, quiet: bool):
+    """train_step inside an MLflow run; the run id is recorded for evaluate and register."""
+    from . import pipeline, tracking
+    from .train import CHECKPOINT
+
+    if fresh:
+        (art.train_dir / CHECKPOINT).unlink(missing_ok=True)
+    pipeline.require(art.manifest, "ingest")
+    run_id = tracking.training_run(art, params, data_dir)
+    with tracking.run_status(run_id):
+        result = pipeline.train_step(
+            params, art, on_epoch=tracking.EpochLogger(run_id), progress=not quiet
+        )
+    typer.echo(f"MLflow run {run_id}")
+    return result
+
+
+def _log_evaluation(art, metrics: dict) -> None:
+    from . import tracking
+
+    tracking.log_evaluation(tracking.run_for(art), metrics, art.eval_dir)
 
 
 @app.command()
@@ -139,6 +169,7 @@ def evaluate(
 
     art = _artifacts(artifacts)
     metrics = pipeline.evaluate_step(_params(params, set_), art, progress=not quiet)
+    _log_evaluation(art, metrics)
     typer.echo(_summary(metrics))
     typer.echo(f"metrics at {art.metrics}; pictures in {art.eval_dir}")
 
@@ -151,13 +182,72 @@ def run(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Every step: ingest, train, features, cluster, evaluate."""
+    """Every step: ingest, train, features, cluster, evaluate (training logged to MLflow)."""
     from . import pipeline
 
-    art = _artifacts(artifacts)
-    metrics = pipeline.run_all(data_dir, _params(params, set_), art, progress=not quiet)
+    art, p = _artifacts(artifacts), _params(params, set_)
+    # the steps of pipeline.run_all, with the MLflow run opened once the manifest exists
+    pipeline.ingest(data_dir, p, art, progress=not quiet)
+    _tracked_train(p, art, data_dir, fresh=False, quiet=quiet)
+    pipeline.features_step(p, art, progress=not quiet)
+    pipeline.cluster_step(p, art)
+    metrics = pipeline.evaluate_step(p, art, progress=not quiet)
+    _log_evaluation(art, metrics)
     typer.echo(_summary(metrics))
     typer.echo(f"results in {art.root}/: metrics {art.metrics}, clusters {art.assignments}")
+
+
+@app.command()
+def register(
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    metric: Annotated[
+        str,
+        typer.Option(
+            help="metrics.json key deciding `champion` (higher wins); auto: nmi, "
+            "else nmi_stability."
+        ),
+    ] = "auto",
+    name: Annotated[str, typer.Option(help="Registered model name.")] = "deepcluster",
+) -> None:
+    """Register the model in MLflow: alias `candidate`; `champion` only if its metric is higher."""
+    from . import registry
+
+    art = _artifacts(artifacts)
+    reg = registry.register_model(art, metric=metric, name=name)
+    registry.write_registration(reg, registry.registration_path(art))
+    if reg.champion_before is None:
+        before = "no champion before"
+    elif reg.champion_value is None:
+        before = f"champion version {reg.champion_before} has no {reg.metric} to compare with"
+    else:
+        before = f"champion was version {reg.champion_before} with {reg.champion_value:.4f}"
+    verdict = "now champion" if reg.promoted else "stays candidate"
+    typer.echo(
+        f"{reg.name} version {reg.version}: {reg.metric} = {reg.value:.4f}, {before}; {verdict}"
+    )
+
+
+@app.command()
+def predict(
+    paths: Annotated[
+        list[Path], typer.Argument(help="Image files and folders (searched recursively).")
+    ],
+    model: Annotated[str, typer.Option(help="MLflow model URI.")] = "models:/deepcluster@champion",
+    out: Annotated[
+        Path | None, typer.Option(help="Write assignments to .parquet (with embeddings) or .csv.")
+    ] = None,
+) -> None:
+    """Assign images to the learned clusters with a registered model."""
+    from . import registry
+
+    table, rejected = registry.predict_files(model, paths)
+    for row in rejected.iter_rows(named=True):
+        typer.echo(f"skipped {row['path']}: {row['reason']}", err=True)
+    if out is None:
+        typer.echo(table.select("path", "cluster", "distance").write_csv(separator="\t"), nl=False)
+        return
+    registry.write_predictions(table, out)
+    typer.echo(f"{table.height} images assigned, {rejected.height} skipped; written to {out}")
 
 
 def _summary(metrics: dict) -> str:

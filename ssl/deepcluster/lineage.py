@@ -39,8 +39,13 @@ def git_commit(cwd: Path | str = ".") -> str | None:
 
 
 def git_dirty(cwd: Path | str = ".") -> bool | None:
-    """Whether tracked files differ from HEAD (the commit alone does not describe the code)."""
-    status = _git(cwd, "status", "--porcelain", "--untracked-files=no")
+    """Whether tracked files differ from HEAD (the commit alone does not describe the code).
+
+    dvc.lock is left out: `dvc repro` rewrites it after each stage, before the next one runs.
+    """
+    status = _git(
+        cwd, "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)dvc.lock"
+    )
     return None if status is None else bool(status)
 
 
@@ -74,7 +79,10 @@ def folder_hashes(folder: Path) -> dict[str, tuple[str, str]]:
             path = Path(root, name)
             content = path.read_bytes()
             relative = path.relative_to(folder).as_posix()
-            hashes[relative] = (hashlib.md5(content).hexdigest(), hashlib.sha256(content).hexdigest())
+            hashes[relative] = (
+                hashlib.md5(content).hexdigest(),
+                hashlib.sha256(content).hexdigest(),
+            )
     return hashes
 
 

@@ -1,0 +1,144 @@
+"""Lineage and MLflow runs from the CLI: params, per-epoch metrics, the DVC md5 as dataset input.
+
+The md5 that `deepcluster.lineage` computes is checked against the real `dvc` (its own environment,
+.dvc-venv) and against the committed data.dvc.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from deepcluster import lineage, pipeline
+from deepcluster.config import load_params
+from deepcluster.paths import Artifacts
+
+from .conftest import FAST, fast_params
+from .test_dvc_pipeline import GIT_IDENTITY, require_dvc
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = ROOT / ".dvc-venv" / "bin" / "dvc"
+
+
+def git(*args: str, cwd: Path) -> str:
+    env = {**os.environ, **GIT_IDENTITY}
+    done = subprocess.run(
+        ["git", *args], cwd=cwd, env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def dvc_add(repo: Path, folder: str) -> str:
+    """`dvc add` with the real dvc in a git repo; the md5 it writes into <folder>.dvc."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+    for args in (["init", "-q"], ["add", "-q", folder]):
+        done = subprocess.run(
+            [str(DVC), *args], cwd=repo, env=env, capture_output=True, text=True, check=False
+        )
+        assert done.returncode == 0, done.stderr
+    return yaml.safe_load((repo / f"{folder}.dvc").read_text())["outs"][0]["md5"]
+
+
+def test_a_fresh_export_has_the_md5_committed_in_data_dvc(digits_folder: Path) -> None:
+    committed, _ = lineage.recorded_md5(ROOT / "data.dvc")
+    assert lineage.dvc_dir_md5(lineage.folder_hashes(digits_folder)) == committed
+
+
+def test_the_md5_is_the_one_dvc_computes(tmp_path: Path) -> None:
+    require_dvc()
+    folder = tmp_path / "images"
+    for relative, content in {
+        "b/2.png": b"two",
+        "a/1.png": b"one",
+        "a/sub/3.png": b"three" * 1000,
+        ".hidden": b"dvc counts hidden files too",
+        "x y.txt": b"spaces",
+    }.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(content)
+    git("init", "-q", cwd=tmp_path)
+    assert lineage.dvc_dir_md5(lineage.folder_hashes(folder)) == dvc_add(tmp_path, "images")
+
+
+def test_an_edited_folder_is_not_credited_with_its_old_dvc_version(tmp_path: Path, digits_folder):
+    folder = tmp_path / "data"
+    shutil.copytree(digits_folder, folder)
+    art = Artifacts(tmp_path / "artifacts")
+    pipeline.ingest(folder, fast_params(), art, progress=False)
+    before = lineage.data_version(art.manifest, folder)
+    assert (before.source, before.md5) == ("dvc", lineage.recorded_md5(ROOT / "data.dvc")[0])
+    (folder / "0" / "0000.png").write_bytes((folder / "1" / "0001.png").read_bytes())
+    after = lineage.data_version(art.manifest, folder)
+    assert after.source == "manifest" and not after.tracked and len(after.md5) == 32
+
+
+@pytest.fixture
+def project(tmp_path: Path, digits_folder: Path) -> Path:
+    """A git repo with 300 real digits in data/, pinned by a data.dvc written by the real dvc."""
+    require_dvc()
+    for label_dir in sorted(p for p in digits_folder.iterdir() if p.is_dir()):
+        (tmp_path / "data" / label_dir.name).mkdir(parents=True)
+        for image in sorted(label_dir.iterdir())[:30]:
+            shutil.copy2(image, tmp_path / "data" / label_dir.name / image.name)
+    # a constant learning rate: a longer run may then resume a shorter one's checkpoint exactly
+    raw = {**FAST, "train": {**FAST["train"], "schedule": "constant"}, "eval": {"probe_epochs": 30}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / ".gitignore").write_text("/data/\n/artifacts/\n/mlflow.db\n/mlruns/\n")
+    git("init", "-q", cwd=tmp_path)
+    dvc_add(tmp_path, "data")
+    git("add", "-A", cwd=tmp_path)
+    git("commit", "-q", "-m", "data", cwd=tmp_path)
+    return tmp_path
+
+
+def deepcluster(*args: str, cwd: Path) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "ssl")}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: sqlite:///mlflow.db in cwd
+    done = subprocess.run(
+        [sys.executable, "-m", "deepcluster.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_every_cli_training_is_an_mlflow_run(project: Path) -> None:
+    deepcluster("run", "data", "--quiet", "-S", "train.epochs=1", cwd=project)
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    run_file = project / "artifacts/train/mlflow_run.json"
+    first = client.get_run(json.loads(run_file.read_text())["run_id"])
+    params = load_params(project / "params.yaml", {"train.epochs": 1})
+    assert first.data.params == {k: str(v) for k, v in params.flat().items()}
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "train/loss")] == [1]
+    data_md5 = lineage.recorded_md5(project / "data.dvc")[0]
+    (dataset,) = first.inputs.dataset_inputs
+    assert dataset.dataset.digest == data_md5
+    assert {t.key: t.value for t in dataset.tags}["mlflow.data.context"] == "training"
+    tags = first.data.tags
+    assert tags["data_md5"] == data_md5 and tags["data_tracked"] == "true"
+    assert tags["git_commit"] == git("rev-parse", "HEAD", cwd=project)
+    assert tags["mlflow.source.git.commit"] == tags["git_commit"]
+    assert first.info.status == "FINISHED" and "eval/nmi" in first.data.metrics
+
+    # a longer run resumes the checkpoint: a new run (other params) that shows every epoch
+    deepcluster("train", "--quiet", "-S", "train.epochs=2", cwd=project)
+    second = client.get_run(json.loads(run_file.read_text())["run_id"])
+    assert second.info.run_id != first.info.run_id
+    assert second.data.params["train.epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")] == [1, 2]
+    assert second.data.tags["data_md5"] == data_md5
+    experiment = client.get_experiment_by_name("deepcluster")
+    assert len(client.search_runs([experiment.experiment_id])) == 2
