@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,19 @@ def workspace(ingested: Artifacts, tmp_path: Path) -> Artifacts:
     art = Artifacts(tmp_path / "artifacts")
     shutil.copytree(ingested.root, art.root)
     return art
+
+
+# The Dagster tests run the whole graph several times (in process, through the webserver, with a
+# retry), so they use 30 images per digit: 300 PNGs from the real export.
+PER_CLASS = 30
+
+
+@pytest.fixture(scope="session")
+def digits_subset(digits_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first PER_CLASS images of each digit, in the export's class-per-folder layout."""
+    folder = tmp_path_factory.mktemp("digits_subset")
+    for label_dir in sorted(p for p in digits_folder.iterdir() if p.is_dir()):
+        (folder / label_dir.name).mkdir()
+        for image in sorted(label_dir.iterdir())[:PER_CLASS]:
+            shutil.copy2(image, folder / label_dir.name / image.name)
+    return folder

@@ -136,6 +136,10 @@ class Registration:
     run_id: str
     model_uri: str  # models:/<name>/<version>
 
+    @property
+    def aliases(self) -> list[str]:
+        return [CANDIDATE] + ([CHAMPION] if self.promoted else [])
+
 
 def register_model(
     art: Artifacts,
@@ -184,8 +188,7 @@ def registration_path(art: Artifacts) -> Path:
 
 
 def write_registration(reg: Registration, path: Path) -> Path:
-    aliases = [CANDIDATE] + ([CHAMPION] if reg.promoted else [])
-    return write_json(path, {**asdict(reg), "aliases": aliases})
+    return write_json(path, {**asdict(reg), "aliases": reg.aliases})
 
 
 def resolve_metric(metric: str, metrics: dict) -> str:

@@ -169,7 +169,11 @@ def _exists(run_id: str | None) -> bool:
 
 
 def training_run(
-    art: Artifacts, params: Params, data_dir: Path | None = None, dagster_run_id: str | None = None
+    art: Artifacts,
+    params: Params,
+    data_dir: Path | None = None,
+    dagster_run_id: str | None = None,
+    dvc_file: Path | str = lineage.DVC_FILE,
 ) -> str:
     """The run a training about to start in `art.train_dir` logs into, recorded in the run file.
 
@@ -182,7 +186,7 @@ def training_run(
     if checkpoint.exists() and _exists(previous) and _logged_params(previous) == _flat(params):
         MlflowClient().update_run(previous, status=RunStatus.to_string(RunStatus.RUNNING))
         return previous
-    version = lineage.data_version(art.manifest, data_dir)
+    version = lineage.data_version(art.manifest, data_dir, dvc_file)
     run_id = start_training_run(params, version, art.manifest, dagster_run_id=dagster_run_id)
     record_run(art, run_id)
     if checkpoint.exists():

@@ -1,0 +1,87 @@
+"""`python -m orchestration materialize` runs the whole graph through a real Dagster instance;
+`python -m orchestration dev` opens the UI on the same instance.
+
+Both default DAGSTER_HOME to .dagster/ at the repo root (gitignored) and give it this project's
+instance settings (orchestration/dagster.yaml) the first time.
+"""
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dagster_home() -> Path:
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster"))).resolve()
+    os.environ["DAGSTER_HOME"] = str(home)  # Dagster insists on an absolute path
+    home.mkdir(parents=True, exist_ok=True)
+    if not (home / "dagster.yaml").exists():
+        shutil.copy(Path(__file__).with_name("dagster.yaml"), home / "dagster.yaml")
+    return home
+
+
+def materialize(args: argparse.Namespace) -> int:
+    for name, value in (("DEEPCLUSTER_DATA", args.data), ("DEEPCLUSTER_ARTIFACTS", args.artifacts)):
+        if value is not None:
+            os.environ[name] = str(Path(value).resolve())
+    home = dagster_home()
+    from dagster import DagsterInstance
+
+    from deepcluster.config import load_params
+
+    from .config import run_config_for
+    from .definitions import defs
+
+    run_config = run_config_for(load_params(args.params)) if args.params else {}
+    run_config["loggers"] = {"console": {"config": {"log_level": "INFO"}}}  # no step-event chatter
+    with DagsterInstance.get() as instance:
+        defs.resolve_job_def("observe_data").execute_in_process(instance=instance)
+        result = defs.resolve_job_def("deepcluster_job").execute_in_process(
+            run_config=run_config, instance=instance, raise_on_error=False
+        )
+    for check in result.get_asset_check_evaluations():
+        verdict = "passed" if check.passed else "FAILED"
+        print(f"check {check.asset_key.to_user_string()}:{check.check_name}: {verdict}")
+    for failure in result.get_step_failure_events():
+        data = failure.step_failure_data
+        reason = (
+            data.user_failure_data.description if data.user_failure_data else data.error.message
+        )
+        print(f"step {failure.step_key} failed: {reason}")
+    print(f"run {result.run_id}: {'success' if result.success else 'FAILED'} (instance in {home})")
+    print(f"Open the UI with `DAGSTER_HOME={home} dagster dev` (or `python -m orchestration dev`),")
+    print("then http://127.0.0.1:3000 -> Assets: eval_report shows the metrics and the pictures.")
+    return 0 if result.success else 1
+
+
+def dev(extra: list[str]) -> NoReturn:
+    dagster_home()
+    dagster = Path(sys.executable).with_name("dagster")
+    os.chdir(ROOT)  # workspace.yaml is found from here
+    os.execv(dagster, [str(dagster), "dev", *extra])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m orchestration", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("materialize", help="materialise every asset and check once")
+    run.add_argument("--params", type=Path, help="a params.yaml other than the repo's")
+    run.add_argument("--data", type=Path, help="image folder (default: data/)")
+    run.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
+    commands.add_parser(
+        "dev", add_help=False, help="dagster dev on the local instance (other args go to it)"
+    )
+    args, extra = parser.parse_known_args()
+    if args.command == "dev":
+        return dev(extra)
+    if extra:
+        parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    return materialize(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Asset checks at each hand-off, backed by the Great Expectations suites in `expectations.py`.
+
+All four are blocking: a bad manifest makes a garbage cache, broken features make garbage clusters,
+and a collapsed or mis-whitened clustering makes a garbage report, curated subset and registered
+model. A failed check's table of expectations says which one failed and what was observed.
+Great Expectations is imported inside each check: it takes seconds to import, and only the check
+steps need it.
+"""
+
+import numpy as np
+import polars as pl
+from dagster import AssetCheckResult, AssetCheckSeverity, Config, MetadataValue, asset_check
+from pydantic import Field
+
+from deepcluster import data, pipeline
+
+from .assets import cluster_assignments, features, image_manifest, trained_params
+from .resources import ArtifactStore, ComputeResource
+
+# PIL modes that ingest decodes to RGB: bilevel, grey, palette, colour, high bit depth
+PIL_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"]
+PIL_MODES += ["LAB", "HSV", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"]
+
+
+class ManifestLimits(Config):
+    min_images: int = Field(100, description="fewest usable images worth training on")
+    max_side: int = Field(20_000, description="largest width or height accepted, px")
+    allowed_modes: list[str] = Field(PIL_MODES, description="PIL image modes accepted")
+    max_rejected_share: float = Field(0.05, description="largest share of files rejected at ingest")
+
+
+class FeatureLimits(Config):
+    min_varying_share: float = Field(0.5, description="smallest share of dimensions with variance")
+
+
+class CollapseLimits(Config):
+    max_largest_share: float = Field(0.5, description="largest share of images in one cluster")
+    max_empty_share: float = Field(0.1, description="largest share of the k clusters left empty")
+
+
+class NormLimits(Config):
+    tolerance: float = Field(1e-3, description="allowed distance of each norm from 1")
+
+
+def _result(outcome, **numbers) -> AssetCheckResult:
+    return AssetCheckResult(
+        passed=outcome.passed,
+        severity=AssetCheckSeverity.ERROR,
+        description=None if outcome.passed else "failed: " + ", ".join(outcome.failed),
+        metadata={"expectations": MetadataValue.md(outcome.markdown()), **numbers},
+    )
+
+
+@asset_check(
+    asset=image_manifest, blocking=True, description="Enough valid, unique images; few rejected."
+)
+def manifest_is_valid(config: ManifestLimits, artifacts: ArtifactStore) -> AssetCheckResult:
+    from .expectations import manifest_outcome
+
+    art = artifacts.layout
+    manifest, rejected = data.read_manifest(art.manifest), pl.read_parquet(art.rejected)
+    outcome = manifest_outcome(
+        manifest,
+        rejected,
+        config.min_images,
+        config.max_side,
+        config.allowed_modes,
+        config.max_rejected_share,
+    )
+    share = rejected.height / max(manifest.height + rejected.height, 1)
+    return _result(outcome, images=manifest.height, rejected=rejected.height, rejected_share=share)
+
+
+@asset_check(
+    asset=features, blocking=True, description="Finite, non-zero, right shape, dimensions vary."
+)
+def features_are_sound(
+    config: FeatureLimits, artifacts: ArtifactStore, compute: ComputeResource
+) -> AssetCheckResult:
+    from .expectations import features_outcome
+
+    art = artifacts.layout
+    feats = np.load(art.features, mmap_mode="r")
+    rows = data.read_manifest(art.manifest).height
+    dim = trained_params(art, compute).model.embed_dim
+    outcome = features_outcome(feats, rows, dim, config.min_varying_share)
+    return _result(
+        outcome, rows=feats.shape[0], dim=feats.shape[1], expected_rows=rows, expected_dim=dim
+    )
+
+
+@asset_check(
+    asset=cluster_assignments,
+    blocking=True,
+    description="No cluster holds most images; few are empty.",
+)
+def no_cluster_collapse(config: CollapseLimits, artifacts: ArtifactStore) -> AssetCheckResult:
+    from .expectations import cluster_sizes, collapse_outcome
+
+    art = artifacts.layout
+    table = pl.read_parquet(art.assignments)
+    _, centroids = pipeline.load_clustering(art.clustering)
+    k, rows = centroids.shape[0], data.read_manifest(art.manifest).height
+    outcome = collapse_outcome(table, k, rows, config.max_largest_share, config.max_empty_share)
+    sizes = cluster_sizes(table["cluster"].to_numpy(), k)
+    return _result(
+        outcome,
+        k=k,
+        largest_cluster_share=float(sizes["share"].max()),
+        empty_clusters=int((sizes["size"] == 0).sum()),
+    )
+
+
+@asset_check(
+    asset=cluster_assignments,
+    blocking=True,
+    description="Whitened, L2-normalised features have unit norm.",
+)
+def whitened_features_unit_norm(config: NormLimits, artifacts: ArtifactStore) -> AssetCheckResult:
+    from .expectations import unit_norm_outcome
+
+    art = artifacts.layout
+    whitening, _ = pipeline.load_clustering(art.clustering)
+    whitened = whitening.apply(np.load(art.features))
+    norms = np.linalg.norm(whitened, axis=1)
+    outcome = unit_norm_outcome(whitened, config.tolerance)
+    return _result(outcome, min_norm=float(norms.min()), max_norm=float(norms.max()))
+
+
+CHECKS = [manifest_is_valid, features_are_sound, no_cluster_collapse, whitened_features_unit_norm]

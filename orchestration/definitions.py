@@ -1,0 +1,55 @@
+"""The code location: `dagster dev` from the repo root loads `defs` (see workspace.yaml)."""
+
+import os
+
+from dagster import Definitions, ExecutorDefinition, in_process_executor, multiprocess_executor
+
+from .assets import (
+    cluster_assignments,
+    eval_report,
+    features,
+    image_cache,
+    image_manifest,
+    raw_images,
+    registered_model,
+)
+from .automation import data_version_sensor, deepcluster_job, observe_data_job
+from .checks import CHECKS
+from .resources import ArtifactStore, ComputeResource, MlflowTracking
+from .training import checkpoint
+
+
+def executor() -> ExecutorDefinition:
+    """In-process by default: the graph is a chain, so a process per step buys no parallelism and
+    costs a fresh import of torch, Dagster and GX per step (about 10 s each on two busy cores).
+    DEEPCLUSTER_EXECUTOR=multiprocess isolates steps; =k8s runs each step in its own pod (needs
+    dagster-k8s), where train_epochs' tags ask for a GPU."""
+    name = os.environ.get("DEEPCLUSTER_EXECUTOR", "in_process")
+    if name == "k8s":
+        from dagster_k8s import k8s_job_executor  # only in the deploy image
+
+        return k8s_job_executor
+    return {"in_process": in_process_executor, "multiprocess": multiprocess_executor}[name]
+
+
+defs = Definitions(
+    assets=[
+        raw_images,
+        image_manifest,
+        image_cache,
+        checkpoint,
+        features,
+        cluster_assignments,
+        eval_report,
+        registered_model,
+    ],
+    asset_checks=CHECKS,
+    jobs=[deepcluster_job, observe_data_job],
+    sensors=[data_version_sensor],
+    resources={
+        "artifacts": ArtifactStore.from_env(),
+        "compute": ComputeResource.from_env(),
+        "mlflow": MlflowTracking.from_env(),
+    },
+    executor=executor(),
+)

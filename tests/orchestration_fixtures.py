@@ -1,0 +1,50 @@
+"""Helpers for the orchestration tests: run config with the suite's FAST params and resources
+pointing at tmp (the `digits_subset` folder they run on is a fixture in conftest.py)."""
+
+from pathlib import Path
+
+from orchestration.config import run_config_for
+from orchestration.resources import ArtifactStore, ComputeResource, MlflowTracking
+from tests.conftest import fast_params
+
+
+def fast_run_config(**sections) -> dict:
+    """Run config for the whole graph with the FAST params (plus `sections` overrides)."""
+    config = run_config_for(fast_params(**sections))
+    config["resources"]["compute"]["config"]["device"] = "cpu"
+    return config
+
+
+def store_in(tmp_path: Path, data_dir: Path) -> ArtifactStore:
+    """Artifacts and a (not yet existing) data.dvc under tmp_path; nothing in the repo is touched."""
+    return ArtifactStore(
+        root=str(tmp_path / "artifacts"),
+        data_dir=str(data_dir),
+        dvc_file=str(tmp_path / "data.dvc"),
+    )
+
+
+def resources_in(tmp_path: Path, data_dir: Path) -> dict:
+    """Artifacts, CPU, and an MLflow store of the test's own (sqlite under tmp_path)."""
+    return {
+        "artifacts": store_in(tmp_path, data_dir),
+        "compute": ComputeResource(device="cpu"),
+        "mlflow": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"),
+    }
+
+
+def only_ops(run_config: dict, *ops: str) -> dict:
+    """`run_config` cut down to the given ops (a job rejects config for ops it does not have)."""
+    return {
+        **run_config,
+        "ops": {op: run_config["ops"][op] for op in ops if op in run_config["ops"]},
+    }
+
+
+def project_instance_settings() -> dict:
+    """orchestration/dagster.yaml, as `instance_for_test(overrides=...)` takes it."""
+    import yaml
+
+    from tests.conftest import ROOT
+
+    return yaml.safe_load((ROOT / "orchestration" / "dagster.yaml").read_text())

@@ -1,0 +1,396 @@
+"""The Dagster code location: definitions, config, versions, automation, checks, and the whole graph
+materialised in process on real digits images with every check passing."""
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from dagster import (
+    AssetCheckKey,
+    AssetKey,
+    AssetMaterialization,
+    AssetSelection,
+    Definitions,
+    RunRequest,
+    build_sensor_context,
+    instance_for_test,
+    materialize,
+)
+
+from deepcluster import config as library_config
+from deepcluster.data import read_manifest
+from deepcluster.paths import Artifacts
+from orchestration import expectations
+from orchestration.assets import (
+    cluster_assignments,
+    eval_report,
+    features,
+    image_cache,
+    image_manifest,
+    raw_images,
+    registered_model,
+)
+from orchestration.automation import data_version_sensor
+from orchestration.checks import CHECKS
+from orchestration.config import (
+    DEFAULTS,
+    ClusterConfig,
+    EvalConfig,
+    IngestConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainingConfig,
+    run_config_for,
+    training_params,
+)
+from orchestration.definitions import defs
+from orchestration.training import GPU_TAGS, checkpoint
+from orchestration.versions import dvc_md5, observed_version
+from tests.conftest import fast_params
+from tests.orchestration_fixtures import fast_run_config, resources_in, store_in
+
+ASSETS = [
+    raw_images,
+    image_manifest,
+    image_cache,
+    checkpoint,
+    features,
+    cluster_assignments,
+    eval_report,
+    registered_model,
+]
+MATERIALISED = [
+    "image_manifest",
+    "image_cache",
+    "checkpoint",
+    "features",
+    "cluster_assignments",
+    "eval_report",
+    "registered_model",
+]
+
+
+def write_dvc(path: Path, md5: str) -> Path:
+    path.write_text(f"outs:\n- md5: {md5}\n  size: 1\n  nfiles: 1\n  hash: md5\n  path: data\n")
+    return path
+
+
+# --- definitions ----------------------------------------------------------------------------------
+
+
+def test_definitions_load_and_validate() -> None:
+    Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"raw_images", *MATERIALISED}
+    job = defs.resolve_job_def("deepcluster_job")
+    assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(MATERIALISED)
+    assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == {
+        "manifest_is_valid",
+        "features_are_sound",
+        "no_cluster_collapse",
+        "whitened_features_unit_norm",
+    }
+    assert defs.resolve_sensor_def("data_version_sensor").job_name == "deepcluster_job"
+
+
+def test_training_op_is_a_retried_gpu_step() -> None:
+    train = checkpoint.node_def.node_named("train_epochs").definition
+    assert train.pool == "gpu"
+    assert json.loads(train.tags["dagster-k8s/config"]) == GPU_TAGS["dagster-k8s/config"]
+    assert train.retry_policy.max_retries >= 1
+
+
+def test_every_asset_has_a_code_version() -> None:
+    graph = defs.resolve_asset_graph()
+    for key in MATERIALISED:
+        assert graph.get(AssetKey(key)).code_version, key
+
+
+def test_string_selections_parse() -> None:
+    """`dagster ... --select` strings need the antlr4 runtime that Dagster pins."""
+    graph = defs.resolve_asset_graph()
+    chosen = AssetSelection.from_string("key:checkpoint+").resolve(graph)
+    assert {k.to_user_string() for k in chosen} == set(MATERIALISED[2:])
+    chosen = AssetSelection.from_string("key:image_cache or kind:faiss").resolve(graph)
+    assert {k.to_user_string() for k in chosen} == {"image_cache", "cluster_assignments"}
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_config_classes_mirror_params_yaml() -> None:
+    """Every hyperparameter is configurable; train.device and data.workers are ComputeResource's."""
+    assert set(IngestConfig.model_fields) == _fields(library_config.DataParams) - {"workers"}
+    assert set(ModelConfig.model_fields) == _fields(library_config.ModelParams)
+    assert set(ClusterConfig.model_fields) == _fields(library_config.ClusterParams)
+    assert set(TrainConfig.model_fields) == _fields(library_config.TrainParams) - {"device"}
+    assert set(EvalConfig.model_fields) == _fields(library_config.EvalParams)
+    assert ClusterConfig().k == DEFAULTS.cluster.k
+    assert TrainConfig().crop_scale == list(DEFAULTS.train.crop_scale)
+
+
+def test_run_config_carries_params_to_the_library() -> None:
+    params = fast_params(train={"lr": 0.2}, cluster={"k": 12})
+    config = run_config_for(params)
+    training = TrainingConfig(**config["ops"]["checkpoint"]["config"])
+    built = training_params(
+        training, params.data.resolution, params.train.device, params.data.workers
+    )
+    assert built.to_dict() | {"eval": {}} == params.to_dict() | {"eval": {}}
+    assert (
+        EvalConfig(**config["ops"]["eval_report"]["config"]).model_dump()
+        == params.to_dict()["eval"]
+    )
+
+
+# --- versions and automation ----------------------------------------------------------------------
+
+
+def test_observed_version_is_the_dvc_md5_else_a_listing_hash(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    dvc = tmp_path / "data.dvc"
+    version, source = observed_version(dvc, digits_subset)
+    assert version.startswith("listing-") and "not found" in source
+    assert observed_version(dvc, digits_subset)[0] == version  # stable
+    write_dvc(dvc, "72e131e0cd93ceeb743a1f9fa75849e9.dir")
+    pinned = observed_version(dvc, digits_subset)
+    assert pinned == ("72e131e0cd93ceeb743a1f9fa75849e9.dir", f"md5 pinned by {dvc}")
+
+
+def test_repo_data_dvc_parses() -> None:
+    repo_dvc = Path(__file__).resolve().parents[1] / "data.dvc"
+    if not repo_dvc.exists():
+        pytest.skip("no data.dvc in this checkout")
+    assert dvc_md5(repo_dvc).endswith(".dir")
+
+
+def test_sensor_runs_the_job_when_data_dvc_changes(digits_subset: Path, tmp_path: Path) -> None:
+    store = store_in(tmp_path, digits_subset)
+    dvc = Path(store.dvc_file)
+    with instance_for_test() as instance:
+
+        def tick(cursor):
+            context = build_sensor_context(
+                instance=instance, cursor=cursor, resources={"artifacts": store}
+            )
+            return data_version_sensor(context)
+
+        assert "no DVC pointer" in tick(None).skip_reason.skip_message
+        write_dvc(dvc, "aaaa.dir")
+        first = tick(None)
+        assert [r.run_key for r in first.run_requests] == [
+            "aaaa.dir"
+        ] and first.cursor == "aaaa.dir"
+        assert isinstance(first.run_requests[0], RunRequest)
+        assert first.run_requests[0].tags["deepcluster/data_md5"] == "aaaa.dir"
+        assert "unchanged" in tick("aaaa.dir").skip_reason.skip_message
+        write_dvc(dvc, "bbbb.dir")
+        second = tick("aaaa.dir")
+        assert [r.run_key for r in second.run_requests] == [
+            "bbbb.dir"
+        ] and second.cursor == "bbbb.dir"
+
+        # switched on when the graph is already built on this version: nothing to run
+        built = AssetMaterialization("image_manifest", metadata={"data_version": "bbbb.dir"})
+        instance.report_runless_asset_event(built)
+        fresh = tick(None)
+        assert not fresh.run_requests and fresh.cursor == "bbbb.dir"
+        assert "already materialised" in fresh.skip_reason.skip_message
+
+
+# --- Great Expectations suites on crafted tables --------------------------------------------------
+
+
+def test_collapse_check_fails_on_one_giant_cluster() -> None:
+    k, n = 30, 600
+    giant = np.zeros(n, dtype=np.int64)
+    giant[:30] = np.arange(30)  # every cluster used, but cluster 0 holds 571 of 600 images
+    table = pl.DataFrame({"cluster": giant, "distance": np.ones(n, dtype=np.float32)})
+    outcome = expectations.collapse_outcome(table, k, n, max_largest_share=0.5, max_empty_share=0.1)
+    assert not outcome.passed
+    assert outcome.failed == ["expect_column_max_to_be_between"]
+    assert "**NO**" in outcome.markdown()
+
+    balanced = table.with_columns(pl.Series("cluster", np.arange(n) % k))
+    assert expectations.collapse_outcome(balanced, k, n, 0.5, 0.1).passed
+
+
+def test_collapse_check_counts_empty_clusters() -> None:
+    k, n = 10, 100
+    table = pl.DataFrame({"cluster": np.arange(n) % 9, "distance": np.ones(n)})  # cluster 9 empty
+    assert expectations.collapse_outcome(table, k, n, 0.5, max_empty_share=0.1).passed
+    outcome = expectations.collapse_outcome(table, k, n, 0.5, max_empty_share=0.0)
+    assert outcome.failed == ["expect_column_values_to_be_between"]
+
+
+def test_manifest_check_fails_on_duplicates_and_rejections(digits_subset: Path) -> None:
+    from deepcluster.data import scan_images
+
+    manifest, rejected = scan_images(digits_subset)
+    ok = expectations.manifest_outcome(manifest, rejected, 100, 10_000, ["L"], 0.05)
+    assert ok.passed, ok.markdown()
+    duplicated = pl.concat(
+        [manifest, manifest.head(1).with_columns(pl.lit("copy.png").alias("path"))]
+    )
+    many_rejected = pl.DataFrame(
+        {"path": [f"bad{i}" for i in range(50)], "reason": ["corrupt"] * 50}
+    )
+    bad = expectations.manifest_outcome(duplicated, many_rejected, 1000, 10_000, ["RGB"], 0.05)
+    assert set(bad.failed) == {
+        "expect_table_row_count_to_be_between",
+        "expect_column_values_to_be_unique",
+        "expect_column_values_to_be_in_set",
+    }
+    assert [r["frame"] for r in bad.rows if not r["passed"]].count("files") == 1
+
+
+def test_features_check_fails_on_nan_and_wrong_shape() -> None:
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(50, 8)).astype(np.float32)
+    assert expectations.features_outcome(feats, 50, 8, 0.5).passed
+    feats[3, 2] = np.nan
+    assert (
+        "expect_column_values_to_be_in_set"
+        in expectations.features_outcome(feats, 50, 8, 0.5).failed
+    )
+    assert not expectations.features_outcome(np.ones((50, 8)), 50, 8, 0.5).passed  # no variance
+    assert len(expectations.features_outcome(rng.normal(size=(40, 8)), 50, 16, 0.5).failed) == 2
+
+
+# --- the whole graph, in process ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def whole_graph(digits_subset: Path, tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("whole_graph")
+    with instance_for_test() as instance:
+        result = materialize(
+            [*ASSETS, *CHECKS],
+            instance=instance,
+            resources=resources_in(tmp, digits_subset),
+            run_config=fast_run_config(),
+        )
+        yield result, Artifacts(tmp / "artifacts"), digits_subset, instance
+
+
+def _metadata(result, key: str) -> dict:
+    [event] = [e for e in result.get_asset_materialization_events() if e.asset_key == AssetKey(key)]
+    return {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
+
+
+def test_whole_graph_materialises_with_every_check_passing(whole_graph) -> None:
+    result, art, _, _ = whole_graph
+    assert result.success
+    materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
+    assert materialised == set(MATERIALISED)
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks == {
+        c: True
+        for c in (
+            "manifest_is_valid",
+            "features_are_sound",
+            "no_cluster_collapse",
+            "whitened_features_unit_norm",
+        )
+    }
+    for path in (
+        art.manifest,
+        art.rejected,
+        art.cache,
+        art.model,
+        art.history,
+        art.features,
+        art.assignments,
+        art.clustering,
+        art.metrics,
+    ):
+        assert path.is_file(), path  # the CLI's layout
+
+
+def test_metadata_people_read(whole_graph) -> None:
+    result, _, _, _ = whole_graph
+    manifest = _metadata(result, "image_manifest")
+    assert manifest["dagster/row_count"] == 300 and manifest["rejected"] == 0
+    assert manifest["data_version"].endswith(".dir")  # DVC's md5 of the folder as ingested
+    assert manifest["data_version_tracked_by_dvc"] is False  # no data.dvc points at it
+    trained = _metadata(result, "checkpoint")
+    assert trained["epochs"] == 2 and trained["resumed_from_epoch"] == 0
+    assert (
+        "| NMI(t-1,t) |" in trained["per_epoch"] and len(trained["per_epoch"].splitlines()) == 2 + 2
+    )
+    assert trained["params"]["cluster"]["k"] == 30
+    clusters = _metadata(result, "cluster_assignments")
+    assert clusters["k"] == 30 and clusters["dagster/row_count"] == 300
+    report = _metadata(result, "eval_report")
+    assert 0 < report["nmi"] <= 1 and "random init" in report["metrics"]
+    assert report["pictures"].count("](data:image/png;base64,") == 3
+    assert report["mlflow_run_id"] == trained["mlflow_run_id"]
+    assert report["mlflow_run"].endswith(f"/runs/{trained['mlflow_run_id']}")
+    registered = _metadata(result, "registered_model")
+    assert registered["model_uri"] == "models:/deepcluster/1" and registered["promoted"] is True
+    assert registered["aliases"] == "candidate, champion"
+    assert registered["metric"] == "nmi" and registered["value"] == report["nmi"]
+
+
+def test_the_training_is_an_mlflow_run_with_the_dagster_run_id(whole_graph) -> None:
+    """The real MLflow store of the run: epochs, evaluation, lineage tags and the registry."""
+    from mlflow.tracking import MlflowClient
+
+    result, art, _, _ = whole_graph
+    client = MlflowClient(f"sqlite:///{art.root.parent / 'mlflow.db'}")
+    run = client.get_run(_metadata(result, "checkpoint")["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["dagster_run_id"] == result.run_id
+    assert run.data.tags["data_md5"] == _metadata(result, "image_manifest")["data_version"]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert run.data.metrics["eval/nmi"] == pytest.approx(_metadata(result, "eval_report")["nmi"])
+    champion = client.get_model_version_by_alias("deepcluster", "champion")
+    assert champion.run_id == run.info.run_id and champion.tags["dagster_run_id"] == result.run_id
+
+
+def test_training_progress_is_in_the_dagster_log(whole_graph) -> None:
+    result, _, _, instance = whole_graph
+    messages = [
+        e.user_message
+        for e in instance.all_logs(result.run_id)
+        if e.step_key == "checkpoint.train_epochs"
+    ]
+    assert any("epoch 1/2" in m for m in messages) and any("epoch 2/2" in m for m in messages)
+
+
+def test_blocking_collapse_check_stops_the_report(whole_graph, tmp_path: Path) -> None:
+    """A crafted one-giant-cluster assignments file: the check fails and eval_report does not run."""
+    _, art, data_dir, _ = whole_graph
+    copy = Artifacts(tmp_path / "artifacts")
+    shutil.copytree(art.root, copy.root)
+    shutil.rmtree(copy.eval_dir)
+    table = pl.read_parquet(copy.assignments)
+    table.with_columns(pl.lit(0, dtype=pl.Int64).alias("cluster")).write_parquet(copy.assignments)
+
+    selection = AssetSelection.checks(
+        AssetCheckKey(AssetKey("cluster_assignments"), "no_cluster_collapse")
+    ) | AssetSelection.assets(eval_report)
+    with instance_for_test() as instance:
+        result = materialize(
+            [*ASSETS, *CHECKS],
+            selection=selection,
+            instance=instance,
+            resources=resources_in(tmp_path, data_dir),
+            run_config={"ops": {"eval_report": fast_run_config()["ops"]["eval_report"]}},
+            raise_on_error=False,
+        )
+    [evaluation] = result.get_asset_check_evaluations()
+    assert evaluation.check_name == "no_cluster_collapse" and not evaluation.passed
+    assert evaluation.metadata["largest_cluster_share"].value == 1.0
+    assert not result.get_asset_materialization_events()
+    assert not copy.metrics.exists()
+    assert read_manifest(copy.manifest).height == 300
