@@ -3,8 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# DVC in its own environment: dvc pins antlr4-python3-runtime 4.9 (through hydra/omegaconf) while
+# Dagster's asset-selection parser needs 4.13. Its stages call the project's CLI from .venv.
+DVC_VENV := .dvc-venv
+DVC := $(DVC_VENV)/bin/dvc
+DVC_RUN := PATH="$(CURDIR)/$(BIN):$$PATH" $(DVC)
+export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install demo test lint clean
+.PHONY: install data demo dagster test lint clean
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
 $(STAMP): pyproject.toml
@@ -13,14 +19,31 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+$(DVC):
+	$(PYTHON) -m venv $(DVC_VENV)
+	$(DVC_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DVC_VENV)/bin/python -m pip install -q 'dvc>=3.67,<4'
 
-demo: install
-	$(BIN)/deepcluster sample-data digits data
-	$(BIN)/deepcluster run data
+install: $(STAMP) $(DVC)
+
+# data/: pulled from the DVC remote when it has it, else exported; either way it must match data.dvc
+data: install
+	$(DVC) pull -q data.dvc 2>/dev/null || $(BIN)/deepcluster sample-data digits data
+	$(DVC) commit -q -f data.dvc
+	@git diff --quiet data.dvc || { git checkout -q data.dvc; echo "data/ does not match data.dvc"; exit 1; }
+	@echo "data/ matches data.dvc ($$(grep -m1 md5 data.dvc))"
+
+demo: data
+	$(BIN)/python -m orchestration materialize
+	$(DVC) push -q data.dvc  # the next clone on this machine pulls instead of exporting
 	@echo
-	@echo "Done. Open artifacts/eval/clusters.png (cluster pictures), artifacts/eval/curves.png"
-	@echo "(training curves) and artifacts/eval/metrics.json; assignments: artifacts/cluster/assignments.parquet"
+	@echo "Done. Pictures: artifacts/eval/clusters.png, curves.png, cluster_sizes.png; figures: artifacts/eval/metrics.json"
+	@echo "Browse:  make dagster   (Dagster UI, http://127.0.0.1:3000)"
+	@echo "         $(BIN)/mlflow ui   (runs and the model registry, http://127.0.0.1:5000)"
+	@echo "Also:    $(BIN)/deepcluster run data   or   $(DVC_RUN) repro"
+
+dagster: install
+	$(BIN)/python -m orchestration dev  # dagster dev on .dagster/, with the one-slot GPU pool
 
 test: install
 	$(BIN)/python -m pytest
@@ -29,4 +52,4 @@ lint: install
 	$(BIN)/ruff check ssl orchestration tests benchmarks
 
 clean:
-	rm -rf artifacts .pytest_cache
+	rm -rf artifacts dvc_plots .pytest_cache
