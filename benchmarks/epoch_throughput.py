@@ -145,7 +145,8 @@ def new_side(b: Bench) -> tuple:
 
 def ours_epoch(b: Bench, side: tuple) -> None:
     model, opt, gen = side
-    train_one_epoch(model, opt, b.source, b.clustering, b.params, gen, progress=False)
+    lr = b.params.train.lr  # a constant rate, as on the conventional side
+    train_one_epoch(model, opt, b.source, b.clustering, b.params, gen, lr=lr, progress=False)
 
 
 def ours_data_only(b: Bench, side: tuple) -> None:
@@ -231,12 +232,26 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def machine_cpu_seconds() -> float:
+    """CPU seconds used by every program on the machine (Linux), to see what else was running."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return 0.0
+    ticks = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:9]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
+
+
+def clocks() -> np.ndarray:
+    """Wall seconds, our CPU seconds, the whole machine's CPU seconds."""
+    return np.array([time.perf_counter(), cpu_seconds(), machine_cpu_seconds()])
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def report(args: argparse.Namespace, b: Bench, times: dict, load: tuple) -> None:
+def report(args: argparse.Namespace, b: Bench, times: dict, busy: float) -> None:
     """Print the table and ratios; merge this configuration's entry into the JSON results."""
     n, t = len(b.dataset), b.params.train
     med = {kind: {k: statistics.median(v) for k, v in d.items()} for kind, d in times.items()}
@@ -252,7 +267,7 @@ def report(args: argparse.Namespace, b: Bench, times: dict, load: tuple) -> None
         f"k={b.clustering.k}, crop_scale={t.crop_scale}, hflip={t.hflip}, {device}, "
         f"{os.cpu_count()} CPUs, torch {torch.__version__}; conventional DataLoader num_workers="
         f"{b.workers}; median of {args.repeats} epochs after a warm-up; "
-        f"1-min load average before/after {load[0]:.1f}/{load[1]:.1f}\n"
+        f"other programs used {busy:.0%} of the CPUs meanwhile\n"
     )
     print(f"{'':25}{'wall s':>8}{'images/s':>10}{'CPU s':>8}   wall s of each epoch")
     for name, wall in med["wall"].items():
@@ -263,8 +278,10 @@ def report(args: argparse.Namespace, b: Bench, times: dict, load: tuple) -> None
         f"data pipeline alone {ratios['wall, data only']:.1f}x); "
         f"CPU time ratio {ratios['cpu']:.1f}x (data alone {ratios['cpu, data only']:.1f}x)"
     )
+    if busy > 0.1:
+        print("warning: other programs were using the CPUs; these timings are not representative")
     machine = {"cpu_count": os.cpu_count(), "device": device, "torch": torch.__version__,
-               "torchvision": torchvision.__version__, "load_average_before_after": load}  # fmt: skip
+               "torchvision": torchvision.__version__, "others_cpu_share": busy}  # fmt: skip
     config = {"images": n, "resolution": args.resolution, "batch_size": t.batch_size,
               "arch": b.params.model.arch, "device": b.device.type, "workers": b.workers}  # fmt: skip
     entry = {**config, "repeats": args.repeats, "seconds": times, "median_seconds": med,
@@ -287,9 +304,10 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="epoch-throughput-") as work:
         bench = prepare(args, Path(work))
-        before = os.getloadavg()[0]  # other processes on the machine show up here
+        start = clocks()
         times = measure(bench, args.repeats)
-        report(args, bench, times, (before, os.getloadavg()[0]))
+        wall, own, machine = clocks() - start
+        report(args, bench, times, max(0.0, machine - own) / (wall * (os.cpu_count() or 1)))
 
 
 if __name__ == "__main__":
