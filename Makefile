@@ -46,6 +46,7 @@ dagster: install
 	$(BIN)/python -m orchestration dev  # dagster dev on .dagster/, with the one-slot GPU pool
 
 test: install
+	$(BIN)/ruff check ssl orchestration tests benchmarks
 	$(BIN)/python -m pytest
 
 lint: install

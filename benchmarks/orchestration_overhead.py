@@ -54,9 +54,12 @@ def timed(side: str, data: Path, params: Path, work: Path, i: int) -> float:
     }
     start = time.perf_counter()
     for command in commands(data, params, run_dir / "artifacts")[side]:
-        done = subprocess.run(command, cwd=run_dir, env=env, capture_output=True, text=True)
+        done = subprocess.run(
+            command, check=False, cwd=run_dir, env=env, capture_output=True, text=True
+        )
         if done.returncode != 0:
-            sys.exit(f"{side} failed: {' '.join(command)}\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+            output = done.stdout[-2000:] + done.stderr[-2000:]
+            sys.exit(f"{side} failed: {' '.join(command)}\n{output}")
     return time.perf_counter() - start
 
 
@@ -72,11 +75,13 @@ def main() -> None:
         data = args.data
         if data is None:
             data = work / "digits"
-            subprocess.run([str(BIN / "deepcluster"), "sample-data", "digits", str(data)], check=True)
+            subprocess.run(
+                [str(BIN / "deepcluster"), "sample-data", "digits", str(data)], check=True
+            )
         for i in range(args.repeats):
-            for side in times:
-                times[side].append(timed(side, data.resolve(), args.params.resolve(), work, i))
-                print(f"run {i + 1}/{args.repeats} {side}: {times[side][-1]:.1f} s", flush=True)
+            for side, seconds in times.items():
+                seconds.append(timed(side, data.resolve(), args.params.resolve(), work, i))
+                print(f"run {i + 1}/{args.repeats} {side}: {seconds[-1]:.1f} s", flush=True)
     median = {side: statistics.median(t) for side, t in times.items()}
     ratio = median["dagster"] / median["cli"]
     print(

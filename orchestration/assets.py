@@ -266,13 +266,7 @@ def registered_model(
             art, metric=config.metric, name=config.name, tags={"dagster_run_id": context.run.run_id}
         )
     registry.write_registration(reg, registry.registration_path(art))
-    before = "none" if reg.champion_before is None else f"version {reg.champion_before}"
-    if reg.champion_value is not None:
-        before += f" ({reg.metric} {reg.champion_value:.4f})"
-    verdict = "now champion" if reg.promoted else "stays candidate"
-    context.log.info(
-        f"{reg.model_uri}: {reg.metric} {reg.value:.4f}, {verdict}; champion before: {before}"
-    )
+    context.log.info(reg.summary())
     return MaterializeResult(
         metadata={
             "model_uri": reg.model_uri,
@@ -281,7 +275,8 @@ def registered_model(
             "promoted": reg.promoted,
             "metric": reg.metric,
             "value": reg.value,
-            "champion_before": before,
+            "champion_before": reg.champion_before or "none",
+            "champion_value": reg.champion_value,
             "mlflow_run_id": reg.run_id,
             "mlflow_model": MetadataValue.url(mlflow.model_url(reg.name, reg.version)),
             "path": MetadataValue.path(str(registry.registration_path(art))),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,17 +35,7 @@ from deepcluster.train import export_model
 from .conftest import fast_params
 
 ROOT = Path(__file__).resolve().parents[1]
-PER_CLASS = 30
 PARAMS = fast_params(eval={"probe_epochs": 30})
-
-
-def digits_subset(digits_folder: Path, dest: Path) -> Path:
-    """The first PER_CLASS images of each digit, class-per-folder as exported."""
-    for label_dir in sorted(p for p in digits_folder.iterdir() if p.is_dir()):
-        (dest / label_dir.name).mkdir(parents=True)
-        for image in sorted(label_dir.iterdir())[:PER_CLASS]:
-            shutil.copy2(image, dest / label_dir.name / image.name)
-    return dest
 
 
 def build(art: Artifacts, images: Path, epochs: int) -> Artifacts:
@@ -79,10 +68,10 @@ def store(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="module")
-def registered(store: str, digits_folder: Path, tmp_path_factory: pytest.TempPathFactory):
+def registered(store: str, digits_subset: Path, tmp_path_factory: pytest.TempPathFactory):
     """Register low, high, low again (ordered by their real NMI): all three branches of the rule."""
     base = tmp_path_factory.mktemp("models")
-    images = digits_subset(digits_folder, base / "digits")
+    images = digits_subset  # 300 real digits, class-per-folder (conftest)
     models = [build(Artifacts(base / f"epochs{n}"), images, n) for n in (0, PARAMS.train.epochs)]
     nmi = [json.loads(art.metrics.read_text())["nmi"] for art in models]
     assert nmi[0] != nmi[1], "two models with the same NMI cannot test promotion"
@@ -105,6 +94,8 @@ def test_first_version_is_champion_a_better_one_takes_over_a_worse_one_does_not(
     assert str(client.get_model_version_by_alias("deepcluster", "candidate").version) == "3"
     tags = client.get_model_version("deepcluster", "3").tags
     assert tags["promotion_metric"] == "nmi" and tags["promoted"] == "false"
+    assert first.summary().endswith("no champion before; now champion")
+    assert f"champion was version 2 with {better.value:.4f}; stays candidate" in worse.summary()
 
 
 README_SNIPPET = """

@@ -215,16 +215,7 @@ def register(
     art = _artifacts(artifacts)
     reg = registry.register_model(art, metric=metric, name=name)
     registry.write_registration(reg, registry.registration_path(art))
-    if reg.champion_before is None:
-        before = "no champion before"
-    elif reg.champion_value is None:
-        before = f"champion version {reg.champion_before} has no {reg.metric} to compare with"
-    else:
-        before = f"champion was version {reg.champion_before} with {reg.champion_value:.4f}"
-    verdict = "now champion" if reg.promoted else "stays candidate"
-    typer.echo(
-        f"{reg.name} version {reg.version}: {reg.metric} = {reg.value:.4f}, {before}; {verdict}"
-    )
+    typer.echo(reg.summary())
 
 
 @app.command()

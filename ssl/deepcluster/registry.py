@@ -140,6 +140,17 @@ class Registration:
     def aliases(self) -> list[str]:
         return [CANDIDATE] + ([CHAMPION] if self.promoted else [])
 
+    def summary(self) -> str:
+        """One line: the version, its metric, what it was compared with, the verdict."""
+        if self.champion_before is None:
+            before = "no champion before"
+        elif self.champion_value is None:
+            before = f"champion version {self.champion_before} has no {self.metric} to compare with"
+        else:
+            before = f"champion was version {self.champion_before} with {self.champion_value:.4f}"
+        verdict = "now champion" if self.promoted else "stays candidate"
+        return f"{self.name} version {self.version}: {self.metric} = {self.value:.4f}, {before}; {verdict}"
+
 
 def register_model(
     art: Artifacts,
