@@ -7,7 +7,6 @@ STAMP := $(VENV)/.installed
 # Dagster's asset-selection parser needs 4.13. Its stages call the project's CLI from .venv.
 DVC_VENV := .dvc-venv
 DVC := $(DVC_VENV)/bin/dvc
-DVC_RUN := PATH="$(CURDIR)/$(BIN):$$PATH" $(DVC)
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
 .PHONY: install data demo dagster test lint clean
@@ -40,7 +39,7 @@ demo: data
 	@echo "Done. Pictures: artifacts/eval/clusters.png, curves.png, cluster_sizes.png; figures: artifacts/eval/metrics.json"
 	@echo "Browse:  make dagster   (Dagster UI, http://127.0.0.1:3000)"
 	@echo "         $(BIN)/mlflow ui   (runs and the model registry, http://127.0.0.1:5000)"
-	@echo "Also:    $(BIN)/deepcluster run data   or   $(DVC_RUN) repro"
+	@echo 'Also:    $(BIN)/deepcluster run data   or   PATH="$$PWD/$(BIN):$$PATH" $(DVC) repro'
 
 dagster: install
 	$(BIN)/python -m orchestration dev  # dagster dev on .dagster/, with the one-slot GPU pool

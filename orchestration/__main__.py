@@ -9,6 +9,7 @@ import argparse
 import os
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -29,17 +30,21 @@ def materialize(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[name] = str(Path(value).resolve())
     home = dagster_home()
-    from dagster import DagsterInstance
+    from dagster import BetaWarning, DagsterInstance
+
+    warnings.filterwarnings("ignore", category=BetaWarning)  # observable_source_asset is beta
 
     from deepcluster.config import load_params
 
     from .config import run_config_for
     from .definitions import defs
 
+    quiet_log = {"console": {"config": {"log_level": "INFO"}}}  # no step-event chatter
     run_config = run_config_for(load_params(args.params)) if args.params else {}
-    run_config["loggers"] = {"console": {"config": {"log_level": "INFO"}}}  # no step-event chatter
+    run_config["loggers"] = quiet_log
     with DagsterInstance.get() as instance:
-        defs.resolve_job_def("observe_data").execute_in_process(instance=instance)
+        observe = defs.resolve_job_def("observe_data")
+        observe.execute_in_process(run_config={"loggers": quiet_log}, instance=instance)
         result = defs.resolve_job_def("deepcluster_job").execute_in_process(
             run_config=run_config, instance=instance, raise_on_error=False
         )
