@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,22 @@ FAST = {
     "train": {"epochs": 2, "batch_size": 32, "hflip": False, "crop_scale": [0.7, 1.0]},
     "eval": {"probe_epochs": 200},
 }
+
+
+def run_cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """`python -m deepcluster.cli ARGS` in `cwd` (environment `env`, default this one) with the
+    library on PYTHONPATH, as a user's shell runs it."""
+    env = {**(os.environ if env is None else env), "PYTHONPATH": str(ROOT / "ssl")}
+    return subprocess.run(
+        [sys.executable, "-m", "deepcluster.cli", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def fast_params(**sections):

@@ -7,6 +7,23 @@ from orchestration.config import run_config_for
 from orchestration.resources import ArtifactStore, ComputeResource, MlflowTracking
 from tests.conftest import fast_params
 
+# What the whole graph must produce: every asset but the observed source, and each check by asset.
+MATERIALISED = [
+    "image_manifest",
+    "image_cache",
+    "checkpoint",
+    "features",
+    "cluster_assignments",
+    "eval_report",
+    "registered_model",
+]
+CHECKS_BY_ASSET = {
+    "image_manifest": ["manifest_is_valid"],
+    "features": ["features_are_sound"],
+    "cluster_assignments": ["no_cluster_collapse", "whitened_features_unit_norm"],
+}
+CHECK_NAMES = {name for names in CHECKS_BY_ASSET.values() for name in names}
+
 
 def fast_run_config(**sections) -> dict:
     """Run config for the whole graph with the FAST params (plus `sections` overrides)."""

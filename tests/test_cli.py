@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import sysconfig
@@ -13,20 +12,9 @@ import polars as pl
 import yaml
 
 from .conftest import FAST
+from .conftest import run_cli as deepcluster
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def deepcluster(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "ssl")}
-    return subprocess.run(
-        [sys.executable, "-m", "deepcluster.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
 
 
 def test_run_goes_from_an_image_folder_to_metrics(tmp_path: Path, digits_folder: Path) -> None:

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from deepcluster import lineage, pipeline
 from deepcluster.config import load_params
 from deepcluster.paths import Artifacts
 
-from .conftest import FAST, fast_params
+from .conftest import FAST, fast_params, run_cli
 from .test_dvc_pipeline import GIT_IDENTITY, require_dvc
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,16 +100,8 @@ def project(tmp_path: Path, digits_folder: Path) -> Path:
 
 
 def deepcluster(*args: str, cwd: Path) -> str:
-    env = {**os.environ, "PYTHONPATH": str(ROOT / "ssl")}
-    env.pop("MLFLOW_TRACKING_URI", None)  # the default store: sqlite:///mlflow.db in cwd
-    done = subprocess.run(
-        [sys.executable, "-m", "deepcluster.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default store
+    done = run_cli(*args, cwd=cwd, env=env)  # sqlite:///mlflow.db in cwd
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

@@ -51,7 +51,13 @@ from orchestration.definitions import defs
 from orchestration.training import GPU_TAGS, checkpoint
 from orchestration.versions import dvc_md5, observed_version
 from tests.conftest import ROOT, fast_params
-from tests.orchestration_fixtures import fast_run_config, resources_in, store_in
+from tests.orchestration_fixtures import (
+    CHECK_NAMES,
+    MATERIALISED,
+    fast_run_config,
+    resources_in,
+    store_in,
+)
 
 ASSETS = [
     raw_images,
@@ -62,15 +68,6 @@ ASSETS = [
     cluster_assignments,
     eval_report,
     registered_model,
-]
-MATERIALISED = [
-    "image_manifest",
-    "image_cache",
-    "checkpoint",
-    "features",
-    "cluster_assignments",
-    "eval_report",
-    "registered_model",
 ]
 
 
@@ -88,12 +85,7 @@ def test_definitions_load_and_validate() -> None:
     assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"raw_images", *MATERIALISED}
     job = defs.resolve_job_def("deepcluster_job")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(MATERIALISED)
-    assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == {
-        "manifest_is_valid",
-        "features_are_sound",
-        "no_cluster_collapse",
-        "whitened_features_unit_norm",
-    }
+    assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == CHECK_NAMES
     assert defs.resolve_sensor_def("data_version_sensor").job_name == "deepcluster_job"
 
 
@@ -318,15 +310,7 @@ def test_whole_graph_materialises_with_every_check_passing(whole_graph) -> None:
     materialised = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialised == set(MATERIALISED)
     checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
-    assert checks == {
-        c: True
-        for c in (
-            "manifest_is_valid",
-            "features_are_sound",
-            "no_cluster_collapse",
-            "whitened_features_unit_norm",
-        )
-    }
+    assert checks == dict.fromkeys(CHECK_NAMES, True)
     for path in (
         art.manifest,
         art.rejected,

@@ -14,22 +14,7 @@ import pytest
 import requests
 
 from tests.conftest import ROOT
-from tests.orchestration_fixtures import fast_run_config
-
-ASSETS = [
-    "image_manifest",
-    "image_cache",
-    "checkpoint",
-    "features",
-    "cluster_assignments",
-    "eval_report",
-    "registered_model",
-]
-CHECKS = {
-    "image_manifest": ["manifest_is_valid"],
-    "features": ["features_are_sound"],
-    "cluster_assignments": ["no_cluster_collapse", "whitened_features_unit_norm"],
-}
+from tests.orchestration_fixtures import CHECKS_BY_ASSET, MATERIALISED, fast_run_config
 
 LAUNCH = """
 mutation Launch($params: ExecutionParams!) {
@@ -187,7 +172,7 @@ def test_whole_job_through_graphql(dagster_dev) -> None:
 
     assert wait_for_run(gql, run_id, log, timeout=420) == "SUCCESS", log.read_text()[-3000:]
 
-    for asset in ASSETS:
+    for asset in MATERIALISED:
         found = gql(MATERIALIZATION, key={"path": [asset]})["assetOrError"]["assetMaterializations"]
         assert found and found[0]["runId"] == run_id, asset
     report = metadata(
@@ -197,7 +182,7 @@ def test_whole_job_through_graphql(dagster_dev) -> None:
     )
     assert 0 < report["nmi"] <= 1
     assert "data:image/png;base64," in report["pictures"]
-    for asset, names in CHECKS.items():
+    for asset, names in CHECKS_BY_ASSET.items():
         for name in names:
             executions = gql(CHECK_EXECUTIONS, key={"path": [asset]}, name=name)[
                 "assetCheckExecutions"

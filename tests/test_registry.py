@@ -32,7 +32,7 @@ from deepcluster.models import build_model
 from deepcluster.paths import Artifacts
 from deepcluster.train import export_model
 
-from .conftest import fast_params
+from .conftest import fast_params, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = fast_params(eval={"probe_epochs": 30})
@@ -133,23 +133,7 @@ def test_predict_command_writes_assignments(registered, tmp_path):
     high: Artifacts = registered["high"]
     out = tmp_path / "assignments.parquet"
     env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "ssl"), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "deepcluster.cli",
-            "predict",
-            str(registered["images"]),
-            "--out",
-            str(out),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = run_cli("predict", str(registered["images"]), "--out", str(out), cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     predicted = pl.read_parquet(out)
     assert predicted.columns == ["path", "cluster", "distance", "embedding"]
