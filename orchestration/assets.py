@@ -7,7 +7,6 @@ CLI, DVC and Dagster read each other's outputs. The `checkpoint` asset lives in 
 
 import numpy as np
 import polars as pl
-import torch
 from dagster import (
     AssetExecutionContext,
     DataVersion,
@@ -130,10 +129,7 @@ def trained_params(
 ) -> Params:
     """The parameters the model was trained with (in model.pt), so later steps cannot disagree."""
     with user_errors_fail_plainly():
-        saved = torch.load(
-            pipeline.require(art.model, "train"), map_location="cpu", weights_only=True
-        )
-    raw = saved["params"]
+        raw = train.saved_params(pipeline.require(art.model, "train")).to_dict()
     raw["train"]["device"] = compute.device
     if eval_config is not None:
         raw["eval"] = eval_config.model_dump()

@@ -12,7 +12,7 @@ import polars as pl
 from dagster import AssetCheckResult, AssetCheckSeverity, Config, MetadataValue, asset_check
 from pydantic import Field
 
-from deepcluster import data, pipeline
+from deepcluster import data, evaluate, pipeline
 
 from .assets import cluster_assignments, features, image_manifest, trained_params
 from .resources import ArtifactStore, ComputeResource
@@ -95,20 +95,14 @@ def features_are_sound(
     description="No cluster holds most images; few are empty.",
 )
 def no_cluster_collapse(config: CollapseLimits, artifacts: ArtifactStore) -> AssetCheckResult:
-    from .expectations import cluster_sizes, collapse_outcome
+    from .expectations import collapse_outcome
 
     art = artifacts.layout
     table = pl.read_parquet(art.assignments)
     _, centroids = pipeline.load_clustering(art.clustering)
     k, rows = centroids.shape[0], data.read_manifest(art.manifest).height
     outcome = collapse_outcome(table, k, rows, config.max_largest_share, config.max_empty_share)
-    sizes = cluster_sizes(table["cluster"].to_numpy(), k)
-    return _result(
-        outcome,
-        k=k,
-        largest_cluster_share=float(sizes["share"].max()),
-        empty_clusters=int((sizes["size"] == 0).sum()),
-    )
+    return _result(outcome, **evaluate.cluster_size_stats(table["cluster"].to_numpy(), k))
 
 
 @asset_check(

@@ -18,6 +18,14 @@ from deepcluster.paths import Artifacts
 from .config import DEFAULTS, ROOT
 
 
+def from_env(**variables: str) -> dict[str, str]:
+    """Field values from the environment: field name -> the variable that sets it, when set.
+
+    Fields whose variable is unset keep their declared defaults.
+    """
+    return {field: os.environ[name] for field, name in variables.items() if name in os.environ}
+
+
 class ArtifactStore(ConfigurableResource):
     """The image folder, its DVC pointer, and the artifacts root laid out as `deepcluster.paths`."""
 
@@ -29,11 +37,12 @@ class ArtifactStore(ConfigurableResource):
 
     @classmethod
     def from_env(cls) -> "ArtifactStore":
-        defaults = cls()
         return cls(
-            root=os.environ.get("DEEPCLUSTER_ARTIFACTS", defaults.root),
-            data_dir=os.environ.get("DEEPCLUSTER_DATA", defaults.data_dir),
-            dvc_file=os.environ.get("DEEPCLUSTER_DVC_FILE", defaults.dvc_file),
+            **from_env(
+                root="DEEPCLUSTER_ARTIFACTS",
+                data_dir="DEEPCLUSTER_DATA",
+                dvc_file="DEEPCLUSTER_DVC_FILE",
+            )
         )
 
     @property
@@ -53,7 +62,7 @@ class ComputeResource(ConfigurableResource):
 
     @classmethod
     def from_env(cls) -> "ComputeResource":
-        return cls(device=os.environ.get("DEEPCLUSTER_DEVICE", DEFAULTS.train.device))
+        return cls(**from_env(device="DEEPCLUSTER_DEVICE"))
 
 
 class MlflowTracking(ConfigurableResource):
@@ -73,11 +82,7 @@ class MlflowTracking(ConfigurableResource):
 
     @classmethod
     def from_env(cls) -> "MlflowTracking":
-        defaults = cls()
-        return cls(
-            tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", defaults.tracking_uri),
-            ui_url=os.environ.get("DEEPCLUSTER_MLFLOW_UI", defaults.ui_url),
-        )
+        return cls(**from_env(tracking_uri="MLFLOW_TRACKING_URI", ui_url="DEEPCLUSTER_MLFLOW_UI"))
 
     def setup_for_execution(self, context) -> None:
         import mlflow  # seconds to import; only steps that track need it

@@ -267,10 +267,9 @@ def log_pyfunc(art: Artifacts, run_id: str):
 
 def training_resolution(weights: Path) -> int:
     """The square side images were decoded to for training, as recorded in model.pt."""
-    import torch
+    from .train import saved_params
 
-    state = torch.load(weights, map_location="cpu", weights_only=True)
-    return int(state["params"]["data"]["resolution"])
+    return saved_params(weights).data.resolution
 
 
 def _library_copy(tmp: Path) -> str:

@@ -24,10 +24,10 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT
 
 from . import data, lineage
-from .config import Params, params_from_dict
+from .config import Params
 from .io import write_json
 from .paths import Artifacts
-from .train import CHECKPOINT, EpochStats, load_checkpoint, params_fingerprint
+from .train import CHECKPOINT, EpochStats, load_checkpoint, params_fingerprint, saved_params
 
 EXPERIMENT = "deepcluster"
 RUN_FILE = "mlflow_run.json"
@@ -231,10 +231,7 @@ def run_for(art: Artifacts) -> str:
 
 def _adopt(art: Artifacts, origin: str | None) -> str:
     """A run for a model trained elsewhere: its own params (from model.pt), lineage and history."""
-    import torch
-
-    state = torch.load(art.model, map_location="cpu", weights_only=True)
-    params = params_from_dict(state["params"])
+    params = saved_params(art.model)
     version = lineage.data_version(art.manifest)
     tags = {"origin_run_id": origin or "unknown"}
     run_id = start_training_run(params, version, art.manifest, tags=tags)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from . import augment as aug
 from .cluster import Clustering, cluster_features, nmi
-from .config import Params
+from .config import Params, params_from_dict
 from .device import autocast, memory_format, resolve_device
 from .errors import UserError
 from .io import atomic_path, write_json
@@ -207,9 +207,12 @@ def export_model(model: DeepClusterNet, params: Params, path: Path) -> Path:
     return path
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> DeepClusterNet:
-    from .config import params_from_dict
+def saved_params(path: Path) -> Params:
+    """The parameters a model exported by `export_model` was trained with."""
+    return params_from_dict(torch.load(path, map_location="cpu", weights_only=True)["params"])
 
+
+def load_model(path: Path, device: str | torch.device = "cpu") -> DeepClusterNet:
     state = torch.load(path, map_location="cpu", weights_only=True)
     params = params_from_dict(state["params"])
     model = build_model(params.model, state["k"])
