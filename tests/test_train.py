@@ -8,8 +8,9 @@ import torch
 
 from deepcluster import pipeline
 from deepcluster.errors import UserError
+from deepcluster.models import build_model
 from deepcluster.paths import Artifacts
-from deepcluster.train import CHECKPOINT, load_checkpoint
+from deepcluster.train import CHECKPOINT, export_model, load_checkpoint
 
 from .conftest import fast_params
 
@@ -74,3 +75,13 @@ def test_constant_schedule_extends_a_finished_run_cosine_does_not(workspace: Art
     # the cosine schedule depends on the run's length: another length is another run
     with pytest.raises(UserError, match="trained with other parameters"):
         pipeline.train_step(fast_params(train={"epochs": 3}), workspace, progress=False)
+
+
+def test_equal_models_export_to_equal_bytes(tmp_path) -> None:
+    """model.pt is a DVC output: re-running an unchanged training must not change its hash."""
+    params = fast_params()
+    torch.manual_seed(0)
+    model = build_model(params.model, params.cluster.k)
+    first = export_model(model, params, tmp_path / "a" / "model.pt")
+    second = export_model(model, params, tmp_path / "b" / "model.pt")
+    assert first.read_bytes() == second.read_bytes()

@@ -191,8 +191,7 @@ def _save_checkpoint(path: Path, model, optimizer, epoch, generator, assignments
         "params": params.to_dict(),
         "fingerprint": params_fingerprint(params),
     }
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    _save(state, path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -202,8 +201,15 @@ def load_checkpoint(path: Path) -> dict:
 def export_model(model: DeepClusterNet, params: Params, path: Path) -> Path:
     """Final weights plus the parameters needed to rebuild the network (loads with weights_only)."""
     state = {"model": model.state_dict(), "params": params.to_dict(), "k": model.head.out_features}
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    return _save(state, path)
+
+
+def _save(state: dict, path: Path) -> Path:
+    """torch.save, atomically. Through a file object: given a path, torch names the archive inside
+    after the (random) temporary file, so equal states would give different bytes, and DVC would
+    see a changed model.pt after every identical re-run."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
     return path
 
 
