@@ -72,7 +72,7 @@ def test_reexport_into_same_folder_is_idempotent_and_repairs(digits_dir: Path) -
 def test_refuses_folder_with_foreign_files(tmp_path: Path) -> None:
     (tmp_path / "3").mkdir()
     (tmp_path / "3" / "holiday.jpg").write_bytes(b"not ours")
-    with pytest.raises(FileExistsError, match="not part of the digits export"):
+    with pytest.raises(FileExistsError, match="not part of the sample export"):
         export_digits(tmp_path)
     assert [p.name for p in (tmp_path / "3").iterdir()] == ["holiday.jpg"]
 

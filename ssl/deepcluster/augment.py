@@ -1,7 +1,11 @@
-"""Batched, on-device augmentation: one affine resample per batch instead of PIL per image.
+"""Batched, on-device augmentation: whole batches at once instead of PIL per image.
 
-A random resized crop plus horizontal flip is an affine map of the image plane, so the whole batch is
-augmented by one `affine_grid` + `grid_sample` call on whatever device holds it.
+Geometry: a random resized crop plus horizontal flip is an affine map of the image plane, so a
+batch of crops (at any output size, e.g. DeepCluster-v2's small local crops) is one `affine_grid` +
+`grid_sample` call on whatever device holds the batch; its parameters come from the training's own
+generator, so a resumed run draws the same crops.
+Photometry (colour jitter, grayscale, blur, solarisation) uses kornia's batch augmentations, which
+draw different parameters for every image of the batch.
 """
 
 from __future__ import annotations
@@ -10,18 +14,14 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-# ImageNet statistics: a neutral choice for natural images, and what the paper normalises with.
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+from .config import AugmentParams
 
 
-def normalize(batch_u8: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) -> float, scaled to [0, 1] and standardised per channel."""
-    x = batch_u8.float().div_(255.0)
-    mean = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std
+def to_float(batch_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float in [0, 1]; the network standardises it."""
+    return batch_u8.float().div_(255.0)
 
 
 def crop_flip_params(
@@ -50,8 +50,33 @@ def crop_flip_params(
     return theta
 
 
-def augment(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
-    """Apply per-image affine crops (bilinear) to a float batch; output keeps the input size."""
+def augment(x: torch.Tensor, theta: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Per-image affine crops (bilinear) of a float batch, resampled to `size` (default: same)."""
+    side = x.shape[-1] if size is None else size
     theta = theta.to(device=x.device, dtype=x.dtype)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta, [x.shape[0], x.shape[1], side, side], align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def photometric(params: AugmentParams, colour: bool, side: int) -> nn.Module:
+    """kornia's per-image photometric augmentations for float batches in [0, 1].
+
+    Hue, saturation and grayscale only act on colour, so grey data skips them. The blur's width
+    follows the image size (SimCLR blurs 224 px images with sigma up to 2).
+    """
+    import kornia.augmentation as K
+
+    steps: list[nn.Module] = []
+    j = params.jitter
+    if j > 0:
+        saturation, hue = (j, min(0.5, j / 4)) if colour else (0.0, 0.0)
+        steps.append(K.ColorJitter(j, j, saturation, hue, p=0.8))
+    if colour and params.grayscale > 0:
+        steps.append(K.RandomGrayscale(p=params.grayscale))
+    if params.blur > 0:
+        sigma = max(0.5, 2.0 * side / 224)
+        kernel = 2 * math.ceil(2 * sigma) + 1
+        steps.append(K.RandomGaussianBlur((kernel, kernel), (0.1, sigma), p=params.blur))
+    if params.solarize > 0:
+        steps.append(K.RandomSolarize(0.0, 0.0, p=params.solarize))  # threshold 0.5
+    return nn.Sequential(*steps)

@@ -1,18 +1,22 @@
 """Clustering step of DeepCluster: PCA-whiten, L2-normalise, faiss k-means, no empty clusters.
 
-The whitening and the centroids are kept as plain arrays (`Clustering`) so a trained model can assign
-new images to the learned clusters without faiss.
+v1 whitens the embeddings with PCA before k-means, as the paper does; v2 clusters its unit-norm
+embeddings directly with spherical k-means (centroids renormalised after every update). The
+whitening (an identity map for v2) and the centroids are kept as plain arrays (`Clustering`) so a
+trained model can assign new images to the learned clusters without faiss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import faiss
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
 from .errors import ParamError
+from .io import atomic_path
 
 
 @dataclass
@@ -35,6 +39,7 @@ class Clustering:
     whitening: Whitening
     loss: float  # k-means objective after the last iteration
     reseeded: int  # empty clusters that had to be re-seeded by splitting a large one
+    kmeans_largest_share: float  # share of the largest cluster as k-means left it, before re-seeding
 
     @property
     def k(self) -> int:
@@ -47,6 +52,11 @@ class Clustering:
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32)
+
+
+def identity_whitening(dim: int) -> Whitening:
+    """No PCA: the embeddings are only L2-normalised (DeepCluster-v2)."""
+    return Whitening(A=np.eye(dim, dtype=np.float32), b=np.zeros(dim, dtype=np.float32))
 
 
 def fit_whitening(features: np.ndarray, pca_dim: int) -> Whitening:
@@ -75,16 +85,23 @@ def gpu_available() -> bool:
 
 
 def kmeans(
-    x: np.ndarray, k: int, iters: int = 20, redo: int = 1, seed: int = 0, use_gpu: bool = False
+    x: np.ndarray,
+    k: int,
+    iters: int = 20,
+    redo: int = 1,
+    seed: int = 0,
+    use_gpu: bool = False,
+    spherical: bool = False,
 ) -> tuple[np.ndarray, float]:
-    """faiss k-means; returns centroids (k, d) and the final objective."""
+    """faiss k-means (spherical: unit centroids); returns centroids (k, d) and the objective."""
     n, d = x.shape
     if n < k:
         raise ParamError(f"cluster.k = {k}: needs at least k images, got {n}")
     clus = faiss.Clustering(d, k)
     clus.niter = iters
     clus.nredo = redo
-    clus.seed = seed
+    clus.seed = seed % 2**31  # faiss takes a C int
+    clus.spherical = spherical
     clus.max_points_per_centroid = 10_000_000  # use every point: no silent subsampling
     clus.min_points_per_centroid = 1
     index = _flat_index(d, use_gpu)
@@ -149,24 +166,63 @@ def _split_members(x: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def cluster_features(
     features: np.ndarray,
     k: int,
-    pca_dim: int,
+    pca_dim: int | None,
     iters: int = 20,
     redo: int = 1,
     seed: int = 0,
     use_gpu: bool = False,
+    spherical: bool = False,
 ) -> Clustering:
-    """Features -> PCA-whiten -> L2 -> k-means -> assignments with no empty cluster."""
+    """Features -> PCA-whiten (unless pca_dim is None) -> L2 -> k-means -> no empty cluster."""
     if not np.isfinite(features).all():
         raise ValueError("features contain NaN or infinity: the network diverged (lower train.lr)")
-    whitening = fit_whitening(features, pca_dim)
+    if pca_dim is None:
+        whitening = identity_whitening(features.shape[1])
+    else:
+        whitening = fit_whitening(features, pca_dim)
     x = whitening.apply(features)
-    centroids, loss = kmeans(x, k, iters, redo, seed, use_gpu)
+    centroids, loss = kmeans(x, k, iters, redo, seed, use_gpu, spherical)
     ids, _ = assign(x, centroids, use_gpu)
+    raw_largest = float(np.bincount(ids, minlength=k).max() / len(ids))
     centroids, ids, reseeded = reseed_empty(x, centroids, ids, seed)
+    if spherical:
+        centroids = l2_normalize(centroids)
     dist = ((x - centroids[ids]) ** 2).sum(1).astype(np.float32)
-    return Clustering(ids, dist, centroids, whitening, loss, reseeded)
+    return Clustering(ids, dist, centroids, whitening, loss, reseeded, raw_largest)
 
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
     """Normalised mutual information between two labelings (e.g. epochs t-1 and t)."""
     return float(normalized_mutual_info_score(a, b))
+
+
+def save_clustering(path: Path, clustering: Clustering) -> Path:
+    """Whitening, centroids and k-means' own health figures (before re-seeding), atomically."""
+    whitening = clustering.whitening
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(
+            fh,
+            centroids=clustering.centroids,
+            A=whitening.A,
+            b=whitening.b,
+            kmeans_largest_share=np.float64(clustering.kmeans_largest_share),
+            reseeded=np.int64(clustering.reseeded),
+        )
+    return path
+
+
+def load_clustering(path: Path) -> tuple[Whitening, np.ndarray]:
+    """The whitening and the centroids: all that is needed to assign new embeddings."""
+    with np.load(path) as z:
+        return Whitening(A=z["A"], b=z["b"]), z["centroids"]
+
+
+def kmeans_health(path: Path) -> dict[str, float]:
+    """What k-means itself produced, before empty clusters were re-seeded."""
+    with np.load(path) as z:
+        k = int(z["centroids"].shape[0])
+        return {
+            "largest_cluster_share_kmeans": float(z["kmeans_largest_share"]),
+            "empty_clusters_kmeans": int(z["reseeded"]),
+            "k": k,
+        }

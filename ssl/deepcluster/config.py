@@ -18,53 +18,85 @@ from .errors import ParamError
 __all__ = ["ParamError", "Params", "load_params", "params_from_dict"]
 
 ARCHS = ("smallconv", "alexnet", "vgg16", "resnet18", "resnet50")
+METHODS = ("deepcluster", "deepcluster-v2")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULES = ("constant", "cosine")
+NORMALIZATIONS = ("dataset", "imagenet")
+AUTO = "auto"
+# Upper bounds that keep a typo from allocating terabytes: far above any sensible setting.
+MAX_EMBED_DIM = 16_384
+MAX_K = 1_000_000
+MAX_SEED = 2**32 - 1
+
+# `auto` values are resolved from the data at run time (`deepcluster.autoparams`)
+IntOrAuto = int | str
+RESOLVED_KEYS = ("data.resolution", "cluster.k", "cluster.pca_dim", "train.batch_size", "train.epochs")
 
 
 @dataclass(frozen=True)
 class DataParams:
-    resolution: int = 32  # side of the square training image, pixels
-    workers: int = 0  # decoding processes at ingest; 0 = in-process (best for small images)
+    resolution: IntOrAuto = AUTO  # square side in px; auto: from the images' sizes
 
 
 @dataclass(frozen=True)
 class ModelParams:
+    method: str = "deepcluster-v2"  # deepcluster (Caron et al. 2018) | deepcluster-v2 (2020)
     arch: str = "smallconv"
     sobel: bool = False  # fixed Sobel filter on the grey image as the first layer (paper: True)
-    embed_dim: int = 256  # width of the MLP whose output is clustered
+    embed_dim: int = 128  # width of the clustered embedding (v2: the prototype space)
+    normalize: str = "dataset"  # input standardisation: the data's own mean/std, or ImageNet's
 
 
 @dataclass(frozen=True)
 class ClusterParams:
-    k: int = 100  # over-cluster: k well above the number of classes is the robust choice
-    pca_dim: int = 64
+    k: IntOrAuto = AUTO  # clusters; auto: from the number of images
+    pca_dim: IntOrAuto = AUTO  # v1: PCA-whitening dimension before k-means
     kmeans_iters: int = 20
     kmeans_redo: int = 1
+    heads: tuple[int, ...] = (1, 2, 4)  # v2: one prototype head per entry, entry x k prototypes
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    epochs: int = 12
-    batch_size: int = 128
-    lr: float = 0.05
-    schedule: str = (
-        "cosine"  # constant (the paper) | cosine: decay per epoch to a steadier final model
-    )
+    epochs: IntOrAuto = AUTO  # auto: from the number of images
+    batch_size: IntOrAuto = AUTO  # auto: from the number of images
+    lr: float = 0.1
+    schedule: str = "cosine"  # constant (the paper) | cosine: per-step decay after the warm-up
+    warmup_epochs: int = 1
     momentum: float = 0.9
     weight_decay: float = 1e-5
-    crop_scale: tuple[float, float] = (0.5, 1.0)  # random resized crop: area fraction range
-    hflip: bool = True
+    temperature: float = 0.1  # v2: softmax temperature over prototype similarities
     seed: int = 0
-    device: str = "auto"
-    amp: bool = True  # mixed precision, used on CUDA only
+
+
+@dataclass(frozen=True)
+class ComputeParams:
+    """The machine, not the experiment: these never change which run a checkpoint belongs to."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    amp: bool = True  # bfloat16 autocast where the hardware runs it fast (CUDA, AVX512-BF16, AMX)
+    threads: IntOrAuto = AUTO  # torch threads; auto: the usable cores / processes sharing them
+    workers: int = 0  # decoding processes at ingest; 0 = in-process (best for small images)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    crop_scale: tuple[float, float] = (0.3, 1.0)  # global crops: random resized crop, area share
+    hflip: bool = False  # mirror images (natural images: yes; digits and text: no)
+    local_crops: int = 4  # v2 multi-crop: small crops per image besides the two global ones
+    local_size: float = 0.5  # side of a local crop as a share of data.resolution
+    local_scale: tuple[float, float] = (0.1, 0.4)
+    jitter: float = 0.4  # brightness and contrast (and saturation, hue on colour data)
+    grayscale: float = 0.2  # probability, colour data only
+    blur: float = 0.3  # probability of a Gaussian blur
+    solarize: float = 0.1  # probability of solarisation
 
 
 @dataclass(frozen=True)
 class EvalParams:
     knn_k: int = 20
     test_fraction: float = 0.3  # held-out share for the kNN and linear probes
-    probe_epochs: int = 100
+    probe_epochs: int = 200
     grid_clusters: int = 12  # clusters shown as image grids
     grid_images: int = 16
 
@@ -75,7 +107,9 @@ class Params:
     model: ModelParams = field(default_factory=ModelParams)
     cluster: ClusterParams = field(default_factory=ClusterParams)
     train: TrainParams = field(default_factory=TrainParams)
+    augment: AugmentParams = field(default_factory=AugmentParams)
     eval: EvalParams = field(default_factory=EvalParams)
+    compute: ComputeParams = field(default_factory=ComputeParams)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return {
@@ -86,6 +120,10 @@ class Params:
     def flat(self) -> dict[str, Any]:
         """`section.key -> value`, the form MLflow params and DVC `-S` overrides use."""
         return {f"{s}.{k}": v for s, d in self.to_dict().items() for k, v in d.items()}
+
+    def auto_keys(self) -> list[str]:
+        """`section.key` of every value still `auto` (resolved by `deepcluster.autoparams`)."""
+        return [key for key in RESOLVED_KEYS if self.flat()[key] == AUTO]
 
 
 def _plain(d: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +148,16 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         if isinstance(value, str):
             return value
         raise ParamError(f"{where} = {value!r}: must be a string")
+    if kind == "IntOrAuto":
+        if value == AUTO:
+            return value
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ParamError(f"{where} = {value!r}: must be a whole number or auto")
+    if kind == "tuple[int, ...]":
+        if isinstance(value, (list, tuple)) and value:
+            return tuple(_coerce(where, v, "int") for v in value)
+        raise ParamError(f"{where} = {value!r}: must be a non-empty list of whole numbers")
     if kind == "tuple[float, float]":
         if isinstance(value, (list, tuple)) and len(value) == 2:
             return tuple(_coerce(where, v, "float") for v in value)
@@ -135,54 +183,75 @@ def _require(ok: bool, where: str, value: Any, allowed: str) -> None:
         raise ParamError(f"{where} = {value!r}: {allowed}")
 
 
+def _in(where: str, value: Any, choices: tuple[str, ...]) -> None:
+    _require(value in choices, where, value, f"must be one of {', '.join(choices)}")
+
+
+def _range(where: str, value: Any, lo: float, hi: float | None = None, auto: bool = False) -> None:
+    """lo <= value (<= hi); `auto` allows the string auto."""
+    if auto and value == AUTO:
+        return
+    ok = value >= lo and (hi is None or value <= hi)
+    rule = f"must be {lo}..{hi}" if hi is not None else f"must be >= {lo}"
+    _require(ok, where, value, rule + (" or auto" if auto else ""))
+
+
+def _share_range(where: str, pair: tuple[float, float]) -> None:
+    lo, hi = pair
+    _require(0 < lo <= hi <= 1, where, list(pair), "must be [lo, hi], 0 < lo <= hi <= 1")
+
+
 def validate(p: Params) -> Params:
     """Range checks that types alone cannot express."""
-    _require(
-        8 <= p.data.resolution <= 1024, "data.resolution", p.data.resolution, "must be 8..1024"
-    )
-    _require(p.data.workers >= 0, "data.workers", p.data.workers, "must be >= 0")
-    _require(
-        p.model.arch in ARCHS, "model.arch", p.model.arch, f"must be one of {', '.join(ARCHS)}"
-    )
-    _require(p.model.embed_dim >= 2, "model.embed_dim", p.model.embed_dim, "must be >= 2")
-    _require(p.cluster.k >= 2, "cluster.k", p.cluster.k, "must be >= 2")
-    _require(p.cluster.pca_dim >= 2, "cluster.pca_dim", p.cluster.pca_dim, "must be >= 2")
-    _require(
-        p.cluster.pca_dim <= p.model.embed_dim,
-        "cluster.pca_dim",
-        p.cluster.pca_dim,
-        f"must not exceed model.embed_dim ({p.model.embed_dim})",
-    )
-    _require(
-        p.cluster.kmeans_iters >= 1, "cluster.kmeans_iters", p.cluster.kmeans_iters, "must be >= 1"
-    )
-    _require(
-        p.cluster.kmeans_redo >= 1, "cluster.kmeans_redo", p.cluster.kmeans_redo, "must be >= 1"
-    )
+    _range("data.resolution", p.data.resolution, 8, 1024, auto=True)
+    m = p.model
+    _in("model.method", m.method, METHODS)
+    _in("model.arch", m.arch, ARCHS)
+    _in("model.normalize", m.normalize, NORMALIZATIONS)
+    _range("model.embed_dim", m.embed_dim, 2, MAX_EMBED_DIM)
+    c = p.cluster
+    _range("cluster.k", c.k, 2, MAX_K, auto=True)
+    _range("cluster.pca_dim", c.pca_dim, 2, MAX_EMBED_DIM, auto=True)
+    if c.pca_dim != AUTO:
+        _require(
+            c.pca_dim <= m.embed_dim,
+            "cluster.pca_dim",
+            c.pca_dim,
+            f"must not exceed model.embed_dim ({m.embed_dim})",
+        )
+    _range("cluster.kmeans_iters", c.kmeans_iters, 1, 10_000)
+    _range("cluster.kmeans_redo", c.kmeans_redo, 1, 1_000)
+    for scale in c.heads:
+        _range("cluster.heads", scale, 1, 1_000)
+    _require(len(c.heads) <= 16, "cluster.heads", list(c.heads), "at most 16 heads")
     t = p.train
-    _require(t.epochs >= 1, "train.epochs", t.epochs, "must be >= 1")
-    _require(t.batch_size >= 2, "train.batch_size", t.batch_size, "must be >= 2")
-    _require(t.lr > 0, "train.lr", t.lr, "must be > 0")
-    _require(
-        t.schedule in SCHEDULES,
-        "train.schedule",
-        t.schedule,
-        f"must be one of {', '.join(SCHEDULES)}",
-    )
+    _range("train.epochs", t.epochs, 1, 100_000, auto=True)
+    _range("train.batch_size", t.batch_size, 2, 65_536, auto=True)
+    _require(0 < t.lr <= 100, "train.lr", t.lr, "must be > 0 and at most 100")
+    _in("train.schedule", t.schedule, SCHEDULES)
+    _range("train.warmup_epochs", t.warmup_epochs, 0, 100_000)
     _require(0 <= t.momentum < 1, "train.momentum", t.momentum, "must be in [0, 1)")
-    _require(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "must be >= 0")
-    lo, hi = t.crop_scale
-    _require(
-        0 < lo <= hi <= 1,
-        "train.crop_scale",
-        list(t.crop_scale),
-        "must be [lo, hi], 0 < lo <= hi <= 1",
-    )
-    _require(t.device in DEVICES, "train.device", t.device, f"must be one of {', '.join(DEVICES)}")
+    _require(0 <= t.weight_decay < 1, "train.weight_decay", t.weight_decay, "must be in [0, 1)")
+    _require(0 < t.temperature <= 10, "train.temperature", t.temperature, "must be in (0, 10]")
+    _range("train.seed", t.seed, 0, MAX_SEED)
+    a = p.augment
+    _share_range("augment.crop_scale", a.crop_scale)
+    _share_range("augment.local_scale", a.local_scale)
+    _range("augment.local_crops", a.local_crops, 0, 64)
+    _require(0 < a.local_size <= 1, "augment.local_size", a.local_size, "must be in (0, 1]")
+    _require(0 <= a.jitter <= 1, "augment.jitter", a.jitter, "must be in [0, 1]")
+    for name in ("grayscale", "blur", "solarize"):
+        value = getattr(a, name)
+        _require(0 <= value <= 1, f"augment.{name}", value, "must be a probability in [0, 1]")
+    _in("compute.device", p.compute.device, DEVICES)
+    _range("compute.threads", p.compute.threads, 1, 1024, auto=True)
+    _range("compute.workers", p.compute.workers, 0, 256)
     e = p.eval
-    _require(e.knn_k >= 1, "eval.knn_k", e.knn_k, "must be >= 1")
+    _range("eval.knn_k", e.knn_k, 1, 10_000)
     _require(0 < e.test_fraction < 1, "eval.test_fraction", e.test_fraction, "must be in (0, 1)")
-    _require(e.probe_epochs >= 1, "eval.probe_epochs", e.probe_epochs, "must be >= 1")
+    _range("eval.probe_epochs", e.probe_epochs, 1, 100_000)
+    _range("eval.grid_clusters", e.grid_clusters, 1, 1_000)
+    _range("eval.grid_images", e.grid_images, 1, 1_000)
     return p
 
 
@@ -202,17 +271,66 @@ def params_from_dict(raw: Any) -> Params:
     return validate(Params(**built))
 
 
-def load_params(
-    path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None
-) -> Params:
-    """Read params.yaml; `overrides` maps `section.key` to a value (the CLI's `--set`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ParamError(f"{path}: parameter file not found")
+class _StrictLoader(yaml.SafeLoader):
+    """YAML that refuses a key written twice (plain YAML keeps the last one silently)."""
+
+
+def _no_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    keys = [loader.construct_object(key, deep=deep) for key, _ in node.value]
+    repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+    if repeated:
+        raise ParamError(f"{repeated[0]}: written twice in the parameter file")
+    return loader.construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def _read_yaml(path: Path) -> Any:
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ParamError(f"{path}: not a text file (expected YAML)") from None
+    except OSError as err:
+        raise ParamError(f"{path}: cannot read it ({err.strerror or err})") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader) or {}
     except yaml.YAMLError as err:
-        raise ParamError(f"{path}: not valid YAML ({err})") from err
+        where = getattr(err, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise ParamError(f"{path}: not valid YAML{at} ({getattr(err, 'problem', err)})") from None
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`section.key=value` strings (the CLI's -S) -> {dotted key: YAML value}."""
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ParamError(f"--set {item!r}: write it as section.key=value")
+        if key in parsed:
+            raise ParamError(f"--set {key}: given twice")
+        try:
+            parsed[key] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise ParamError(f"--set {item!r}: {text!r} is not a valid value") from None
+    return parsed
+
+
+def load_params(
+    path: str | Path | None = "params.yaml", overrides: dict[str, Any] | None = None
+) -> Params:
+    """Read params.yaml (None: the built-in defaults, which equal the repo's params.yaml);
+    `overrides` maps `section.key` to a value (the CLI's `--set`)."""
+    raw: Any = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ParamError(f"{path}: parameter file not found")
+        raw = _read_yaml(path)
+        if not isinstance(raw, dict):
+            raise ParamError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     for dotted, value in (overrides or {}).items():
         section, _, key = dotted.partition(".")
         if not key:

@@ -18,8 +18,10 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from . import progress
 from .cluster import assign, cluster_features, kmeans, l2_normalize, nmi
-from .config import ClusterParams
+from .config import ClusterParams, Params
+from .errors import ParamError
 
 
 def best_map_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
@@ -73,9 +75,10 @@ def linear_probe(
 
 
 def _cluster_ids(
-    features: np.ndarray, k: int, pca_dim: int, seed: int, whiten: bool, redo: int
+    features: np.ndarray, k: int, pca_dim: int | None, seed: int, whiten: bool, redo: int
 ) -> np.ndarray:
-    """Network features go through the training transform (PCA-whiten + L2); pixels are clustered raw."""
+    """Network features go through the training transform (v1: PCA-whiten + L2, v2: L2);
+    pixels are clustered raw."""
     if whiten:
         return cluster_features(features, k, pca_dim, iters=30, redo=redo, seed=seed).assignments
     x = np.ascontiguousarray(features, dtype=np.float32)
@@ -86,7 +89,7 @@ def _cluster_ids(
 def clustering_scores(
     features: np.ndarray,
     labels: np.ndarray,
-    pca_dim: int,
+    pca_dim: int | None,
     seed: int,
     whiten: bool = True,
     redo: int = 20,
@@ -112,11 +115,12 @@ def nmi_at_k(
     seed: int,
     whiten: bool = True,
     assignments: np.ndarray | None = None,
+    pca_dim: int | None = None,
 ) -> float:
     """NMI of the over-clustering at the training k (given `assignments`, or computed here)."""
     if assignments is None:
         assignments = _cluster_ids(
-            features, cluster.k, cluster.pca_dim, seed, whiten, cluster.kmeans_redo
+            features, int(cluster.k), pca_dim, seed, whiten, cluster.kmeans_redo
         )
     return nmi(labels, assignments)
 
@@ -136,8 +140,11 @@ def feature_scores(
 
 
 def pixel_features(images: np.ndarray, max_side: int = 32) -> np.ndarray:
-    """Raw pixels in [0, 1], block-averaged down to at most `max_side` px so large images stay cheap."""
+    """Raw pixels in [0, 1], block-averaged down to at most `max_side` px so large images stay
+    cheap; grey images (three equal channels) keep one channel, so no pixel counts thrice."""
     x = np.asarray(images, dtype=np.float32) / 255.0
+    if np.array_equal(x[:, 0], x[:, 1]) and np.array_equal(x[:, 1], x[:, 2]):
+        x = x[:, :1]
     side = x.shape[-1]
     factor = max(1, -(-side // max_side))
     if factor > 1:
@@ -157,3 +164,74 @@ def cluster_size_stats(assignments: np.ndarray, k: int) -> dict[str, float]:
         "largest_cluster_share": float(sizes.max() / sizes.sum()),
         "smallest_cluster_size": int(sizes[sizes > 0].min()),
     }
+
+
+def training_pca(params: Params) -> int | None:
+    """The PCA dimension training whitened with (v1), or None (v2 clusters unit embeddings)."""
+    return int(params.cluster.pca_dim) if params.model.method == "deepcluster" else None
+
+
+def _check_knn(k: int, n_train: int) -> None:
+    if k >= n_train:
+        raise ParamError(
+            f"eval.knn_k = {k}: must be smaller than the {n_train} images the kNN probe votes "
+            "from (the labelled images outside the held-out share)"
+        )
+
+
+def compare(
+    feature_sets: dict[str, np.ndarray],
+    labels: np.ndarray,
+    params: Params,
+    assignments: np.ndarray,
+    show: bool = True,
+) -> dict[str, float]:
+    """Every probe on every feature set: `name` for the trained features, `name_<set>` for the
+    baselines (random_init, pixels), each line of progress naming the probe and its figure."""
+    e, seed = params.eval, params.train.seed
+    train_idx, test_idx = split(len(labels), labels, e.test_fraction, seed)
+    _check_knn(e.knn_k, len(train_idx))
+    pca = training_pca(params)
+    probes = {
+        "clusters": lambda f, w: clustering_scores(f, labels, pca, seed, whiten=w),
+        "knn": lambda f, w: {"knn_top1": knn_top1(f, labels, train_idx, test_idx, e.knn_k)},
+        "linear": lambda f, w: {
+            "linear_top1": linear_probe(f, labels, train_idx, test_idx, e.probe_epochs)
+        },
+    }
+    out: dict[str, float] = {}
+    with progress.bar(total=len(feature_sets) * (len(probes) + 1), desc="evaluate", enabled=show) as bar:
+        for name, feats in feature_sets.items():
+            suffix = "" if name == "trained" else f"_{name}"
+            whiten = name != "pixels"  # the pixel baseline is plain k-means on raw pixels
+            for probe, run in probes.items():
+                bar.set_postfix_str(f"{name} {probe}")
+                scores = run(feats, whiten)
+                out |= {f"{key}{suffix}": value for key, value in scores.items()}
+                bar.update()
+            given = assignments if name == "trained" else None
+            out[f"nmi_k{suffix}"] = nmi_at_k(feats, labels, params.cluster, seed, whiten, given, pca)
+            bar.update()
+            progress.say(
+                f"evaluate {name}: NMI {out['nmi' + suffix]:.3f}, kNN {out['knn_top1' + suffix]:.3f}"
+                f", linear {out['linear_top1' + suffix]:.3f}", show,
+            )
+    return out
+
+
+def random_init_features(params: Params, images: np.ndarray, show: bool = True) -> np.ndarray:
+    """Embeddings under the network training started from (same seed, same input statistics)."""
+    import torch
+
+    from .device import resolve_device
+    from .models import build_model
+    from .train import ImageSource, compute_features, data_statistics, eval_batch_size
+
+    torch.manual_seed(params.train.seed)
+    model = build_model(params.model, [2])  # the heads play no part in the embedding
+    if params.model.normalize == "dataset":
+        model.normalize.set(*data_statistics(images))
+    device = resolve_device(params.compute.device)
+    source = ImageSource(images, device)
+    batch = eval_batch_size(params)
+    return compute_features(model.to(device), source, batch, params.compute.amp, show)

@@ -1,8 +1,13 @@
-"""Convnets for DeepCluster: a trunk, an MLP whose output is clustered, and a replaceable linear head.
+"""Convnets for DeepCluster: a trunk, an MLP whose output is clustered, and the heads on top.
 
 The paper's AlexNet and VGG16 (batch norm) follow Caron et al. 2018: conv trunk, optional fixed Sobel
 input layer, a two-layer MLP (ReLU + dropout), and a linear head over the k pseudo-classes that is
-re-initialised every epoch. `smallconv` is a compact net for 32-64 px images (the sample's default).
+re-initialised every epoch. DeepCluster-v2 (Caron et al. 2020) instead L2-normalises a projection
+(MLP with batch norm) and scores it against fixed prototype heads, one per clustering, whose
+weights are the k-means centroids. `smallconv` is a compact net for 16-64 px images.
+
+The network takes float images in [0, 1] and standardises them itself, with statistics stored in
+its state, so whoever loads model.pt (features, serving) feeds it the same way training did.
 """
 
 from __future__ import annotations
@@ -13,6 +18,26 @@ from torch import nn
 
 from .config import ModelParams
 from .errors import ParamError
+
+# ImageNet statistics: the paper's normalisation, and the starting point before data statistics.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Normalize(nn.Module):
+    """Per-channel standardisation with statistics kept in the state dict."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
+
+    def set(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.mean.copy_(torch.as_tensor(mean).view(1, 3, 1, 1))
+        self.std.copy_(torch.as_tensor(std).clamp_min(1e-3).view(1, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
 
 
 class Sobel(nn.Module):
@@ -116,10 +141,10 @@ _TRUNK_WIDTH = {
 _MLP_WIDTH = {"smallconv": 512, "alexnet": 4096, "vgg16": 4096, "resnet18": 2048, "resnet50": 2048}
 
 
-def _mlp(cin: int, hidden: int, cout: int, arch: str) -> nn.Sequential:
-    """The paper's classifier MLP (dropout, ReLU) for the big nets; batch norm instead of dropout
-    for the small one, whose few steps per epoch cannot afford dropout's noise."""
-    if arch == "smallconv":
+def _mlp(cin: int, hidden: int, cout: int, dropout: bool) -> nn.Sequential:
+    """The paper's classifier MLP (dropout, ReLU) for v1's big nets; batch norm otherwise: the small
+    net's few steps per epoch cannot afford dropout's noise, and v2's projection uses it too."""
+    if not dropout:
         return nn.Sequential(
             nn.Linear(cin, hidden, bias=False),
             nn.BatchNorm1d(hidden),
@@ -136,11 +161,18 @@ def _mlp(cin: int, hidden: int, cout: int, arch: str) -> nn.Sequential:
 
 
 class DeepClusterNet(nn.Module):
-    """Trunk -> MLP (the clustered embedding) -> linear head over k pseudo-classes."""
+    """Trunk -> MLP (the clustered embedding) -> heads over the pseudo-classes.
 
-    def __init__(self, params: ModelParams, num_classes: int) -> None:
+    v1: one linear head (with bias) on ReLU(embedding), replaced every epoch.
+    v2: the embedding is L2-normalised; each head is a bias-free matrix of unit prototypes, set to
+    the centroids of its clustering and not trained (as in the reference DeepCluster-v2).
+    """
+
+    def __init__(self, params: ModelParams, heads: list[int] | int) -> None:
         super().__init__()
         self.params = params
+        self.v2 = params.method == "deepcluster-v2"
+        self.normalize = Normalize()
         self.sobel = Sobel() if params.sobel else None
         cin = 2 if params.sobel else 3
         builders = {"smallconv": smallconv_trunk, "alexnet": alexnet_trunk, "vgg16": vgg16_trunk}
@@ -149,10 +181,12 @@ class DeepClusterNet(nn.Module):
         else:
             self.trunk = resnet_trunk(params.arch, cin)
         hidden = _MLP_WIDTH[params.arch]
-        self.mlp = _mlp(_TRUNK_WIDTH[params.arch], hidden, params.embed_dim, params.arch)
+        dropout = not self.v2 and params.arch != "smallconv"
+        self.mlp = _mlp(_TRUNK_WIDTH[params.arch], hidden, params.embed_dim, dropout)
         self._init_weights()
-        # the head comes last so the body's initial weights do not depend on k
-        self.head = self._new_head(num_classes)
+        # the heads come last so the body's initial weights do not depend on k
+        self.heads = nn.ModuleList()
+        self.reset_heads([heads] if isinstance(heads, int) else list(heads))
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -165,32 +199,55 @@ class DeepClusterNet(nn.Module):
                 # PyTorch's default (scaled) init: the paper's N(0, 0.01) starves narrow MLPs
                 nn.init.zeros_(m.bias)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The features k-means sees: the MLP output before its final ReLU."""
+    @property
+    def head_sizes(self) -> list[int]:
+        return [head.out_features for head in self.heads]
+
+    def trunk_features(self, x: torch.Tensor) -> torch.Tensor:
+        """The conv trunk's output (flattened) for float images in [0, 1]."""
+        x = self.normalize(x)
         if self.sobel is not None:
             x = self.sobel(x)
-        return self.mlp(self.trunk(x))
+        return self.trunk(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features k-means sees: v1 the MLP output before its final ReLU, v2 its unit vector."""
+        z = self.mlp(self.trunk_features(x))
+        return F.normalize(z, dim=1) if self.v2 else z
+
+    def logits(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """One score vector per head for embeddings `z` (v2: cosine similarity to prototypes)."""
+        if self.v2:
+            return [head(z) for head in self.heads]
+        return [self.heads[0](F.relu(z))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(F.relu(self.embed(x)))
+        return self.logits(self.embed(x))[0]
 
-    def reset_head(self, num_classes: int) -> None:
-        """A fresh linear head each epoch: the pseudo-label ids change meaning between clusterings."""
-        self.head = self._new_head(num_classes).to(self.head.weight.device)
+    def reset_heads(self, sizes: list[int]) -> None:
+        """Fresh heads: the pseudo-label ids change meaning between clusterings."""
+        device = next(self.mlp.parameters()).device
+        self.heads = nn.ModuleList(self._new_head(k) for k in sizes).to(device)
 
-    def _new_head(self, num_classes: int) -> nn.Linear:
-        head = nn.Linear(self.params.embed_dim, num_classes)
+    def set_prototypes(self, centroids: list[torch.Tensor]) -> None:
+        """v2: each head's weights become its clustering's unit centroids."""
+        self.reset_heads([len(c) for c in centroids])
+        for head, c in zip(self.heads, centroids, strict=True):
+            head.weight.data.copy_(F.normalize(torch.as_tensor(c, dtype=torch.float32), dim=1))
+
+    def _new_head(self, k: int) -> nn.Linear:
+        if self.v2:
+            head = nn.Linear(self.params.embed_dim, k, bias=False)
+            head.weight.requires_grad_(False)
+            return head
+        head = nn.Linear(self.params.embed_dim, k)
         nn.init.normal_(head.weight, 0.0, 0.01)
         nn.init.zeros_(head.bias)
         return head
 
 
-def build_model(params: ModelParams, num_classes: int) -> DeepClusterNet:
-    return DeepClusterNet(params, num_classes)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def build_model(params: ModelParams, heads: list[int] | int) -> DeepClusterNet:
+    return DeepClusterNet(params, heads)
 
 
 def check_resolution(arch: str, resolution: int) -> None:

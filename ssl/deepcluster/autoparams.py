@@ -1,0 +1,104 @@
+"""`auto` hyperparameters, resolved from the data the run sees.
+
+params.yaml may say `auto` for the resolution, k, the PCA dimension, the batch size and the
+number of epochs. Each rule below reads only the manifest (image count and sizes), so the same
+folder always resolves to the same values on every machine; the resolved values are printed,
+stored in model.pt, logged to MLflow and shown in Dagster. The rules and the figures behind them
+are in docs/learning.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import AUTO, Params, params_from_dict
+
+# the side an architecture trains at: small images are upsampled to the lower bound, large ones
+# are reduced to the upper bound (the small net is built for 16-64 px; the paper's nets for 224)
+RESOLUTION_BOUNDS = {
+    "smallconv": (16, 64),
+    "alexnet": (64, 224),
+    "vgg16": (32, 224),
+    "resnet18": (32, 224),
+    "resnet50": (32, 224),
+}
+IMAGES_PER_CLUSTER = 25  # k = n / 25: over-clustering, as the paper's 10,000 for 1.3M images
+K_BOUNDS = (10, 10_000)
+BATCH_BOUNDS = (32, 256)
+STEPS_PER_EPOCH = 40  # at least this many SGD steps per clustering, while the batch allows
+SAMPLES_SEEN = 200_000  # epochs x images: enough passes over small sets, not endless on large
+EPOCH_BOUNDS = (10, 100)
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the rules read: the number of images and their typical shorter side."""
+
+    images: int
+    median_side: int
+
+    @classmethod
+    def of(cls, manifest) -> DataFacts:
+        sides = np.minimum(manifest["width"].to_numpy(), manifest["height"].to_numpy())
+        return cls(images=int(manifest.height), median_side=int(np.median(sides)))
+
+
+def _clamp(value: float, bounds: tuple[int, int]) -> int:
+    return int(min(max(round(value), bounds[0]), bounds[1]))
+
+
+def _power_of_two(value: float) -> int:
+    return int(2 ** round(np.log2(max(value, 1))))
+
+
+def resolution(arch: str, facts: DataFacts) -> tuple[int, str]:
+    lo, hi = RESOLUTION_BOUNDS[arch]
+    side = _clamp(facts.median_side, (lo, hi))
+    return side, f"median shorter side {facts.median_side} px, kept within {lo}..{hi} for {arch}"
+
+
+def k(facts: DataFacts) -> tuple[int, str]:
+    value = _clamp(facts.images / IMAGES_PER_CLUSTER, K_BOUNDS)
+    return value, f"{facts.images} images / {IMAGES_PER_CLUSTER}, within {K_BOUNDS[0]}..{K_BOUNDS[1]}"
+
+
+def pca_dim(k_value: int, embed_dim: int) -> tuple[int, str]:
+    value = int(min(embed_dim, max(16, _power_of_two(k_value / 4))))
+    return value, f"about k/4 as a power of two, 16..model.embed_dim ({embed_dim})"
+
+
+def batch_size(facts: DataFacts) -> tuple[int, str]:
+    value = _clamp(_power_of_two(facts.images / STEPS_PER_EPOCH), BATCH_BOUNDS)
+    return value, f"about {STEPS_PER_EPOCH} steps per epoch, within {BATCH_BOUNDS[0]}..{BATCH_BOUNDS[1]}"
+
+
+def epochs(facts: DataFacts) -> tuple[int, str]:
+    value = _clamp(SAMPLES_SEEN / facts.images, EPOCH_BOUNDS)
+    return value, f"about {SAMPLES_SEEN:,} images seen, within {EPOCH_BOUNDS[0]}..{EPOCH_BOUNDS[1]}"
+
+
+def resolve(params: Params, facts: DataFacts) -> tuple[Params, dict[str, str]]:
+    """`params` with every `auto` replaced; and, for each one replaced, `value (why)`."""
+    raw = params.to_dict()
+    notes: dict[str, str] = {}
+
+    def fill(section: str, key: str, rule) -> None:
+        if raw[section][key] == AUTO:
+            value, why = rule()
+            raw[section][key] = value
+            notes[f"{section}.{key}"] = f"{value} ({why})"
+
+    fill("data", "resolution", lambda: resolution(params.model.arch, facts))
+    fill("cluster", "k", lambda: k(facts))
+    fill("cluster", "pca_dim", lambda: pca_dim(raw["cluster"]["k"], params.model.embed_dim))
+    fill("train", "batch_size", lambda: batch_size(facts))
+    fill("train", "epochs", lambda: epochs(facts))
+    return params_from_dict(raw), notes
+
+
+def with_resolution(params: Params, side: int) -> Params:
+    """The params with `data.resolution` set to the image cache's side."""
+    return dataclasses.replace(params, data=dataclasses.replace(params.data, resolution=side))

@@ -1,0 +1,75 @@
+"""Cluster health: is DeepCluster collapsing, and what the training loop does about it.
+
+Collapse is DeepCluster's known failure: the network maps most images to a few points, k-means
+puts them in one cluster, and the pseudo-labels teach the network nothing. k-means' raw output
+shows it before the empty clusters are re-seeded (re-seeding would hide it by splitting the big
+cluster). The same limits decide the asset check and whether a model may be registered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .cluster import Clustering, nmi
+
+MAX_LARGEST_SHARE = 0.5  # one cluster holding more than half of the images is a collapse
+MAX_EMPTY_SHARE = 0.5  # k-means leaving more than half of the clusters empty is one too
+LR_FACTOR = 0.5  # how the guard lowers the learning rate after a collapse
+
+
+@dataclass(frozen=True)
+class ClusterHealth:
+    largest_share: float  # share of the images in k-means' largest cluster, before re-seeding
+    empty: int  # clusters k-means left empty
+    k: int
+    nmi_prev: float | None  # agreement with the previous epoch's clustering
+
+    @classmethod
+    def of(cls, clustering: Clustering, previous: np.ndarray | None) -> ClusterHealth:
+        return cls(
+            largest_share=clustering.kmeans_largest_share,
+            empty=clustering.reseeded,
+            k=clustering.k,
+            nmi_prev=None if previous is None else nmi(previous, clustering.assignments),
+        )
+
+    @property
+    def problems(self) -> list[str]:
+        found = []
+        if self.largest_share > MAX_LARGEST_SHARE:
+            found.append(
+                f"largest cluster holds {self.largest_share:.0%} of the images "
+                f"(limit {MAX_LARGEST_SHARE:.0%})"
+            )
+        if self.empty > MAX_EMPTY_SHARE * self.k:
+            found.append(f"k-means left {self.empty} of {self.k} clusters empty")
+        return found
+
+    @property
+    def collapsed(self) -> bool:
+        return bool(self.problems)
+
+
+def collapse_problems(metrics: dict) -> list[str]:
+    """What makes an evaluated model collapsed, from the figures `evaluate` writes."""
+    health = ClusterHealth(
+        largest_share=float(metrics.get("largest_cluster_share_kmeans", 0.0)),
+        empty=int(metrics.get("empty_clusters_kmeans", 0)),
+        k=int(metrics.get("k", 1)),
+        nmi_prev=None,
+    )
+    return health.problems
+
+
+def react(health: ClusterHealth, state) -> str | None:
+    """The guard: on a collapsed clustering, lower the learning rate of every later step (the
+    scale lives in the checkpoint) and say so; the loop then clusters again from other seeds."""
+    if not health.collapsed:
+        return None
+    state.lr_scale *= LR_FACTOR
+    return (
+        f"collapse ({'; '.join(health.problems)}): clustered again from other seeds, "
+        f"learning rate now x{state.lr_scale:g}"
+    )
