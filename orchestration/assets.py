@@ -1,14 +1,18 @@
-"""The asset graph around training: thin wrappers over `deepcluster`, writing the CLI's files.
+"""The asset graph around training: each asset is one call of a `deepcluster.pipeline` step.
 
 Assets return metadata only. Every array and table stays a file under the artifacts root
 (`deepcluster.paths.Artifacts`), so nothing large goes through Dagster's pickling IO manager and the
 CLI, DVC and Dagster read each other's outputs. The `checkpoint` asset lives in `training.py`.
 """
 
+import warnings
+
 import numpy as np
 import polars as pl
 from dagster import (
     AssetExecutionContext,
+    BetaWarning,
+    AssetSpec,
     DataVersion,
     MaterializeResult,
     MetadataValue,
@@ -16,26 +20,15 @@ from dagster import (
     TableColumn,
     TableSchema,
     asset,
+    multi_asset,
     observable_source_asset,
 )
 
-from deepcluster import (
-    cluster,
-    data,
-    evaluate,
-    lineage,
-    models,
-    pipeline,
-    plots,
-    registry,
-    tracking,
-    train,
-)
-from deepcluster.config import Params, params_from_dict
+from deepcluster import data, pipeline, tracking
 from deepcluster.paths import Artifacts
 
 from . import metadata as md
-from .config import EvalConfig, IngestConfig, RegisterConfig
+from .config import EvalConfig, IngestConfig, RegisterConfig, experiment_params
 from .errors import user_errors_fail_plainly
 from .resources import ArtifactStore, ComputeResource, MlflowTracking
 from .training import checkpoint
@@ -44,8 +37,7 @@ from .versions import code_version, observed_version
 GROUP = "deepcluster"
 
 
-@observable_source_asset(group_name=GROUP, description="The image folder, as pinned by data.dvc.")
-def raw_images(artifacts: ArtifactStore) -> ObserveResult:
+def _observe_data(artifacts: ArtifactStore) -> ObserveResult:
     version, source = observed_version(artifacts.dvc_file, artifacts.data_dir)
     return ObserveResult(
         data_version=DataVersion(version),
@@ -53,12 +45,14 @@ def raw_images(artifacts: ArtifactStore) -> ObserveResult:
     )
 
 
-def _rejected_examples(rejected: pl.DataFrame, shown: int = 10) -> str:
-    if rejected.is_empty():
-        return "no file was rejected"
-    table = md.markdown_table(rejected.head(shown).to_dicts(), {"path": "path", "reason": "reason"})
-    more = rejected.height - shown
-    return table + (f"\n\n… and {more} more in rejected.parquet" if more > 0 else "")
+with warnings.catch_warnings():  # observable source assets are beta: say so once, in docs
+    warnings.simplefilter("ignore", BetaWarning)
+    raw_images = observable_source_asset(
+        _observe_data,
+        name="raw_images",
+        group_name=GROUP,
+        description="The image folder, as pinned by data.dvc.",
+    )
 
 
 def _schema(frame: pl.DataFrame) -> TableSchema:
@@ -67,87 +61,82 @@ def _schema(frame: pl.DataFrame) -> TableSchema:
     )
 
 
-@asset(
+@multi_asset(
+    name="ingest",
     group_name=GROUP,
-    deps=[raw_images],
-    code_version=code_version(data),
-    kinds={"polars"},
+    specs=[
+        AssetSpec(
+            "image_manifest",
+            deps=[raw_images],
+            code_version=code_version("ingest"),
+            kinds={"polars"},
+            description="One row per usable image (path, sha256, size, mode, label); unreadable "
+            "files go to `rejected` with the reason.",
+        ),
+        AssetSpec(
+            "image_cache",
+            deps=["image_manifest"],
+            code_version=code_version("ingest"),
+            kinds={"numpy"},
+            description="Every image decoded once to uint8 (N, 3, R, R), memory-mapped by training.",
+        ),
+    ],
 )
-def image_manifest(artifacts: ArtifactStore, compute: ComputeResource) -> MaterializeResult:
-    """One row per usable image (path, sha256, size, mode, label); unreadable files go to `rejected`."""
-    art, folder = artifacts.layout, artifacts.data_path
+def ingest(config: IngestConfig, artifacts: ArtifactStore, compute: ComputeResource):
+    """The ingest step: manifest, rejected files and the decoded cache, as one version."""
+    art = artifacts.layout
+    params = experiment_params({"data": config.data.model_dump()}, compute.section())
     with user_errors_fail_plainly():
-        manifest, rejected = data.scan_images(folder, compute.workers)
-        data.require_images(manifest, rejected, folder)
-    data.write_tables(manifest, rejected, art.ingest_dir)
-    labels = pipeline.labels_of(manifest)
-    version = lineage.data_version(art.manifest, folder, artifacts.dvc_file)
-    return MaterializeResult(
+        summary = pipeline.ingest(
+            artifacts.data_path, params, art, show=False, dvc_file=artifacts.dvc_file
+        )
+    manifest = data.read_manifest(art.manifest)
+    rejected = pl.read_parquet(art.rejected)
+    version = summary.data_version
+    yield MaterializeResult(
+        asset_key="image_manifest",
         metadata={
             "dagster/row_count": manifest.height,
             "dagster/column_schema": _schema(manifest),
             "rejected": rejected.height,
-            "rejected_examples": MetadataValue.md(_rejected_examples(rejected)),
-            "classes_from_folders": 0 if labels is None else len(set(labels)),
+            "rejected_examples": md.table(rejected.head(20).to_dicts(), {"path": "path", "reason": "reason"}),
+            "classes_from_folders": int(manifest["label"].n_unique()) if summary.labelled else 0,
             # lineage: DVC's md5 of the folder as ingested; the sensor compares it with data.dvc's
             "data_version": version.md5,
             "data_version_tracked_by_dvc": version.tracked,
             "path": MetadataValue.path(str(art.manifest)),
-        }
+        },
     )
-
-
-@asset(
-    group_name=GROUP,
-    deps=[image_manifest],
-    code_version=code_version(data),
-    kinds={"numpy"},
-)
-def image_cache(
-    config: IngestConfig, artifacts: ArtifactStore, compute: ComputeResource
-) -> MaterializeResult:
-    """Every image decoded once to uint8 (N, 3, R, R), memory-mapped by training."""
-    art = artifacts.layout
-    with user_errors_fail_plainly():
-        manifest = data.read_manifest(art.manifest)
-        data.build_cache(
-            artifacts.data_path, manifest, config.resolution, art.cache, compute.workers
-        )
     images = data.load_cache(art.cache)
-    return MaterializeResult(
+    yield MaterializeResult(
+        asset_key="image_cache",
         metadata={
             "shape": str(tuple(images.shape)),
-            "resolution": config.resolution,
+            "resolution": summary.resolution,
+            "auto": md.as_json(summary.auto),
             "megabytes": round(images.nbytes / 2**20, 2),
             "path": MetadataValue.path(str(art.cache)),
-        }
+        },
     )
 
 
-def trained_params(
-    art: Artifacts, compute: ComputeResource, eval_config: EvalConfig | None = None
-) -> Params:
-    """The parameters the model was trained with (in model.pt), so later steps cannot disagree."""
-    with user_errors_fail_plainly():
-        raw = train.saved_params(pipeline.require(art.model, "train")).to_dict()
-    raw["train"]["device"] = compute.device
-    if eval_config is not None:
-        raw["eval"] = eval_config.model_dump()
-    return params_from_dict(raw)
+def _params(compute: ComputeResource, eval_config: EvalConfig | None = None):
+    """The caller's part of the parameters: the machine, and the evaluation settings."""
+    sections = {"eval": eval_config.model_dump()} if eval_config is not None else {}
+    return experiment_params(sections, compute.section())
 
 
 @asset(
     group_name=GROUP,
     deps=[checkpoint],
-    code_version=code_version(pipeline, train, models),
+    code_version=code_version("features"),
     kinds={"pytorch", "numpy"},
 )
 def features(artifacts: ArtifactStore, compute: ComputeResource) -> MaterializeResult:
     """Embeddings of every image under the trained model (features.npy, one row per manifest row)."""
     art = artifacts.layout
-    params = trained_params(art, compute)
     with user_errors_fail_plainly():
-        feats = pipeline.features_step(params, art, progress=False)
+        feats = pipeline.features(art, _params(compute), show=False)
     return MaterializeResult(
         metadata={
             "dagster/row_count": feats.shape[0],
@@ -161,24 +150,26 @@ def features(artifacts: ArtifactStore, compute: ComputeResource) -> MaterializeR
 @asset(
     group_name=GROUP,
     deps=[features],
-    code_version=code_version(pipeline, cluster),
+    code_version=code_version("cluster"),
     kinds={"faiss", "polars"},
 )
 def cluster_assignments(artifacts: ArtifactStore, compute: ComputeResource) -> MaterializeResult:
     """Image -> cluster and distance (assignments.parquet); whitening + centroids beside it."""
+    from deepcluster import evaluate
+    from deepcluster.cluster import kmeans_health
+
     art = artifacts.layout
-    params = trained_params(art, compute)
     with user_errors_fail_plainly():
-        table = pipeline.cluster_step(params, art)
-    stats = evaluate.cluster_size_stats(table["cluster"].to_numpy(), params.cluster.k)
-    biggest = table.group_by("cluster").len().sort("len", descending=True).head(5)
+        table = pipeline.cluster(art, _params(compute))
+    health = kmeans_health(art.clustering)
+    stats = evaluate.cluster_size_stats(table["cluster"].to_numpy(), health["k"])
+    biggest = table.group_by("cluster").len().sort("len", descending=True).head(10)
     return MaterializeResult(
         metadata={
             "dagster/row_count": table.height,
             **stats,
-            "largest_clusters": MetadataValue.md(
-                md.markdown_table(biggest.to_dicts(), {"cluster": "cluster", "len": "images"})
-            ),
+            **{key: value for key, value in health.items() if key != "k"},
+            "largest_clusters": md.table(biggest.to_dicts(), {"cluster": "cluster", "len": "images"}),
             "path": MetadataValue.path(str(art.assignments)),
         }
     )
@@ -187,7 +178,8 @@ def cluster_assignments(artifacts: ArtifactStore, compute: ComputeResource) -> M
 BASELINES = ("nmi", "ari", "accuracy", "nmi_k", "knn_top1", "linear_top1")
 
 
-def _metrics_table(metrics: dict) -> str:
+def comparison(metrics: dict) -> MetadataValue | str:
+    """Each figure beside its baselines: what training added, at a glance."""
     rows = [
         {
             "metric": key,
@@ -198,19 +190,27 @@ def _metrics_table(metrics: dict) -> str:
         for key in BASELINES
         if key in metrics
     ]
-    columns = {
-        "metric": "metric",
-        "trained": "trained",
-        "random_init": "random init",
-        "pixels": "raw pixels",
+    if not rows:
+        return "no labels: cluster statistics only"
+    columns = {"metric": "metric", "trained": "trained", "random_init": "random init",
+               "pixels": "raw pixels"}
+    return md.table(rows, columns)
+
+
+def _grid_gallery(art: Artifacts, table: pl.DataFrame, shown: int = 24) -> MetadataValue:
+    """The largest clusters' grids inline (the rest are files in eval/grids/)."""
+    sizes = table.group_by("cluster").len().sort("len", descending=True).head(shown)
+    items = {
+        f"cluster {row['cluster']} ({row['len']} images)": art.grid_png(row["cluster"])
+        for row in sizes.iter_rows(named=True)
     }
-    return md.markdown_table(rows, columns) if rows else "no labels: cluster statistics only"
+    return md.pictures(items)
 
 
 @asset(
     group_name=GROUP,
     deps=[cluster_assignments],
-    code_version=code_version(pipeline, evaluate, plots),
+    code_version=code_version("evaluate"),
     kinds={"scikitlearn"},
 )
 def eval_report(
@@ -218,25 +218,25 @@ def eval_report(
 ) -> MaterializeResult:
     """Metrics against labels and baselines, training curves, cluster sizes and cluster pictures."""
     art = artifacts.layout
-    params = trained_params(art, compute, config)
     with user_errors_fail_plainly():
-        metrics = pipeline.evaluate_step(params, art, progress=False)
+        metrics = pipeline.evaluate_step(art, _params(compute, config), show=False)
     run_id = tracking.run_for(art)
-    tracking.log_evaluation(run_id, metrics, art.eval_dir)
     figures = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+    table = pl.read_parquet(art.assignments)
     return MaterializeResult(
         metadata={
-            **figures,
-            "mlflow_run_id": run_id,
-            "mlflow_run": MetadataValue.url(mlflow.run_url(run_id)),
-            "metrics": MetadataValue.md(_metrics_table(metrics)),
+            "metrics": comparison(metrics),
             "pictures": md.pictures(
                 {
-                    "training curves": art.eval_dir / "curves.png",
-                    "cluster sizes": art.eval_dir / "cluster_sizes.png",
-                    "clusters": art.eval_dir / "clusters.png",
+                    "training curves": art.curves_png,
+                    "cluster sizes": art.sizes_png,
+                    "clusters": art.overview_png,
                 }
             ),
+            "cluster_grids": _grid_gallery(art, table),
+            "mlflow_run_id": run_id,
+            "mlflow_run": MetadataValue.url(mlflow.run_url(run_id)),
+            **figures,
             "path": MetadataValue.path(str(art.metrics)),
         }
     )
@@ -245,7 +245,7 @@ def eval_report(
 @asset(
     group_name=GROUP,
     deps=[eval_report],
-    code_version=code_version(registry),
+    code_version=code_version("register"),
     kinds={"mlflow"},
 )
 def registered_model(
@@ -258,10 +258,9 @@ def registered_model(
     when its metric beats the current champion's (the first version is champion)."""
     art = artifacts.layout
     with user_errors_fail_plainly():
-        reg = registry.register_model(
+        reg = pipeline.register(
             art, metric=config.metric, name=config.name, tags={"dagster_run_id": context.run.run_id}
         )
-    registry.write_registration(reg, registry.registration_path(art))
     context.log.info(reg.summary())
     return MaterializeResult(
         metadata={
@@ -275,6 +274,6 @@ def registered_model(
             "champion_value": reg.champion_value,
             "mlflow_run_id": reg.run_id,
             "mlflow_model": MetadataValue.url(mlflow.model_url(reg.name, reg.version)),
-            "path": MetadataValue.path(str(registry.registration_path(art))),
+            "path": MetadataValue.path(str(art.registration)),
         }
     )

@@ -12,10 +12,11 @@ import polars as pl
 from dagster import AssetCheckResult, AssetCheckSeverity, Config, MetadataValue, asset_check
 from pydantic import Field
 
-from deepcluster import data, evaluate, pipeline
+from deepcluster import data, evaluate, health
+from deepcluster.checkpoint import saved_params
+from deepcluster.cluster import kmeans_health, load_clustering
 
-from .assets import cluster_assignments, features, image_manifest, trained_params
-from .resources import ArtifactStore, ComputeResource
+from .resources import ArtifactStore
 
 # PIL modes that ingest decodes to RGB: bilevel, grey, palette, colour, high bit depth
 PIL_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"]
@@ -34,8 +35,12 @@ class FeatureLimits(Config):
 
 
 class CollapseLimits(Config):
-    max_largest_share: float = Field(0.5, description="largest share of images in one cluster")
-    max_empty_share: float = Field(0.1, description="largest share of the k clusters left empty")
+    max_largest_share: float = Field(
+        health.MAX_LARGEST_SHARE, description="largest share of images in one cluster"
+    )
+    max_empty_share: float = Field(
+        health.MAX_EMPTY_SHARE, description="largest share of the k clusters k-means leaves empty"
+    )
 
 
 class NormLimits(Config):
@@ -52,7 +57,7 @@ def _result(outcome, **numbers) -> AssetCheckResult:
 
 
 @asset_check(
-    asset=image_manifest, blocking=True, description="Enough valid, unique images; few rejected."
+    asset="image_manifest", blocking=True, description="Enough valid, unique images; few rejected."
 )
 def manifest_is_valid(config: ManifestLimits, artifacts: ArtifactStore) -> AssetCheckResult:
     from .expectations import manifest_outcome
@@ -72,17 +77,15 @@ def manifest_is_valid(config: ManifestLimits, artifacts: ArtifactStore) -> Asset
 
 
 @asset_check(
-    asset=features, blocking=True, description="Finite, non-zero, right shape, dimensions vary."
+    asset="features", blocking=True, description="Finite, non-zero, right shape, dimensions vary."
 )
-def features_are_sound(
-    config: FeatureLimits, artifacts: ArtifactStore, compute: ComputeResource
-) -> AssetCheckResult:
+def features_are_sound(config: FeatureLimits, artifacts: ArtifactStore) -> AssetCheckResult:
     from .expectations import features_outcome
 
     art = artifacts.layout
     feats = np.load(art.features, mmap_mode="r")
     rows = data.read_manifest(art.manifest).height
-    dim = trained_params(art, compute).model.embed_dim
+    dim = saved_params(art.model).model.embed_dim
     outcome = features_outcome(feats, rows, dim, config.min_varying_share)
     return _result(
         outcome, rows=feats.shape[0], dim=feats.shape[1], expected_rows=rows, expected_dim=dim
@@ -90,23 +93,28 @@ def features_are_sound(
 
 
 @asset_check(
-    asset=cluster_assignments,
+    asset="cluster_assignments",
     blocking=True,
-    description="No cluster holds most images; few are empty.",
+    description="No collapse: k-means put no more than half of the images in one cluster and "
+    "left few clusters empty (before re-seeding, which would hide it). Blocks the report and "
+    "the registration of a collapsed model.",
 )
 def no_cluster_collapse(config: CollapseLimits, artifacts: ArtifactStore) -> AssetCheckResult:
     from .expectations import collapse_outcome
 
     art = artifacts.layout
     table = pl.read_parquet(art.assignments)
-    _, centroids = pipeline.load_clustering(art.clustering)
-    k, rows = centroids.shape[0], data.read_manifest(art.manifest).height
-    outcome = collapse_outcome(table, k, rows, config.max_largest_share, config.max_empty_share)
-    return _result(outcome, **evaluate.cluster_size_stats(table["cluster"].to_numpy(), k))
+    kmeans = kmeans_health(art.clustering)
+    k, rows = kmeans["k"], data.read_manifest(art.manifest).height
+    outcome = collapse_outcome(
+        table, k, rows, kmeans, config.max_largest_share, config.max_empty_share
+    )
+    stats = evaluate.cluster_size_stats(table["cluster"].to_numpy(), k)
+    return _result(outcome, **stats, **{key: v for key, v in kmeans.items() if key != "k"})
 
 
 @asset_check(
-    asset=cluster_assignments,
+    asset="cluster_assignments",
     blocking=True,
     description="Whitened, L2-normalised features have unit norm.",
 )
@@ -114,7 +122,7 @@ def whitened_features_unit_norm(config: NormLimits, artifacts: ArtifactStore) ->
     from .expectations import unit_norm_outcome
 
     art = artifacts.layout
-    whitening, _ = pipeline.load_clustering(art.clustering)
+    whitening, _ = load_clustering(art.clustering)
     whitened = whitening.apply(np.load(art.features))
     norms = np.linalg.norm(whitened, axis=1)
     outcome = unit_norm_outcome(whitened, config.tolerance)

@@ -3,8 +3,8 @@
 Each Config class has one field per key of one section of `deepcluster.config.Params`, defaulting
 to that key's value in params.yaml. The classes are generated from the Params dataclasses rather
 than written out, so a parameter added to the library appears in the Dagster launchpad with no
-change here. `train.device` and `data.workers` describe the machine, not the experiment, so they
-live in `ComputeResource` instead.
+change here. The `compute` section describes the machine, not the experiment: it is
+`ComputeResource`'s. Values that may be `auto` are strings in the launchpad ("auto" or a number).
 """
 
 import dataclasses
@@ -14,14 +14,34 @@ from typing import Any
 from dagster import Config
 from pydantic import Field, create_model
 
-from deepcluster.config import Params, load_params, params_from_dict
+from deepcluster.config import AUTO, Params, load_params, params_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = load_params(ROOT / "params.yaml")
-MACHINE_KEYS = {"data": {"workers"}, "train": {"device"}}  # ComputeResource's
 
 # the annotations deepcluster.config uses, as pydantic types (YAML lists, not tuples)
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "tuple[float, float]": list[float]}
+_TYPES = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": bool,
+    "IntOrAuto": str,  # "auto" or a whole number, checked by deepcluster.config
+    "tuple[float, float]": list[float],
+    "tuple[int, ...]": list[int],
+}
+
+
+def _launchpad(value: Any, kind: str) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value) if kind == "IntOrAuto" else value
+
+
+def _library(value: Any) -> Any:
+    """A launchpad value back into the library's form ("32" -> 32, "auto" stays)."""
+    if isinstance(value, str) and value != AUTO and value.lstrip("-").isdigit():
+        return int(value)
+    return value
 
 
 def section_config(section: str) -> type[Config]:
@@ -29,72 +49,74 @@ def section_config(section: str) -> type[Config]:
     values = getattr(DEFAULTS, section)
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(values):
-        if f.name in MACHINE_KEYS.get(section, ()):
-            continue
-        default = getattr(values, f.name)
-        default = list(default) if isinstance(default, tuple) else default
+        default = _launchpad(getattr(values, f.name), str(f.type))
         fields[f.name] = (_TYPES[str(f.type)], Field(default, description=f"{section}.{f.name}"))
     name = f"{section.capitalize()}Config"
     return create_model(name, __base__=Config, __module__=__name__, **fields)
 
 
-IngestConfig = section_config("data")  # image_cache: the training resolution
+DataConfig = section_config("data")
 ModelConfig = section_config("model")
 ClusterConfig = section_config("cluster")
 TrainConfig = section_config("train")
+AugmentConfig = section_config("augment")
 EvalConfig = section_config("eval")  # eval_report
 
 
-class TrainingConfig(Config):
-    """The `checkpoint` asset: the model, cluster and train sections, plus how to start."""
+class IngestConfig(Config):
+    """The ingest assets: the resolution images are decoded to (auto: from their sizes)."""
 
+    data: DataConfig = DataConfig()  # type: ignore[valid-type]
+
+
+class TrainingConfig(Config):
+    """The `checkpoint` asset: every experiment section, plus how to start."""
+
+    data: DataConfig = DataConfig()  # type: ignore[valid-type]
     model: ModelConfig = ModelConfig()  # type: ignore[valid-type]
     cluster: ClusterConfig = ClusterConfig()  # type: ignore[valid-type]
     train: TrainConfig = TrainConfig()  # type: ignore[valid-type]
+    augment: AugmentConfig = AugmentConfig()  # type: ignore[valid-type]
     resume: bool = Field(
         False,
-        description="continue from an existing checkpoint.pt (e.g. after raising train.epochs "
-        "with schedule: constant; a cosine checkpoint resumes only a run of the same length); "
-        "otherwise a new materialisation trains from scratch. Op retries always resume.",
-    )
-    fail_after_epoch: int | None = Field(
-        None,
-        description="TESTING ONLY: the first attempt of train_epochs raises after this epoch, "
-        "to show that the retry resumes from the epoch checkpoint",
+        description="continue an interrupted run's staged checkpoint (op retries always do); "
+        "otherwise a new materialisation trains from scratch. The published model is only "
+        "replaced when a training finishes.",
     )
 
 
-def training_params(config: TrainingConfig, resolution: int, device: str, workers: int) -> Params:
-    """Validated Params for a training run; `resolution` is the image cache's, so they agree."""
-    return params_from_dict(
-        {
-            "data": {"resolution": resolution, "workers": workers},
-            "model": config.model.model_dump(),
-            "cluster": config.cluster.model_dump(),
-            "train": {**config.train.model_dump(), "device": device},
-            "eval": DEFAULTS.to_dict()["eval"],
-        }
-    )
+def experiment_params(sections: dict[str, Any], compute: dict[str, Any]) -> Params:
+    """Validated Params from launchpad sections (missing ones: params.yaml) and the machine."""
+    raw = DEFAULTS.to_dict()
+    for name, values in sections.items():
+        raw[name] = {key: _library(value) for key, value in values.items()}
+    raw["compute"] = compute
+    return params_from_dict(raw)
+
+
+def training_params(config: TrainingConfig, compute: dict[str, Any]) -> Params:
+    sections = ("data", "model", "cluster", "train", "augment")
+    return experiment_params({name: getattr(config, name).model_dump() for name in sections}, compute)
 
 
 def run_config_for(params: Params) -> dict[str, Any]:
     """The run config that makes the asset graph use `params` (a params.yaml other than the repo's)."""
-    p = params.to_dict()
-    experiment = {
-        section: {k: v for k, v in p[section].items() if k not in MACHINE_KEYS.get(section, ())}
-        for section in p
-    }
+    p = {name: _launchpad_section(params, name) for name in params.to_dict()}
+    training = {name: p[name] for name in ("data", "model", "cluster", "train", "augment")}
     return {
         "ops": {
-            "image_cache": {"config": experiment["data"]},
-            "checkpoint": {
-                "config": {key: experiment[key] for key in ("model", "cluster", "train")}
-            },
-            "eval_report": {"config": experiment["eval"]},
+            "ingest": {"config": {"data": p["data"]}},
+            "checkpoint": {"config": training},
+            "eval_report": {"config": p["eval"]},
         },
-        "resources": {
-            "compute": {"config": {"device": p["train"]["device"], "workers": p["data"]["workers"]}}
-        },
+        "resources": {"compute": {"config": p["compute"]}},
+    }
+
+
+def _launchpad_section(params: Params, name: str) -> dict[str, Any]:
+    values = getattr(params, name)
+    return {
+        f.name: _launchpad(getattr(values, f.name), str(f.type)) for f in dataclasses.fields(values)
     }
 
 

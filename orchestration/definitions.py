@@ -8,8 +8,7 @@ from .assets import (
     cluster_assignments,
     eval_report,
     features,
-    image_cache,
-    image_manifest,
+    ingest,
     raw_images,
     registered_model,
 )
@@ -35,8 +34,7 @@ def executor() -> ExecutorDefinition:
 defs = Definitions(
     assets=[
         raw_images,
-        image_manifest,
-        image_cache,
+        ingest,
         checkpoint,
         features,
         cluster_assignments,

@@ -162,9 +162,15 @@ def cluster_sizes(assignments: np.ndarray, k: int) -> pd.DataFrame:
 
 
 def collapse_outcome(
-    table: pl.DataFrame, k: int, rows: int, max_largest_share: float, max_empty_share: float
+    table: pl.DataFrame,
+    k: int,
+    rows: int,
+    kmeans: dict,
+    max_largest_share: float,
+    max_empty_share: float,
 ) -> Outcome:
-    """Every image has a valid cluster; no cluster swallows the data; few clusters are empty."""
+    """Every image has a valid cluster; no cluster swallows the data, neither in the final
+    assignments nor as k-means left them before empty clusters were re-seeded."""
     assignments = validate(
         "assignments",
         table.select("cluster", "distance").to_pandas(),
@@ -185,7 +191,21 @@ def collapse_outcome(
             ),
         ],
     )
-    return assignments + sizes
+    raw = pd.DataFrame(
+        {
+            "largest_share": [kmeans["largest_cluster_share_kmeans"]],
+            "empty_share": [kmeans["empty_clusters_kmeans"] / k],
+        }
+    )
+    before_reseeding = validate(
+        "kmeans_before_reseeding",
+        raw,
+        [
+            gxe.ExpectColumnMaxToBeBetween(column="largest_share", max_value=max_largest_share),
+            gxe.ExpectColumnMaxToBeBetween(column="empty_share", max_value=max_empty_share),
+        ],
+    )
+    return assignments + sizes + before_reseeding
 
 
 def unit_norm_outcome(whitened: np.ndarray, tolerance: float) -> Outcome:

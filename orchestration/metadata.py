@@ -1,4 +1,4 @@
-"""Metadata a person reads in the Dagster UI: markdown tables and pictures embedded as data URIs."""
+"""Metadata a person reads in the Dagster UI: tables, and pictures embedded as data URIs."""
 
 import base64
 import json
@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dagster import MetadataValue
+from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
 
 EPOCH_COLUMNS = {
     "epoch": "epoch",
@@ -19,33 +19,37 @@ EPOCH_COLUMNS = {
     "lr": "lr",
     "seconds": "seconds",
 }
+_KINDS = {bool: "bool", int: "int", float: "float"}
 
 
-def _cell(value: Any) -> str:
+def _plain(value: Any) -> Any:
+    """A table cell: numbers as they are (rounded floats), anything else as text, None as '–'."""
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+        return round(value, 4)
+    return value if isinstance(value, (bool, int)) else str(value)
 
 
-def markdown_table(rows: Iterable[Mapping[str, Any]], columns: Mapping[str, str]) -> str:
-    """A markdown table of `rows`; `columns` maps each key to its header."""
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + " --- |" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(key)) for key in columns) + " |" for row in rows]
-    return "\n".join(lines)
+def table(rows: Iterable[Mapping[str, Any]], columns: Mapping[str, str]) -> MetadataValue:
+    """A Dagster table of `rows`; `columns` maps each row key to its column title."""
+    rows = [{title: _plain(row.get(key)) for key, title in columns.items()} for row in rows]
+    schema = TableSchema(
+        columns=[
+            TableColumn(title, _column_kind([row[title] for row in rows]))
+            for title in columns.values()
+        ]
+    )
+    return MetadataValue.table([TableRecord(row) for row in rows], schema=schema)
+
+
+def _column_kind(values: list[Any]) -> str:
+    kinds = {_KINDS.get(type(v), "string") for v in values if v != "–"}
+    return kinds.pop() if len(kinds) == 1 else "string"
 
 
 def epoch_table(history: Sequence[Mapping[str, Any]]) -> MetadataValue:
-    return MetadataValue.md(markdown_table(history, EPOCH_COLUMNS))
-
-
-def epoch_line(stats: Mapping[str, Any], epochs: int) -> str:
-    """One epoch as a log line: `epoch 3/20: loss 2.91, k-means loss 104.7, NMI(t-1,t) 0.72, ...`."""
-    shown = {key: header for key, header in EPOCH_COLUMNS.items() if key != "epoch"}
-    return f"epoch {stats['epoch']}/{epochs}: " + ", ".join(
-        f"{header} {_cell(stats.get(key))}" for key, header in shown.items()
-    )
+    return table(history, EPOCH_COLUMNS)
 
 
 def picture(path: Path, title: str) -> str:

@@ -2,15 +2,17 @@
 where it tracks runs and registers models (MlflowTracking).
 
 All default to this checkout (data/, artifacts/, data.dvc and mlflow.db at the repo root) and the
-machine settings in params.yaml; environment variables move them without code changes (tests,
-containers): DEEPCLUSTER_DATA, DEEPCLUSTER_ARTIFACTS, DEEPCLUSTER_DVC_FILE, DEEPCLUSTER_DEVICE,
+`compute` section of params.yaml. An environment variable, when set, configures a field as
+Dagster's `EnvVar` (the UI shows where the value came from): DEEPCLUSTER_DATA,
+DEEPCLUSTER_ARTIFACTS, DEEPCLUSTER_DVC_FILE, DEEPCLUSTER_DEVICE, DEEPCLUSTER_THREADS,
 MLFLOW_TRACKING_URI, DEEPCLUSTER_MLFLOW_UI.
 """
 
 import os
 from pathlib import Path
+from typing import Any
 
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
 from deepcluster.paths import Artifacts
@@ -18,12 +20,9 @@ from deepcluster.paths import Artifacts
 from .config import DEFAULTS, ROOT
 
 
-def from_env(**variables: str) -> dict[str, str]:
-    """Field values from the environment: field name -> the variable that sets it, when set.
-
-    Fields whose variable is unset keep their declared defaults.
-    """
-    return {field: os.environ[name] for field, name in variables.items() if name in os.environ}
+def from_env(**variables: str) -> dict[str, Any]:
+    """Field -> EnvVar(name) for each variable that is set; unset ones keep their defaults."""
+    return {field: EnvVar(name) for field, name in variables.items() if name in os.environ}
 
 
 class ArtifactStore(ConfigurableResource):
@@ -55,21 +54,30 @@ class ArtifactStore(ConfigurableResource):
 
 
 class ComputeResource(ConfigurableResource):
-    """The training device and the number of decoding processes at ingest."""
+    """params.yaml's `compute` section: the machine a step runs on, not the experiment."""
 
-    device: str = Field(DEFAULTS.train.device, description="auto | cpu | cuda")
-    workers: int = Field(DEFAULTS.data.workers, description="decoding processes; 0 = in-process")
+    device: str = Field(DEFAULTS.compute.device, description="auto | cpu | cuda")
+    amp: bool = Field(DEFAULTS.compute.amp, description="bfloat16 autocast where it is fast")
+    threads: str = Field(str(DEFAULTS.compute.threads), description="torch threads, or auto")
+    workers: int = Field(DEFAULTS.compute.workers, description="decoding processes at ingest")
+    nproc: int = Field(1, description="training processes (torchrun, one per GPU or core group)")
 
     @classmethod
     def from_env(cls) -> "ComputeResource":
-        return cls(**from_env(device="DEEPCLUSTER_DEVICE"))
+        return cls(**from_env(device="DEEPCLUSTER_DEVICE", threads="DEEPCLUSTER_THREADS"))
+
+    def section(self) -> dict[str, Any]:
+        """The `compute` section of Params."""
+        threads = int(self.threads) if self.threads.isdigit() else self.threads
+        return {"device": self.device, "amp": self.amp, "threads": threads, "workers": self.workers}
 
 
 class MlflowTracking(ConfigurableResource):
     """The MLflow store the training runs and the model registry live in (`deepcluster.tracking`).
 
     A small resource over MLflow's own client instead of dagster-mlflow (a legacy integration): it
-    only points MLflow at the store for the run and builds links to the MLflow UI for metadata.
+    points MLflow at the store for the run (and the training subprocess) and builds links to the
+    MLflow UI for metadata.
     """
 
     tracking_uri: str = Field(
@@ -85,9 +93,7 @@ class MlflowTracking(ConfigurableResource):
         return cls(**from_env(tracking_uri="MLFLOW_TRACKING_URI", ui_url="DEEPCLUSTER_MLFLOW_UI"))
 
     def setup_for_execution(self, context) -> None:
-        import mlflow  # seconds to import; only steps that track need it
-
-        mlflow.set_tracking_uri(self.tracking_uri)
+        os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri  # the library and subprocesses
 
     def run_url(self, run_id: str) -> str:
         from mlflow.tracking import MlflowClient

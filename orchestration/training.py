@@ -2,42 +2,39 @@
 
 `train_epochs` is the GPU step: it carries the "gpu" pool (two runs never train on one GPU at once,
 given a pool limit of 1, see docs/orchestration.md), Kubernetes resource tags for per-step pods, and a
-RetryPolicy. A retry resumes from the last epoch checkpoint, because `deepcluster.train` always
-continues from `artifacts/train/checkpoint.pt`; only `prepare_training`, which runs once per
-materialisation, clears that file so that a new materialisation trains from scratch.
+RetryPolicy. It runs the training outside the Dagster process, through Dagster Pipes
+(`pipes_train.py`, under torchrun when `compute.nproc` > 1), which reports every epoch and the
+MLflow run back. Only real failures are retried, and a retry resumes the staged checkpoint;
+terminating the Dagster run stops the training's whole process group and is never retried.
 """
 
-from collections.abc import Callable
-from dataclasses import asdict
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
 
 from dagster import (
     AssetIn,
+    DagsterExecutionInterruptedError,
     Failure,
     In,
     MetadataValue,
     Nothing,
     OpExecutionContext,
     Output,
+    PipesTempFileContextInjector,
+    PipesTempFileMessageReader,
     RetryPolicy,
     config_mapping,
     graph_asset,
     op,
+    open_pipes_session,
 )
+from pydantic import Field
 
-from deepcluster import (
-    augment,
-    cluster,
-    data,
-    device,
-    lineage,
-    models,
-    pipeline,
-    sampler,
-    tracking,
-    train,
-)
-from deepcluster.config import params_from_dict
-from deepcluster.train import EpochStats
+from deepcluster import lineage, pipeline
 
 from . import metadata as md
 from .config import ROOT, TrainingConfig, training_params
@@ -46,112 +43,149 @@ from .resources import ArtifactStore, ComputeResource, MlflowTracking
 from .versions import code_version
 
 TRAIN_RETRIES = 2
+STOP_GRACE_SECONDS = 30  # how long a stopped training may take to mark its run KILLED and exit
 # Per-step pods under the k8s executor ask for one GPU.
 GPU_TAGS = {
     "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}
 }
 
 
+class PlanConfig(TrainingConfig):
+    fail_after_epoch: int | None = Field(
+        None,
+        description="TESTING ONLY: the first attempt of train_epochs fails after this epoch, "
+        "to show that the retry resumes from the epoch checkpoint",
+    )
+
+
 @op(
-    description="Validate the parameters against the image cache; clear a previous run's checkpoint.",
+    description="Validate the parameters against the ingested images and resolve `auto` values.",
     ins={"image_cache": In(Nothing)},  # ordering only: the cache is read from its file
 )
 def prepare_training(
     context: OpExecutionContext,
-    config: TrainingConfig,
+    config: PlanConfig,
     artifacts: ArtifactStore,
     compute: ComputeResource,
 ) -> dict:
     art = artifacts.layout
+    params = training_params(config, compute.section())
     with user_errors_fail_plainly():
-        images = data.load_cache(pipeline.require(art.cache, "ingest"))
-        params = training_params(config, images.shape[-1], compute.device, compute.workers)
-    if not config.resume:
-        for name in (train.CHECKPOINT, train.HISTORY, train.MODEL):
-            (art.train_dir / name).unlink(missing_ok=True)
-    context.log.info(
-        f"training {params.train.epochs} epochs on {images.shape[0]} images "
-        f"({'resuming if a checkpoint is there' if config.resume else 'from scratch'})"
-    )
+        manifest, images = pipeline.ingested(art)
+        resolved, notes = pipeline.training_params(params, art, manifest, images)
+    for key, note in notes.items():
+        context.log.info(f"auto: {key} = {note}")
+    start = "resuming a staged checkpoint if there is one" if config.resume else "from scratch"
+    context.log.info(f"training {resolved.train.epochs} epochs on {len(images)} images ({start})")
     # a plan of plain values: the only thing these ops pass through the IO manager
-    return {"params": params.to_dict(), "fail_after_epoch": config.fail_after_epoch}
+    return {
+        "params": params.to_dict(),
+        "fresh": not config.resume,
+        "fail_after_epoch": config.fail_after_epoch,
+    }
 
 
-def epoch_logger(context: OpExecutionContext, epochs: int) -> Callable[[EpochStats], None]:
-    def log(stats: EpochStats) -> None:
-        context.log.info(md.epoch_line(asdict(stats), epochs))
+def _die_with_parent() -> None:
+    """In the child: receive SIGTERM when the Dagster process dies, even by SIGKILL."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
-    return log
+
+def training_command(nproc: int) -> list[str]:
+    if nproc > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+        return [*launcher, "-m", "orchestration.pipes_train"]
+    return [sys.executable, "-m", "orchestration.pipes_train"]
 
 
-def fault_injector(
-    context: OpExecutionContext, fail_after: int | None
-) -> Callable[[EpochStats], None]:
-    """Testing only: stop the first attempt after epoch `fail_after`, once its checkpoint is saved."""
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the training's process group (torchrun and every rank), SIGKILL if it lingers."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
 
-    def maybe_fail(stats: EpochStats) -> None:
-        if fail_after is not None and context.retry_number == 0 and stats.epoch == fail_after:
-            raise RuntimeError(
-                f"fail_after_epoch={fail_after}: injected failure after epoch {stats.epoch}"
-            )
 
-    return maybe_fail
+def run_training(context: OpExecutionContext, extras: dict, nproc: int) -> list[dict]:
+    """Run the training process under Pipes; its custom messages, in order."""
+    with open_pipes_session(
+        context=context,
+        context_injector=PipesTempFileContextInjector(),
+        message_reader=PipesTempFileMessageReader(),
+        extras=extras,
+    ) as session:
+        process = subprocess.Popen(
+            training_command(nproc),
+            cwd=ROOT,
+            env={**os.environ, **session.get_bootstrap_env_vars()},
+            start_new_session=True,  # its own process group, stopped as one
+            preexec_fn=_die_with_parent,
+        )
+        try:
+            code = process.wait()
+        except (DagsterExecutionInterruptedError, KeyboardInterrupt):
+            context.log.info("run terminated: stopping the training process group")
+            _stop_group(process)
+            raise Failure(
+                "training stopped: the Dagster run was terminated (its MLflow run is KILLED; "
+                "the staged checkpoint is kept for `resume: true`)",
+                allow_retries=False,
+            ) from None
+    messages = list(session.get_custom_messages())
+    user_errors = [m["user_error"] for m in messages if "user_error" in m]
+    if user_errors:  # a person has to fix it: retrying cannot
+        raise Failure(user_errors[0], allow_retries=False)
+    if code != 0:
+        raise RuntimeError(f"the training process failed with exit code {code}")
+    return messages
 
 
 @op(
-    description="DeepCluster epochs: features -> PCA/whiten/L2 -> k-means -> train on pseudo-labels.",
+    description="DeepCluster epochs in a training process: cluster -> train on pseudo-labels.",
     retry_policy=RetryPolicy(max_retries=TRAIN_RETRIES),
     pool="gpu",
     tags=GPU_TAGS,
 )
 def train_epochs(
-    context: OpExecutionContext, plan: dict, artifacts: ArtifactStore, mlflow: MlflowTracking
+    context: OpExecutionContext,
+    plan: dict,
+    artifacts: ArtifactStore,
+    compute: ComputeResource,
+    mlflow: MlflowTracking,
 ) -> dict:
-    params = params_from_dict(plan["params"])
-    art = artifacts.layout
-    if (art.train_dir / train.CHECKPOINT).exists():
-        context.log.info(
-            f"attempt {context.retry_number + 1}: resuming from {art.train_dir / train.CHECKPOINT}"
-        )
-    # a retry resuming the checkpoint continues the MLflow run of the failed attempt
-    run_id = tracking.training_run(
-        art, params, artifacts.data_path, context.run.run_id, artifacts.dvc_file
-    )
-    context.log.info(f"MLflow run {run_id}: {mlflow.run_url(run_id)}")
-    callbacks = [
-        epoch_logger(context, params.train.epochs),
-        tracking.EpochLogger(run_id),
-        fault_injector(context, plan["fail_after_epoch"]),
-    ]
-
-    def on_epoch(stats: EpochStats) -> None:
-        for callback in callbacks:
-            callback(stats)
-
-    with user_errors_fail_plainly(), tracking.run_status(run_id):
-        result = pipeline.train_step(params, art, on_epoch=on_epoch, progress=False)
-    if result.resumed_from:
-        context.log.info(f"resumed at epoch {result.resumed_from} of {params.train.epochs}")
-    return {
-        "history": [asdict(h) for h in result.history],
-        "resumed_from": result.resumed_from,
-        "attempt": context.retry_number + 1,
-        "params": plan["params"],
-        "mlflow_run_id": run_id,
+    attempt = context.retry_number + 1
+    extras = {
+        "params": {**plan["params"], "compute": compute.section()},
+        "artifacts": artifacts.root,
+        "dvc_file": artifacts.dvc_file,
+        "fresh": plan["fresh"] and attempt == 1,  # retries resume the staged checkpoint
+        "dagster_run_id": context.run.run_id,
+        "fail_after_epoch": plan["fail_after_epoch"] if attempt == 1 else None,
     }
+    if attempt > 1:
+        context.log.info(f"attempt {attempt}: resuming the staged checkpoint")
+    messages = run_training(context, extras, compute.nproc)
+    [result] = [m["result"] for m in messages if "result" in m]
+    if result["resumed_from"]:
+        context.log.info(f"resumed at epoch {result['resumed_from']} of {result['epochs']}")
+    context.log.info(f"MLflow run {result['mlflow_run_id']}: {mlflow.run_url(result['mlflow_run_id'])}")
+    return {**result, "attempt": attempt}
 
 
-@op(description="Check that the exported model loads and describe the run.")
+@op(description="Describe the published model and its run.")
 def export_model(
     context: OpExecutionContext, summary: dict, artifacts: ArtifactStore, mlflow: MlflowTracking
 ) -> Output[None]:
     art = artifacts.layout
-    with user_errors_fail_plainly():
-        model = train.load_model(pipeline.require(art.model, "train"))
     history = summary["history"]
     if not history:
         raise Failure("training recorded no epoch")
     last = history[-1]
+    run_id = summary["mlflow_run_id"]
     return Output(
         None,
         metadata={
@@ -163,10 +197,10 @@ def export_model(
             "per_epoch": md.epoch_table(history),
             "resumed_from_epoch": summary["resumed_from"],
             "attempt": summary["attempt"],
-            "parameters": sum(p.numel() for p in model.parameters()),
+            "auto": md.as_json(summary["auto"]),
             "params": md.as_json(summary["params"]),
-            "mlflow_run_id": summary["mlflow_run_id"],
-            "mlflow_run": MetadataValue.url(mlflow.run_url(summary["mlflow_run_id"])),
+            "mlflow_run_id": run_id,
+            "mlflow_run": MetadataValue.url(mlflow.run_url(run_id)),
             "git_commit": lineage.git_commit(ROOT) or "not a git checkout",
             "git_dirty": bool(lineage.git_dirty(ROOT)),
             "path": MetadataValue.path(str(art.model)),
@@ -175,7 +209,7 @@ def export_model(
 
 
 @config_mapping
-def training_config(config: TrainingConfig) -> dict:
+def training_config(config: PlanConfig) -> dict[str, Any]:
     """One config block for the asset (`ops: checkpoint: config:`), handed to prepare_training."""
     return {"prepare_training": {"config": config.model_dump()}}
 
@@ -183,9 +217,9 @@ def training_config(config: TrainingConfig) -> dict:
 @graph_asset(
     group_name="deepcluster",
     config=training_config,
-    code_version=code_version(pipeline, train, models, cluster, augment, sampler, device),
+    code_version=code_version("train"),
     kinds={"pytorch"},
-    description="The trained DeepCluster network (artifacts/train/model.pt) and its epoch checkpoint.",
+    description="The trained DeepCluster network (artifacts/train/model.pt, its params and history).",
     ins={"image_cache": AssetIn(dagster_type=Nothing)},
 )
 def checkpoint(image_cache):

@@ -1,16 +1,19 @@
 """Versions Dagster compares to tell what is stale: the data's (DVC md5) and the code's (source hash).
 
-Code versions are hashes of the source of the library modules each asset runs, not constants bumped
-by hand: a forgotten bump would hide a real change, while a comment-only edit merely marks an asset
+Code versions are hashes of the source of the library modules each step runs (the table
+`deepcluster.pipeline.STEP_MODULES`, which dvc.yaml's `deps` follow too), not constants bumped by
+hand: a forgotten bump would hide a real change, while a comment-only edit merely marks an asset
 stale, and the UI lets a person decide whether to re-materialise.
 """
 
 import hashlib
+import importlib
 import inspect
 import os
 from pathlib import Path
 
 from deepcluster import lineage
+from deepcluster.pipeline import STEP_MODULES
 
 
 def dvc_md5(dvc_file: Path | str) -> str | None:
@@ -46,9 +49,10 @@ def observed_version(dvc_file: Path | str, data_dir: Path | str) -> tuple[str, s
     return f"listing-{listing}", f"{dvc_file} not found: hash of file names and sizes in {data_dir}"
 
 
-def code_version(*sources: object) -> str:
-    """A short hash of the source of the given modules, classes or functions."""
+def code_version(step: str) -> str:
+    """A short hash of the source of the library modules the pipeline step runs."""
     digest = hashlib.sha256()
-    for source in sources:
-        digest.update(inspect.getsource(source).encode())  # type: ignore[arg-type]
+    for name in STEP_MODULES[step]:
+        module = importlib.import_module(f"deepcluster.{name}")
+        digest.update(inspect.getsource(module).encode())
     return digest.hexdigest()[:12]

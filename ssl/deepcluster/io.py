@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,4 +44,57 @@ def write_json(path: str | os.PathLike, payload: Any) -> Path:
 def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+    return Path(path)
+
+
+def publish_dir(staged: Path, final: Path) -> None:
+    """Put the folder `staged` in place of `final` (which may not exist yet).
+
+    Two renames: the old folder is moved aside, the new one takes its name, then the old one is
+    removed. A crash between the renames leaves no `final`; `recover_dir` puts the old one back.
+    """
+    aside = _aside(final)
+    if aside.exists():
+        shutil.rmtree(aside)
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(staged, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_dir(final: Path) -> bool:
+    """Undo a publish that stopped between its renames; True when something was put back."""
+    aside = _aside(final)
+    if final.exists() or not aside.exists():
+        return False
+    os.replace(aside, final)
+    return True
+
+
+def _aside(final: Path) -> Path:
+    return final.with_name(f".{final.name}.previous")
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files writers killed mid-write left behind (`.<name>.*.tmp`).
+
+    Only called by the lock holder, so no live writer owns them."""
+    count = 0
+    for tmp in Path(folder).glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+        count += 1
+    return count
+
+
+def save_npy(path: str | os.PathLike, array) -> Path:
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
+    return Path(path)
+
+
+def save_parquet(path: str | os.PathLike, frame) -> Path:
+    with atomic_path(path) as tmp:
+        frame.write_parquet(tmp)
     return Path(path)

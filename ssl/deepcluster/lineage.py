@@ -123,3 +123,24 @@ def data_version(
             return DataVersion(md5, "dvc", str(folder), tracked)
     digest = data.manifest_digest(manifest)[:32]  # MLflow keeps dataset digests up to 36 chars
     return DataVersion(digest, "manifest", None if folder is None else str(folder), False)
+
+
+def record_version(art, folder: Path | None, dvc_file: Path | str = DVC_FILE) -> DataVersion:
+    """Compute the data version once, at ingest, and keep it beside the manifest."""
+    from .io import write_json
+
+    version = data_version(art.manifest, folder, dvc_file)
+    write_json(art.data_version, {"md5": version.md5, "source": version.source,
+                                  "folder": version.folder})
+    return version
+
+
+def recorded_version(art, dvc_file: Path | str = DVC_FILE) -> DataVersion:
+    """The version ingest recorded; whether DVC tracks it is decided now, against `dvc_file`
+    (a data.dvc committed after the ingest still counts)."""
+    if not art.data_version.exists():
+        return data_version(art.manifest, None, dvc_file)
+    saved = json.loads(art.data_version.read_text())
+    recorded = recorded_md5(dvc_file)
+    tracked = saved["source"] == "dvc" and recorded is not None and recorded[0] == saved["md5"]
+    return DataVersion(saved["md5"], saved["source"], saved["folder"], tracked)

@@ -1,4 +1,9 @@
-"""Where each pipeline step writes: one layout shared by the CLI, the DVC stages and Dagster."""
+"""Where each pipeline step writes: the one layout the CLI, the DVC stages and Dagster share.
+
+Every file name lives here and nowhere else. A step publishes its outputs atomically (each file is
+written beside its final name and renamed over it); training works in `staging` and publishes only
+when it finishes, so a failed or stopped run never touches the last good model.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,11 @@ from pathlib import Path
 class Artifacts:
     root: Path = Path("artifacts")
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # ingest: the manifest and the decoded cache are one version (the cache records the
+    # manifest's digest, and every later step checks that they still belong together)
     @property
     def ingest_dir(self) -> Path:
         return self.root / "ingest"
@@ -23,9 +33,20 @@ class Artifacts:
         return self.ingest_dir / "rejected.parquet"
 
     @property
+    def data_version(self) -> Path:
+        """DVC's md5 of the folder as scanned, computed from the scan's own hashes."""
+        return self.ingest_dir / "data_version.json"
+
+    @property
     def cache(self) -> Path:
         return self.root / "cache" / "images.npy"
 
+    @property
+    def cache_description(self) -> Path:
+        """Resolution, count and the digest of the manifest the cache was decoded from."""
+        return self.cache.with_suffix(".json")
+
+    # train: published together when a training finishes
     @property
     def train_dir(self) -> Path:
         return self.root / "train"
@@ -35,8 +56,33 @@ class Artifacts:
         return self.train_dir / "model.pt"
 
     @property
+    def trained_params(self) -> Path:
+        """The resolved parameters of model.pt, readable without loading the weights."""
+        return self.train_dir / "params.json"
+
+    @property
     def history(self) -> Path:
         return self.train_dir / "history.json"
+
+    @property
+    def run_file(self) -> Path:
+        """The MLflow run of the model, which the later steps log into."""
+        return self.train_dir / "mlflow_run.json"
+
+    @property
+    def staging_dir(self) -> Path:
+        """A training in progress: its checkpoint, history and run file until it finishes."""
+        return self.root / ".staging" / "train"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The epoch checkpoint of the training in progress (resumed by the next `train`)."""
+        return self.staging_dir / "checkpoint.pt"
+
+    @property
+    def final_checkpoint(self) -> Path:
+        """The last epoch's state of the published model (a longer run can continue it)."""
+        return self.train_dir / "checkpoint.pt"
 
     @property
     def features(self) -> Path:
@@ -62,3 +108,39 @@ class Artifacts:
     @property
     def metrics(self) -> Path:
         return self.eval_dir / "metrics.json"
+
+    @property
+    def eval_history(self) -> Path:
+        return self.eval_dir / "history.json"
+
+    @property
+    def cluster_sizes(self) -> Path:
+        return self.eval_dir / "cluster_sizes.json"
+
+    @property
+    def curves_png(self) -> Path:
+        return self.eval_dir / "curves.png"
+
+    @property
+    def sizes_png(self) -> Path:
+        return self.eval_dir / "cluster_sizes.png"
+
+    @property
+    def overview_png(self) -> Path:
+        return self.eval_dir / "clusters.png"
+
+    @property
+    def grids_dir(self) -> Path:
+        return self.eval_dir / "grids"
+
+    def grid_png(self, cluster: int) -> Path:
+        return self.grids_dir / f"cluster_{cluster:04d}.png"
+
+    @property
+    def registration(self) -> Path:
+        return self.root / "register" / "registered.json"
+
+    @property
+    def lock(self) -> Path:
+        """Held by the one process writing into this folder."""
+        return self.root / ".lock"

@@ -1,35 +1,54 @@
-"""The pipeline steps as plain functions: the CLI, the DVC stages, Dagster and the tests call these.
+"""The pipeline steps, one implementation each: the CLI (and through it the DVC stages), Dagster
+and the tests call these and add nothing but their own surface.
 
-Each step reads the previous step's files under `Artifacts` and writes its own atomically.
+Every step holds the artifacts folder's lock while it writes, refuses inputs that do not belong
+together (naming the step to re-run), writes its outputs atomically and does its own MLflow
+logging. Parameters follow one rule: `train` takes the experiment's parameters and resolves their
+`auto` values from the data; every later step uses the parameters the model was trained with
+(train/params.json) and takes only the `eval` and `compute` sections from its caller.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import shutil
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
-import torch
 
-from . import data, evaluate, plots
-from .cluster import Clustering, Whitening, cluster_features
+from . import autoparams, data, evaluate, io, lineage, lock, plots, progress, tracking
+from .checkpoint import load, load_model, params_fingerprint, saved_params
+from .cluster import cluster_features, kmeans_health, save_clustering
 from .config import Params
-from .device import resolve_device
+from .device import resolve_device, set_threads
 from .errors import MissingArtifact, UserError
-from .io import atomic_path, write_json
-from .models import build_model
 from .paths import Artifacts
-from .train import (
-    EpochStats,
-    ImageSource,
-    TrainResult,
-    compute_features,
-    eval_batch_size,
-    load_model,
-    train,
-)
+from .train import EpochStats, ImageSource, compute_features, eval_batch_size
+from .train import train as train_loop
+
+# The library modules each step runs. Dagster's code versions and dvc.yaml's `deps` both come
+# from this table (tests/test_dvc_dagster_graph.py keeps dvc.yaml in step with it).
+STEP_MODULES: dict[str, tuple[str, ...]] = {
+    "ingest": ("pipeline", "data", "autoparams", "lineage"),
+    "train": (
+        "pipeline", "train", "models", "augment", "cluster", "sampler", "health", "device",
+        "checkpoint", "autoparams",
+    ),
+    "features": ("pipeline", "train", "models", "device", "checkpoint"),
+    "cluster": ("pipeline", "cluster"),
+    "evaluate": ("pipeline", "evaluate", "plots", "cluster", "train", "models", "device"),
+    "register": ("pipeline", "registry"),
+}  # fmt: skip
+
+
+def module_paths(step: str) -> list[str]:
+    """`ssl/deepcluster/<module>.py` for each module of `step`, as dvc.yaml lists them."""
+    return [f"ssl/deepcluster/{name}.py" for name in STEP_MODULES[step]]
 
 
 def labels_of(manifest: pl.DataFrame) -> np.ndarray | None:
@@ -39,21 +58,6 @@ def labels_of(manifest: pl.DataFrame) -> np.ndarray | None:
     return manifest["label"].to_numpy().astype(str)
 
 
-def ingest(data_dir: Path, params: Params, art: Artifacts, progress: bool = True) -> dict:
-    """Scan the image folder into manifest + rejected tables and decode the cache once."""
-    manifest, rejected = data.scan_images(Path(data_dir), params.data.workers)
-    data.require_images(manifest, rejected, Path(data_dir))
-    data.write_tables(manifest, rejected, art.ingest_dir)
-    data.build_cache(
-        Path(data_dir), manifest, params.data.resolution, art.cache, params.data.workers
-    )
-    return {
-        "images": manifest.height,
-        "rejected": rejected.height,
-        "labelled": labels_of(manifest) is not None,
-    }
-
-
 def require(path: Path, step: str) -> Path:
     """An input made by an earlier step; its absence is a user error naming the step to run."""
     if not Path(path).exists():
@@ -61,169 +65,287 @@ def require(path: Path, step: str) -> Path:
     return Path(path)
 
 
-def _cache(params: Params, art: Artifacts) -> np.ndarray:
-    images = data.load_cache(require(art.cache, "ingest"))
-    if images.shape[-1] != params.data.resolution:
-        raise UserError(
-            f"{art.cache} holds {images.shape[-1]} px images but data.resolution = "
-            f"{params.data.resolution}: run `deepcluster ingest` again"
+def resolve_params(params: Params, manifest: pl.DataFrame) -> tuple[Params, dict[str, str]]:
+    """`auto` values resolved from the manifest; the notes say what each became and why."""
+    return autoparams.resolve(params, autoparams.DataFacts.of(manifest))
+
+
+# ---------------------------------------------------------------------------------------------
+# ingest
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    images: int
+    rejected: int
+    labelled: bool
+    resolution: int
+    auto: dict[str, str]  # `auto` values resolved here -> "value (why)"
+    data_version: lineage.DataVersion
+
+    def line(self, art: Artifacts) -> str:
+        return (
+            f"{self.images} images ingested at {self.resolution} px, {self.rejected} rejected "
+            f"(reasons in {art.rejected}); labels from folders: {self.labelled}"
         )
-    return images
 
 
-def train_step(
+def ingest(
+    data_dir: Path,
     params: Params,
     art: Artifacts,
+    show: bool = True,
+    dvc_file: Path | str = lineage.DVC_FILE,
+) -> IngestSummary:
+    """Scan the folder into manifest + rejected tables, decode the cache once, record the version.
+
+    The cache is written first: if decoding fails, the previous manifest and cache still belong
+    together; every later step checks that they do (`ingested`)."""
+    with lock.writing(art, "ingest"):
+        for folder in (art.ingest_dir, art.cache.parent):
+            io.remove_stale_temporaries(folder)
+        manifest, rejected = data.scan_images(Path(data_dir), params.compute.workers)
+        data.require_images(manifest, rejected, Path(data_dir))
+        resolved, notes = resolve_params(params, manifest)
+        _say_auto(notes, show)
+        side = int(resolved.data.resolution)
+        data.build_cache(Path(data_dir), manifest, side, art.cache, params.compute.workers)
+        data.write_tables(manifest, rejected, art.ingest_dir)
+        version = lineage.record_version(art, Path(data_dir), dvc_file)
+    return IngestSummary(
+        manifest.height, rejected.height, labels_of(manifest) is not None, side, notes, version
+    )
+
+
+def ingested(art: Artifacts) -> tuple[pl.DataFrame, np.ndarray]:
+    """The manifest and its decoded cache, refused unless the cache was made from this manifest."""
+    manifest = data.read_manifest(require(art.manifest, "ingest"))
+    images = data.load_cache(require(art.cache, "ingest"))
+    if not data.cache_is_current(art.cache, manifest, images.shape[-1]):
+        raise UserError(
+            f"{art.cache} was not decoded from {art.manifest} (an interrupted or failed ingest?): "
+            "run `deepcluster ingest` again"
+        )
+    return manifest, images
+
+
+def _say_auto(notes: dict[str, str], show: bool) -> None:
+    for key, note in notes.items():
+        progress.say(f"auto: {key} = {note}", show)
+
+
+# ---------------------------------------------------------------------------------------------
+# train
+
+
+@dataclass(frozen=True)
+class TrainSummary:
+    params: Params  # resolved: what the model was trained with
+    history: list[EpochStats]
+    resumed_from: int  # epochs already done when this call started
+    run_id: str
+    auto: dict[str, str]
+    published: bool  # False after a scheduled stop (`stop_after`): the checkpoint waits in staging
+
+
+def training_params(
+    params: Params, art: Artifacts, manifest: pl.DataFrame, images: np.ndarray
+) -> tuple[Params, dict[str, str]]:
+    """The experiment's parameters resolved against the ingested data (and its cache's side)."""
+    side = images.shape[-1]
+    if params.data.resolution not in ("auto", side):
+        raise UserError(
+            f"{art.cache} holds {side} px images but data.resolution = {params.data.resolution}: "
+            "run `deepcluster ingest` again"
+        )
+    return resolve_params(autoparams.with_resolution(params, side), manifest)
+
+
+def train(
+    params: Params,
+    art: Artifacts,
+    fresh: bool = False,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    show: bool = True,
     stop_after: int | None = None,
-    progress: bool = True,
-) -> TrainResult:
-    labels = labels_of(data.read_manifest(require(art.manifest, "ingest")))
-    return train(params, _cache(params, art), art.train_dir, labels, on_epoch, stop_after, progress)
+    tags: dict[str, str] | None = None,
+    source: str = "deepcluster train",
+    dvc_file: Path | str = lineage.DVC_FILE,
+) -> TrainSummary:
+    """Train in the staging folder as one MLflow run, then publish model, params and history.
+
+    Resumes the staged checkpoint of an interrupted run with the same parameters (`fresh` discards
+    it). A failed or stopped run leaves the published model untouched."""
+    with lock.writing(art, "train"):
+        io.recover_dir(art.train_dir)
+        manifest, images = ingested(art)
+        resolved, notes = training_params(params, art, manifest, images)
+        _say_auto(notes, show)
+        _stage(art, resolved, fresh)
+        tracking.use_store()
+        history = _staged_history(art)
+        version = lineage.recorded_version(art, dvc_file)
+        run_id = tracking.training_run(art, resolved, version, history, tags, source)
+        progress.say(f"MLflow run {run_id}", show)
+        callbacks = [tracking.EpochLogger(run_id)] + ([on_epoch] if on_epoch else [])
+        with tracking.run_status(run_id, system_metrics=True):
+            result = train_loop(
+                resolved, images, art.staging_dir, labels_of(manifest),
+                on_epoch=lambda stats: [callback(stats) for callback in callbacks],
+                stop_after=stop_after, progress=show,
+            )  # fmt: skip
+        published = (art.staging_dir / art.model.name).exists()
+        if published:
+            io.publish_dir(art.staging_dir, art.train_dir)
+    return TrainSummary(resolved, result.history, result.resumed_from, run_id, notes, published)
 
 
-def _save_npy(path: Path, array: np.ndarray) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, array)
-    return path
+def _stage(art: Artifacts, params: Params, fresh: bool) -> None:
+    """Prepare the staging folder: keep an interrupted run's checkpoint, or start from the
+    published run's last state when these parameters continue it (a longer constant-rate run)."""
+    if fresh and art.staging_dir.exists():
+        shutil.rmtree(art.staging_dir)
+    art.staging_dir.mkdir(parents=True, exist_ok=True)
+    io.remove_stale_temporaries(art.staging_dir)
+    if fresh or art.checkpoint.exists() or not art.final_checkpoint.exists():
+        return
+    if load(art.final_checkpoint)["fingerprint"] == params_fingerprint(params):
+        for path in (art.final_checkpoint, art.run_file):
+            if path.exists():
+                shutil.copy2(path, art.staging_dir / path.name)
 
 
-def features_step(params: Params, art: Artifacts, progress: bool = True) -> np.ndarray:
-    """Embeddings of every image under the final model."""
-    device = resolve_device(params.train.device)
-    model = load_model(require(art.model, "train"), device)
-    source = ImageSource(_cache(params, art), device)
-    feats = compute_features(model, source, eval_batch_size(params), params.train.amp, progress)
-    _save_npy(art.features, feats)
+def _staged_history(art: Artifacts) -> list[dict]:
+    return load(art.checkpoint)["history"] if art.checkpoint.exists() else []
+
+
+# ---------------------------------------------------------------------------------------------
+# features, cluster
+
+
+def trained_params(art: Artifacts, params: Params) -> Params:
+    """The model's own parameters, with the caller's `eval` and `compute` sections."""
+    trained = saved_params(require(art.model, "train"))
+    return dataclasses.replace(trained, eval=params.eval, compute=params.compute)
+
+
+def features(art: Artifacts, params: Params, show: bool = True) -> np.ndarray:
+    """Embeddings of every image under the final model (features.npy, one row per manifest row)."""
+    with lock.writing(art, "features"):
+        p = trained_params(art, params)
+        _, images = ingested(art)
+        _check_side(images, p, art)
+        device = resolve_device(p.compute.device)
+        set_threads(p.compute.threads)
+        model = load_model(art.model, device)
+        feats = compute_features(model, ImageSource(images, device), eval_batch_size(p), p.compute.amp, show)
+        io.save_npy(art.features, feats)
     return feats
 
 
-def save_clustering(path: Path, clustering: Clustering) -> Path:
-    whitening = clustering.whitening
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, centroids=clustering.centroids, A=whitening.A, b=whitening.b)
-    return path
+def _check_side(images: np.ndarray, params: Params, art: Artifacts) -> None:
+    if images.shape[-1] != params.data.resolution:
+        raise UserError(
+            f"{art.model} was trained at {params.data.resolution} px but {art.cache} holds "
+            f"{images.shape[-1]} px images: run `deepcluster train` again"
+        )
 
 
-def load_clustering(path: Path) -> tuple[Whitening, np.ndarray]:
-    """The whitening and the centroids: all that is needed to assign new embeddings."""
-    z = np.load(path)
-    return Whitening(A=z["A"], b=z["b"]), z["centroids"]
-
-
-def cluster_step(params: Params, art: Artifacts) -> pl.DataFrame:
-    """Cluster the final embeddings; one row per image: path, cluster, distance to centroid."""
-    c = params.cluster
-    feats = np.load(require(art.features, "features"))
-    clustering = cluster_features(
-        feats, c.k, c.pca_dim, c.kmeans_iters, c.kmeans_redo, seed=params.train.seed
-    )
-    manifest = data.read_manifest(art.manifest)
-    table = manifest.select("path", "label").with_columns(
-        pl.Series("cluster", clustering.assignments, dtype=pl.Int64),
-        pl.Series("distance", clustering.distances, dtype=pl.Float32),
-    )
-    with atomic_path(art.assignments) as tmp:
-        table.write_parquet(tmp)
-    save_clustering(art.clustering, clustering)
+def cluster(art: Artifacts, params: Params) -> pl.DataFrame:
+    """Cluster the final embeddings the way training did; one row per image: path, label,
+    cluster, distance to its centroid. Centroids and whitening go to clustering.npz."""
+    with lock.writing(art, "cluster"):
+        p = trained_params(art, params)
+        c = p.cluster
+        feats = np.load(require(art.features, "features"))
+        manifest, _ = ingested(art)
+        if len(feats) != manifest.height:
+            raise UserError(f"{art.features} does not match {art.manifest}: run `deepcluster features`")
+        v2 = p.model.method == "deepcluster-v2"
+        clustering = cluster_features(
+            feats, int(c.k), None if v2 else int(c.pca_dim), c.kmeans_iters, c.kmeans_redo,
+            seed=p.train.seed, spherical=v2,
+        )  # fmt: skip
+        table = manifest.select("path", "label").with_columns(
+            pl.Series("cluster", clustering.assignments, dtype=pl.Int64),
+            pl.Series("distance", clustering.distances, dtype=pl.Float32),
+        )
+        io.save_parquet(art.assignments, table)
+        save_clustering(art.clustering, clustering)
     return table
 
 
-def random_init_features(params: Params, images: np.ndarray, progress: bool) -> np.ndarray:
-    """Embeddings under the network training started from (same seed, no training)."""
-    torch.manual_seed(params.train.seed)
-    model = build_model(params.model, params.cluster.k)
-    device = resolve_device(params.train.device)
-    source = ImageSource(images, device)
-    batch = eval_batch_size(params)
-    return compute_features(model.to(device), source, batch, params.train.amp, progress)
+# ---------------------------------------------------------------------------------------------
+# evaluate
 
 
-def _labelled_metrics(params, labels, feature_sets: dict[str, np.ndarray], assignments) -> dict:
-    """Each metric for each feature set: `name` for the trained one, `name_<set>` for the others."""
-    e, seed = params.eval, params.train.seed
-    train_idx, test_idx = evaluate.split(len(labels), labels, e.test_fraction, seed)
-    out: dict[str, float] = {}
-    for name, feats in feature_sets.items():
-        suffix = "" if name == "trained" else f"_{name}"
-        whiten = name != "pixels"  # the pixel baseline is plain k-means on raw pixels
-        scores = evaluate.clustering_scores(
-            feats, labels, params.cluster.pca_dim, seed, whiten=whiten
-        )
-        scores |= evaluate.feature_scores(
-            feats, labels, train_idx, test_idx, e.knn_k, e.probe_epochs
-        )
-        scores["nmi_k"] = evaluate.nmi_at_k(
-            feats, labels, params.cluster, seed, whiten, assignments if name == "trained" else None
-        )
-        out |= {f"{key}{suffix}": value for key, value in scores.items()}
-    return out
-
-
-def evaluate_step(params: Params, art: Artifacts, progress: bool = True) -> dict:
-    """metrics.json, history.json and the pictures under artifacts/eval/."""
-    images = _cache(params, art)
-    table = pl.read_parquet(require(art.assignments, "cluster"))
-    assignments = table["cluster"].to_numpy()
-    history = _read_history(art)
-    metrics: dict = evaluate.cluster_size_stats(assignments, params.cluster.k)
-    metrics["images"] = len(assignments)
-    metrics["nmi_stability"] = history[-1]["nmi_prev"] if history else None
-    labels = labels_of(table)
-    if labels is not None:
-        feature_sets = {
-            "trained": np.load(art.features),
-            "random_init": random_init_features(params, images, progress),
-            "pixels": evaluate.pixel_features(images),
-        }
-        metrics |= _labelled_metrics(params, labels, feature_sets, assignments)
-    _write_pictures(params, art, images, table, history)
-    write_json(art.eval_dir / "history.json", history)
-    sizes = np.bincount(assignments, minlength=params.cluster.k)
-    write_json(
-        art.eval_dir / "cluster_sizes.json",
-        [{"cluster": i, "size": int(s)} for i, s in enumerate(sizes)],
-    )
-    write_json(art.metrics, metrics)
+def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool = True) -> dict:
+    """metrics.json, the history and the pictures under eval/; logged into the model's MLflow run."""
+    with lock.writing(art, "evaluate"):
+        p = trained_params(art, params)
+        _, images = ingested(art)
+        table = pl.read_parquet(require(art.assignments, "cluster"))
+        assignments = table["cluster"].to_numpy()
+        history = json.loads(art.history.read_text()) if art.history.exists() else []
+        metrics: dict = evaluate.cluster_size_stats(assignments, int(p.cluster.k))
+        metrics |= kmeans_health(require(art.clustering, "cluster"))
+        metrics["images"] = len(assignments)
+        metrics["nmi_stability"] = history[-1]["nmi_prev"] if history else None
+        labels = labels_of(table)
+        if labels is not None:
+            feature_sets = {
+                "trained": np.load(require(art.features, "features")),
+                "random_init": evaluate.random_init_features(p, images, show),
+                "pixels": evaluate.pixel_features(images),
+            }
+            metrics |= evaluate.compare(feature_sets, labels, p, assignments, show)
+        _write_pictures(p, art, images, table, history)
+        io.write_json(art.eval_history, history)
+        sizes = np.bincount(assignments, minlength=int(p.cluster.k))
+        io.write_json(art.cluster_sizes, [{"cluster": i, "size": int(s)} for i, s in enumerate(sizes)])
+        io.write_json(art.metrics, metrics)
+    if log:
+        tracking.use_store()
+        tracking.log_evaluation(tracking.run_for(art), metrics, art.eval_dir)
     return metrics
 
 
-def _read_history(art: Artifacts) -> list[dict]:
-    import json
-
-    return json.loads(art.history.read_text()) if art.history.exists() else []
-
-
-def _write_pictures(params, art, images, table: pl.DataFrame, history: list[dict]) -> None:
+def _write_pictures(params: Params, art: Artifacts, images, table: pl.DataFrame, history) -> None:
     ids = table["cluster"].to_numpy()
     dist = table["distance"].to_numpy()
-    e = params.eval
+    e, k = params.eval, int(params.cluster.k)
     if history:
-        plots.training_curves(history, art.eval_dir / "curves.png")
-    plots.cluster_size_histogram(ids, params.cluster.k, art.eval_dir / "cluster_sizes.png")
-    plots.clusters_overview(
-        images, ids, dist, art.eval_dir / "clusters.png", e.grid_clusters, e.grid_images
-    )
-    plots.cluster_grids(images, ids, dist, art.eval_dir / "grids", e.grid_images)
+        plots.training_curves(history, art.curves_png)
+    plots.cluster_size_histogram(ids, k, art.sizes_png)
+    plots.clusters_overview(images, ids, dist, art.overview_png, e.grid_clusters, e.grid_images)
+    plots.cluster_grids(images, ids, dist, art.grids_dir, e.grid_images)
 
 
-def run_all(
-    data_dir: Path, params: Params, art: Artifacts, on_epoch=None, progress: bool = True
-) -> dict:
-    """Every step in order, as `deepcluster run` and `make demo` do."""
-    ingest(data_dir, params, art, progress)
-    train_step(params, art, on_epoch, progress=progress)
-    features_step(params, art, progress)
-    cluster_step(params, art)
-    return evaluate_step(params, art, progress)
+# ---------------------------------------------------------------------------------------------
+# register
 
 
-__all__ = [
-    "asdict",
-    "cluster_step",
-    "evaluate_step",
-    "features_step",
-    "ingest",
-    "run_all",
-    "train_step",
-]
+def register(art: Artifacts, metric: str = "auto", name: str = "deepcluster", tags=None):
+    """A new registry version of the model (alias candidate; champion if it is better), unless
+    this very model (weights, clustering, metrics) is already registered: then the recorded
+    registration is returned and no version is added."""
+    from . import registry
+
+    with lock.writing(art, "register"):
+        digest = _model_digest(art)
+        previous = registry.read_registration(art.registration)
+        tracking.use_store()
+        if previous is not None and previous.get("model_digest") == digest:
+            if registry.version_exists(previous["name"], previous["version"]):
+                return registry.Registration.from_record(previous)
+        reg = registry.register_model(art, metric=metric, name=name, tags=tags)
+        registry.write_registration(reg, art.registration, model_digest=digest)
+    return reg
+
+
+def _model_digest(art: Artifacts) -> str:
+    """sha256 over what a registered version holds: weights, clustering, evaluation figures."""
+    digest = hashlib.sha256()
+    for path in (art.model, art.clustering, art.metrics):
+        digest.update(require(path, "evaluate").read_bytes())
+    return digest.hexdigest()

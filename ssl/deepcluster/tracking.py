@@ -1,16 +1,16 @@
 """MLflow runs: one run per trained model, from its first epoch to its registration.
 
-Every function uses MLflow's current tracking URI: `MLFLOW_TRACKING_URI` or `mlflow.set_tracking_uri`
-when set, else MLflow's own default, `sqlite:///mlflow.db` in the working directory. A Dagster
-resource sets the URI once and calls these functions; the CLI calls them with the default.
-
-The run id is written to `artifacts/train/mlflow_run.json` beside the model, so the later steps
+The store is `MLFLOW_TRACKING_URI` when set, else `mlflow.db` at the project root (the nearest
+folder up from the working directory that holds params.yaml), whatever folder a command runs in;
+the experiment keeps its artifacts beside that database (`mlartifacts/`), not in the working
+directory. The run id is written beside the model (`Artifacts.run_file`), so the later steps
 (evaluate, register), even in other processes such as DVC stages, log into the same run.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -21,16 +21,23 @@ from typing import Any
 import mlflow
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunStatus
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_GIT_COMMIT
+from mlflow.utils.mlflow_tags import (
+    MLFLOW_DATASET_CONTEXT,
+    MLFLOW_GIT_COMMIT,
+    MLFLOW_RUN_NAME,
+    MLFLOW_SOURCE_NAME,
+    MLFLOW_SOURCE_TYPE,
+)
 
 from . import data, lineage
+from .checkpoint import params_fingerprint, saved_params
 from .config import Params
+from .errors import UserError
 from .io import write_json
 from .paths import Artifacts
-from .train import CHECKPOINT, EpochStats, load_checkpoint, params_fingerprint, saved_params
 
 EXPERIMENT = "deepcluster"
-RUN_FILE = "mlflow_run.json"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # not a GenAI experiment
 # EpochStats field -> metric name; each is logged with step = epoch
 EPOCH_METRICS = {
     "loss": "train/loss",
@@ -43,6 +50,41 @@ EPOCH_METRICS = {
     "seconds": "train/epoch_seconds",
 }
 EVAL_PREFIX = "eval/"
+PROJECT_MARKERS = ("params.yaml", "dvc.yaml")
+
+
+def project_root(start: Path | None = None) -> Path:
+    """The nearest folder up from `start` (the working directory) holding params.yaml."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if any((folder / marker).is_file() for marker in PROJECT_MARKERS):
+            return folder
+    return here
+
+
+def store_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the project's own sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def use_store(create: bool = True) -> str:
+    """Point MLflow at the store; with create=False a missing local database is a user error
+    (instead of an empty new one that then has no registered model)."""
+    uri = store_uri()
+    if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+        raise UserError(
+            f"no MLflow store at {uri[len('sqlite:///'):]}: run the pipeline first, run this "
+            "from the project folder, or set MLFLOW_TRACKING_URI"
+        )
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Beside a local database; a tracking server decides for itself (None)."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def experiment_id(name: str = EXPERIMENT) -> str:
@@ -51,10 +93,16 @@ def experiment_id(name: str = EXPERIMENT) -> str:
     found = client.get_experiment_by_name(name)
     if found:
         return found.experiment_id
+    location = _artifact_location(mlflow.get_tracking_uri())
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:
         return client.get_experiment_by_name(name).experiment_id
+
+
+def run_name(params: Params, data_md5: str) -> str:
+    """`<data version>-<method>-<params hash>`: what a person compares runs by."""
+    return f"{data_md5[:8]}-{params.model.method}-{params_fingerprint(params)[:8]}"
 
 
 def start_training_run(
@@ -62,18 +110,20 @@ def start_training_run(
     data_version: lineage.DataVersion,
     manifest_path: Path,
     tags: dict[str, str] | None = None,
-    dagster_run_id: str | None = None,
+    source: str = "deepcluster train",
 ) -> str:
     """Open a run for a training: params, lineage tags and the images as its dataset input."""
     commit = lineage.git_commit()
     run_tags = {
+        MLFLOW_RUN_NAME: run_name(params, data_version.md5),
+        MLFLOW_SOURCE_NAME: source,
+        MLFLOW_SOURCE_TYPE: "JOB" if "dagster" in source else "LOCAL",
         "data_md5": data_version.md5,
         "data_source": data_version.source,
         "data_tracked": str(data_version.tracked).lower(),
         "params_fingerprint": params_fingerprint(params),
         **({MLFLOW_GIT_COMMIT: commit, "git_commit": commit} if commit else {}),
         **({"git_dirty": str(lineage.git_dirty()).lower()} if commit else {}),
-        **({"dagster_run_id": dagster_run_id} if dagster_run_id else {}),
         **(tags or {}),
     }
     client = MlflowClient()
@@ -103,8 +153,11 @@ class EpochLogger:
         self.run_id = run_id
         self.client = MlflowClient()
 
-    def __call__(self, stats: EpochStats) -> None:
-        self.log(asdict(stats))
+    def __call__(self, stats) -> None:
+        epoch = asdict(stats)
+        self.log(epoch)
+        if epoch.get("guard"):  # the cluster-health guard acted: say so where people look
+            self.client.set_tag(self.run_id, f"guard/epoch_{epoch['epoch']}", epoch["guard"])
 
     def log(self, epoch: dict[str, Any]) -> None:
         """One epoch as a dict (a history.json entry); fields it lacks are skipped."""
@@ -118,9 +171,11 @@ class EpochLogger:
 
 
 @contextmanager
-def run_status(run_id: str):
-    """Mark the run FINISHED when the block succeeds, FAILED (or KILLED on Ctrl-C) when not."""
+def run_status(run_id: str, system_metrics: bool = False):
+    """Mark the run FINISHED when the block succeeds, KILLED when it is interrupted (Ctrl-C,
+    SIGTERM), FAILED otherwise; with `system_metrics`, CPU/memory/GPU are sampled meanwhile."""
     client = MlflowClient()
+    monitor = _system_monitor(run_id) if system_metrics else None
     try:
         yield run_id
     except KeyboardInterrupt:
@@ -129,7 +184,18 @@ def run_status(run_id: str):
     except BaseException:
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.FAILED))
         raise
+    finally:
+        if monitor is not None:
+            monitor.finish()
     client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _system_monitor(run_id: str):
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, resume_logging=True)
+    monitor.start()
+    return monitor
 
 
 def log_evaluation(run_id: str, metrics: dict[str, Any], eval_dir: Path) -> None:
@@ -149,12 +215,11 @@ def log_evaluation(run_id: str, metrics: dict[str, Any], eval_dir: Path) -> None
 # The run file: which run a model in artifacts/ belongs to
 
 
-def record_run(art: Artifacts, run_id: str) -> Path:
-    return write_json(art.train_dir / RUN_FILE, {"run_id": run_id, "experiment": EXPERIMENT})
+def record_run(path: Path, run_id: str) -> Path:
+    return write_json(path, {"run_id": run_id, "experiment": EXPERIMENT})
 
 
-def recorded_run(art: Artifacts) -> str | None:
-    path = art.train_dir / RUN_FILE
+def recorded_run(path: Path) -> str | None:
     return json.loads(path.read_text())["run_id"] if path.exists() else None
 
 
@@ -171,28 +236,25 @@ def _exists(run_id: str | None) -> bool:
 def training_run(
     art: Artifacts,
     params: Params,
-    data_dir: Path | None = None,
-    dagster_run_id: str | None = None,
-    dvc_file: Path | str = lineage.DVC_FILE,
+    version: lineage.DataVersion,
+    history: list[dict],
+    tags: dict[str, str] | None = None,
+    source: str = "deepcluster train",
 ) -> str:
-    """The run a training about to start in `art.train_dir` logs into, recorded in the run file.
+    """The run a training about to start in `art.staging_dir` logs into, recorded there.
 
-    Resuming a checkpoint with the same parameters continues the run that wrote it. Anything else
-    opens a new run; when a checkpoint will be resumed (e.g. under a longer `train.epochs`), its
-    epochs so far are logged into the new run too, so the run shows the whole training.
+    Resuming a staged checkpoint of the same parameters continues the run that wrote it.
+    Anything else opens a new run; the epochs a resumed checkpoint already holds (`history`,
+    e.g. under a longer `train.epochs`) are logged into it too, so the run shows the whole training.
     """
-    previous = recorded_run(art)
-    checkpoint = art.train_dir / CHECKPOINT
-    if checkpoint.exists() and _exists(previous) and _logged_params(previous) == _flat(params):
+    run_file = art.staging_dir / art.run_file.name
+    previous = recorded_run(run_file)
+    if history and _exists(previous) and _logged_params(previous) == _flat(params):
         MlflowClient().update_run(previous, status=RunStatus.to_string(RunStatus.RUNNING))
         return previous
-    version = lineage.data_version(art.manifest, data_dir, dvc_file)
-    run_id = start_training_run(params, version, art.manifest, dagster_run_id=dagster_run_id)
-    record_run(art, run_id)
-    if checkpoint.exists():
-        state = load_checkpoint(checkpoint)
-        if state["fingerprint"] == params_fingerprint(params):  # else train() refuses it
-            _log_history(run_id, state["history"])
+    run_id = start_training_run(params, version, art.manifest, tags=tags, source=source)
+    record_run(run_file, run_id)
+    _log_history(run_id, history)
     return run_id
 
 
@@ -217,7 +279,7 @@ def run_for(art: Artifacts) -> str:
     machine, another MLFLOW_TRACKING_URI), a run is opened here once for the model, tagged with
     the original run id, and found again by that tag next time.
     """
-    recorded = recorded_run(art)
+    recorded = recorded_run(art.run_file)
     if _exists(recorded):
         return recorded
     if recorded:
@@ -230,25 +292,12 @@ def run_for(art: Artifacts) -> str:
 
 
 def _adopt(art: Artifacts, origin: str | None) -> str:
-    """A run for a model trained elsewhere: its own params (from model.pt), lineage and history."""
+    """A run for a model trained elsewhere: its own params, lineage and history."""
     params = saved_params(art.model)
-    version = lineage.data_version(art.manifest)
+    version = lineage.recorded_version(art)
     tags = {"origin_run_id": origin or "unknown"}
     run_id = start_training_run(params, version, art.manifest, tags=tags)
     with run_status(run_id):
         history = json.loads(art.history.read_text()) if art.history.exists() else []
         _log_history(run_id, history)
     return run_id
-
-
-__all__ = [
-    "EpochLogger",
-    "experiment_id",
-    "log_evaluation",
-    "record_run",
-    "recorded_run",
-    "run_for",
-    "run_status",
-    "start_training_run",
-    "training_run",
-]

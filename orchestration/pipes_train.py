@@ -1,0 +1,77 @@
+"""The training process Dagster launches (`python -m orchestration.pipes_train`, or under
+torchrun): the library's train step, reporting through Dagster Pipes.
+
+It imports `dagster_pipes` (the small, dependency-free side of Pipes) and the library, never
+Dagster itself. Each epoch goes back as a log line and a custom message; the end as a `result`
+message with the MLflow run id. A user error is reported as such, so Dagster does not retry it.
+"""
+
+import signal
+import sys
+from dataclasses import asdict
+
+from dagster_pipes import open_dagster_pipes
+
+from deepcluster import pipeline
+from deepcluster.config import params_from_dict
+from deepcluster.errors import UserError
+from deepcluster.paths import Artifacts
+from deepcluster.train import describe
+
+
+
+def _stop_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _train(extras: dict, on_epoch) -> pipeline.TrainSummary:
+    return pipeline.train(
+        params_from_dict(extras["params"]),
+        Artifacts(extras["artifacts"]),
+        fresh=extras["fresh"],
+        on_epoch=on_epoch,
+        show=False,
+        tags={"dagster_run_id": extras["dagster_run_id"]},
+        source="dagster train_epochs",
+        dvc_file=extras["dvc_file"],
+    )
+
+
+def main() -> int:
+    _stop_on_sigterm()
+    with open_dagster_pipes() as pipes:
+        extras = dict(pipes.extras)
+        epochs = extras["params"]["train"]["epochs"]
+
+        def on_epoch(stats) -> None:
+            row = asdict(stats)
+            pipes.log.info(describe(stats, epochs))
+            pipes.report_custom_message({"epoch": row})
+            if stats.epoch == extras.get("fail_after_epoch"):  # testing retries only
+                raise RuntimeError(f"injected failure after epoch {stats.epoch}")
+
+        try:
+            summary = _train(extras, on_epoch)
+        except UserError as err:
+            pipes.report_custom_message({"user_error": str(err)})
+            return 2
+        pipes.report_custom_message(
+            {
+                "result": {
+                    "history": [asdict(h) for h in summary.history],
+                    "resumed_from": summary.resumed_from,
+                    "epochs": summary.params.train.epochs,
+                    "params": summary.params.to_dict(),
+                    "auto": summary.auto,
+                    "mlflow_run_id": summary.run_id,
+                }
+            }
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
