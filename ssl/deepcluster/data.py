@@ -220,7 +220,7 @@ def _link_problem(task: _ScanTask) -> str | None:
     inside = os.path.commonpath([task.root, target]) == task.root
     if inside or task.follow_external_links:
         return None
-    return "symbolic link to a file outside the data folder (not followed; see follow_external_links)"
+    return "symbolic link to outside the data folder (not followed; see follow_external_links)"
 
 
 def _manifest_frame(accepted: Sequence[tuple[str, ImageInfo]]) -> pl.DataFrame:

@@ -17,10 +17,13 @@ alias re-read before and after setting (`promote`). See `promotion_lock` for whi
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import math
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -159,14 +162,24 @@ def _run_data_md5(client: MlflowClient, run_id: str | None) -> str | None:
 def promotion_lock(client: MlflowClient, name: str) -> Iterator[None]:
     """Mutual exclusion for deciding and setting `champion` of model `name`.
 
-    A registry in a local file (sqlite, or a file store) is locked with flock on a file beside it:
-    released by the kernel when a holder dies. Any other registry (a tracking server, a database)
-    is locked through the registry itself, `registry_mutex`.
+    A registry in a local file (sqlite, or a file store) is locked with flock on a lock file named
+    after the store's real path: released by the kernel when a holder dies. (The lock lives in the
+    temp folder, not beside the store, so a repo holding mlflow.db gets no untracked file.) Any
+    other registry (a tracking server, a database) is locked through the registry itself,
+    `registry_mutex`.
     """
     path = local_store_path(mlflow.get_registry_uri())
-    lock = file_lock(path.parent / f"{path.name}.promotion.lock") if path else None
-    with lock or registry_mutex(client, name):
+    with file_lock(lock_file_for(path)) if path else registry_mutex(client, name):
         yield
+
+
+def lock_file_for(store: Path) -> Path:
+    folder = Path(tempfile.gettempdir()) / "deepcluster-locks"
+    if not folder.is_dir():
+        folder.mkdir(exist_ok=True)
+        with contextlib.suppress(PermissionError):
+            folder.chmod(0o1777)  # shared like /tmp: any user's registrations take the same lock
+    return folder / f"{hashlib.sha256(str(store).encode()).hexdigest()[:32]}.promotion.lock"
 
 
 def local_store_path(uri: str) -> Path | None:
@@ -182,7 +195,7 @@ def local_store_path(uri: str) -> Path | None:
 
 @contextmanager
 def file_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
     try:
         deadline = time.monotonic() + timeout
         while True:

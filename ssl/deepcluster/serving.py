@@ -79,6 +79,7 @@ class DeepClusterModel(mlflow.pyfunc.PythonModel):
         from .cluster import Whitening
         from .train import load_model
 
+        ImageLimits.from_env()  # a bad limit stops a server at start, with its one line
         weights = Path(context.artifacts["model"])
         self.resolution = training_resolution(weights)
         self.net = load_model(weights, "cpu")
@@ -92,6 +93,8 @@ class DeepClusterModel(mlflow.pyfunc.PythonModel):
             return self._predict(model_input, FileAccess.for_call(params))
         except InputError:
             raise
+        except UserError as error:  # the operator's settings (limits), not the caller's input
+            raise MlflowException(str(error), error_code=INTERNAL_ERROR) from None
         except Exception as error:  # a bug: no internals to the caller, all of them to the log
             _log.exception("prediction failed")
             raise MlflowException(
