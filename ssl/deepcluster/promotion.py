@@ -17,13 +17,10 @@ alias re-read before and after setting (`promote`). See `promotion_lock` for whi
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
-import hashlib
 import math
 import os
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -162,24 +159,16 @@ def _run_data_md5(client: MlflowClient, run_id: str | None) -> str | None:
 def promotion_lock(client: MlflowClient, name: str) -> Iterator[None]:
     """Mutual exclusion for deciding and setting `champion` of model `name`.
 
-    A registry in a local file (sqlite, or a file store) is locked with flock on a lock file named
-    after the store's real path: released by the kernel when a holder dies. (The lock lives in the
-    temp folder, not beside the store, so a repo holding mlflow.db gets no untracked file.) Any
-    other registry (a tracking server, a database) is locked through the registry itself,
-    `registry_mutex`.
+    A registry in a local file (sqlite, or a file store) is locked with flock on the folder that
+    holds it: no lock file to leave behind, the same lock whatever the temp folder or home of the
+    process, and released by the kernel when a holder dies. (Not the database file itself:
+    closing another descriptor of it would drop SQLite's own locks.) Any other registry (a
+    tracking server, a database) is locked through the registry itself, `registry_mutex`.
     """
     path = local_store_path(mlflow.get_registry_uri())
-    with file_lock(lock_file_for(path)) if path else registry_mutex(client, name):
+    folder = (path if path.is_dir() else path.parent) if path else None
+    with file_lock(folder) if folder else registry_mutex(client, name):
         yield
-
-
-def lock_file_for(store: Path) -> Path:
-    folder = Path(tempfile.gettempdir()) / "deepcluster-locks"
-    if not folder.is_dir():
-        folder.mkdir(exist_ok=True)
-        with contextlib.suppress(PermissionError):
-            folder.chmod(0o1777)  # shared like /tmp: any user's registrations take the same lock
-    return folder / f"{hashlib.sha256(str(store).encode()).hexdigest()[:32]}.promotion.lock"
 
 
 def local_store_path(uri: str) -> Path | None:
@@ -195,7 +184,7 @@ def local_store_path(uri: str) -> Path | None:
 
 @contextmanager
 def file_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)  # flock needs no write access
+    fd = os.open(path, os.O_RDONLY)  # a folder opens read-only, and flock needs no more
     try:
         deadline = time.monotonic() + timeout
         while True:
