@@ -161,7 +161,9 @@ def test_concurrent_registrations_end_with_the_better_champion(models, tmp_path,
     """B (0.2) decides to beat the champion (0.1); before B sets the alias, A (0.3) registers.
     Unguarded, A promotes itself and B then overwrites it: the worse model ends as champion.
     Under the guard A waits for B's decision, then beats B."""
-    base = registry.register_model(with_metrics(models["low"], tmp_path / "c", nmi=0.1), name="race")
+    base = registry.register_model(
+        with_metrics(models["low"], tmp_path / "c", nmi=0.1), name="race"
+    )
     b_art = with_metrics(models["low"], tmp_path / "b", nmi=0.2)
     a_art = with_metrics(models["high"], tmp_path / "a", nmi=0.3)
     results: dict[str, registry.Registration] = {}
