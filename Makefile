@@ -9,7 +9,7 @@ DVC_VENV := .dvc-venv
 DVC := $(DVC_VENV)/bin/dvc
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install data demo dagster test lint clean
+.PHONY: install data demo dagster serve test lint clean
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
 $(STAMP): pyproject.toml
@@ -43,6 +43,12 @@ demo: data
 
 dagster: install
 	$(BIN)/python -m orchestration dev  # dagster dev on .dagster/, with the one-slot GPU pool
+
+# the registry's champion over HTTP; `mlflow models serve` starts uvicorn from PATH
+MODEL ?= models:/deepcluster@champion
+PORT ?= 5001
+serve: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m $(MODEL) --env-manager local -h 127.0.0.1 -p $(PORT)
 
 test: install
 	$(BIN)/ruff check ssl orchestration tests benchmarks

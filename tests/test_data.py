@@ -13,6 +13,7 @@ from PIL import Image
 
 from deepcluster.data import (
     MANIFEST_SCHEMA,
+    NON_UTF8_NAME,
     REJECTED_SCHEMA,
     IngestError,
     build_cache,
@@ -24,6 +25,8 @@ from deepcluster.data import (
     scan_images,
     write_tables,
 )
+from deepcluster.errors import UserError
+from deepcluster.imagefile import ImageLimits, ImageRejected
 from deepcluster.io import atomic_path
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
@@ -271,3 +274,62 @@ def test_failed_writes_leave_nothing_behind(
     finally:
         (tmp_path / "red.png").rename(moved)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_a_non_utf8_file_name_is_rejected_and_the_scan_goes_on(tmp_path: Path) -> None:
+    (tmp_path / "ok.png").write_bytes(png_bytes(solid(RED, (4, 4))))
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.png"), "wb") as handle:
+        handle.write(png_bytes(solid(BLUE, (4, 4))))
+    manifest, rejected = scan_images(tmp_path)
+    assert manifest["path"].to_list() == ["ok.png"]
+    assert rejected.rows() == [("caf\\xe9.png", NON_UTF8_NAME)]
+    assert NON_UTF8_NAME == "file or folder name is not valid UTF-8 (rename it to ingest it)"
+    write_tables(manifest, rejected, tmp_path / "tables")  # parquet takes the shown name
+
+
+def test_symlinks_out_of_the_folder_are_refused_unless_allowed(tmp_path: Path) -> None:
+    outside, data = tmp_path / "outside", tmp_path / "data"
+    outside.mkdir(), data.mkdir()
+    (outside / "secret.png").write_bytes(png_bytes(solid(RED, (4, 4))))
+    (data / "own.png").write_bytes(png_bytes(solid(BLUE, (4, 4))))
+    (data / "escape.png").symlink_to(outside / "secret.png")
+    manifest, rejected = scan_images(data)
+    assert manifest["path"].to_list() == ["own.png"]
+    assert rejected.row(0)[0] == "escape.png" and "outside the data folder" in rejected.row(0)[1]
+
+    manifest, rejected = scan_images(data, follow_external_links=True)
+    assert manifest["path"].to_list() == ["escape.png", "own.png"] and rejected.height == 0
+
+
+def test_exif_orientation_is_applied_when_decoding(tmp_path: Path) -> None:
+    """Stored red above blue; orientation 6 (turn 90 degrees clockwise) shows blue left, red right."""
+    image = Image.new("RGB", (16, 16), BLUE)
+    image.paste(Image.new("RGB", (16, 8), RED), (0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image.save(tmp_path / "turned.jpg", exif=exif, quality=95)
+    decoded = decode_image(tmp_path / "turned.jpg", 8).astype(int)
+    assert decoded[2, 4, 0] > 200 and decoded[0, 4, 0] < 60  # left column: blue
+    assert decoded[0, 4, 7] > 200 and decoded[2, 4, 7] < 60  # right column: red
+
+
+def test_decoding_refuses_extreme_sizes_from_the_header(tmp_path: Path) -> None:
+    """A 6 KB PNG of 2 x 2,000,000 px once took 1.6 GB and 39 s; now it is refused unread."""
+    from benchmarks.bad_files import png, zeros_stream
+
+    (tmp_path / "needle.png").write_bytes(png(2, 2_000_000, zeros_stream(2, 2_000_000)))
+    with pytest.raises(ImageRejected, match=r"extreme aspect ratio \(2x2000000; limit 100:1"):
+        decode_image(tmp_path / "needle.png", 16)
+    (tmp_path / "wide.png").write_bytes(png_bytes(solid(RED, (300, 10))))
+    with pytest.raises(ImageRejected, match="too many pixels"):
+        decode_image(tmp_path / "wide.png", 8, ImageLimits(max_pixels=2_000))
+    assert decode_image(tmp_path / "wide.png", 8, ImageLimits(max_aspect=30)).shape == (3, 8, 8)
+
+
+def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DEEPCLUSTER_MAX_IMAGE_PIXELS", "1000")
+    monkeypatch.setenv("DEEPCLUSTER_MAX_IMAGE_ASPECT", "4.5")
+    assert ImageLimits.from_env() == ImageLimits(max_pixels=1000, max_aspect=4.5)
+    monkeypatch.setenv("DEEPCLUSTER_MAX_IMAGE_BYTES", "lots")
+    with pytest.raises(UserError, match="DEEPCLUSTER_MAX_IMAGE_BYTES='lots': give a positive int"):
+        ImageLimits.from_env()

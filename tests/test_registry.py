@@ -1,21 +1,19 @@
-"""The registered model: the promotion rule, lookup by alias in other processes, HTTP serving.
+"""The registry: the promotion rule and its guard, lookup by alias in another process, the input
+forms the model takes, and `deepcluster predict`.
 
-Two real models on 300 real digits, in a private MLflow store: the network training starts from
-(0 epochs) and the same network trained for FAST's epochs. Both go through the pipeline steps and
-the tracking calls Dagster makes, then into the registry.
+Real models on real digits (registry_fixtures.py) in a private MLflow store. Each rule test
+registers under its own model name, so the tests do not depend on one another.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import os
-import signal
-import socket
+import shutil
 import subprocess
 import sys
+import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -23,61 +21,53 @@ import numpy as np
 import pandas as pd
 import polars as pl
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from deepcluster import pipeline, registry, tracking
+from deepcluster import promotion, registry, tracking
 from deepcluster.errors import UserError
-from deepcluster.models import build_model
 from deepcluster.paths import Artifacts
-from deepcluster.train import export_model
+from deepcluster.serving import EXPECTED_INPUT, InputError
 
-from .conftest import fast_params, run_cli
+from .conftest import run_cli
+from .registry_fixtures import PARAMS, build, store, with_metrics
 
-ROOT = Path(__file__).resolve().parents[1]
-PARAMS = fast_params(eval={"probe_epochs": 30})
-
-
-def build(art: Artifacts, images: Path, epochs: int) -> Artifacts:
-    """ingest -> train (tracked) -> features -> cluster -> evaluate (logged) in `art`."""
-    pipeline.ingest(images, PARAMS, art, progress=False)
-    run_id = tracking.training_run(art, PARAMS, images)
-    with tracking.run_status(run_id):
-        if epochs:
-            pipeline.train_step(PARAMS, art, tracking.EpochLogger(run_id), progress=False)
-        else:  # the network training starts from: same seed, same construction
-            torch.manual_seed(PARAMS.train.seed)
-            export_model(build_model(PARAMS.model, PARAMS.cluster.k), PARAMS, art.model)
-    pipeline.features_step(PARAMS, art, progress=False)
-    pipeline.cluster_step(PARAMS, art)
-    metrics = pipeline.evaluate_step(PARAMS, art, progress=False)
-    tracking.log_evaluation(run_id, metrics, art.eval_dir)
-    return art
+__all__ = ["store"]  # a fixture, used through `models`
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory):
-    """A private sqlite store; the working directory moves there so ./mlruns lands there too."""
-    folder = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{folder / 'mlflow.db'}"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
-        mp.chdir(folder)
-        yield uri
-
-
-@pytest.fixture(scope="module")
-def registered(store: str, digits_subset: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Register low, high, low again (ordered by their real NMI): all three branches of the rule."""
+def models(store: str, digits_subset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """low/high: the untrained and the trained network on the same 300 digits (ordered by their
+    real NMI); other: an untrained network on 200 of those digits (another data version)."""
     base = tmp_path_factory.mktemp("models")
-    images = digits_subset  # 300 real digits, class-per-folder (conftest)
-    models = [build(Artifacts(base / f"epochs{n}"), images, n) for n in (0, PARAMS.train.epochs)]
-    nmi = [json.loads(art.metrics.read_text())["nmi"] for art in models]
-    assert nmi[0] != nmi[1], "two models with the same NMI cannot test promotion"
-    low, high = (models[0], models[1]) if nmi[0] < nmi[1] else (models[1], models[0])
-    regs = [registry.register_model(art) for art in (low, high, low)]
-    return {"images": images, "low": low, "high": high, "regs": regs, "uri": store}
+    built = [build(Artifacts(base / f"epochs{n}"), digits_subset, n) for n in (0, 2)]
+    low, high = sorted(built, key=lambda art: _metrics(art)["nmi"])
+    assert _metrics(low)["nmi"] < _metrics(high)["nmi"], "equal NMIs cannot test promotion"
+    fewer = base / "fewer_digits"
+    for label_dir in sorted(p for p in digits_subset.iterdir() if p.is_dir()):
+        (fewer / label_dir.name).mkdir(parents=True)
+        for image in sorted(label_dir.iterdir())[:20]:
+            shutil.copy2(image, fewer / label_dir.name / image.name)
+    other = build(Artifacts(base / "other"), fewer, 0)
+    return {"images": digits_subset, "low": low, "high": high, "other": other, "uri": store}
+
+
+@pytest.fixture(scope="module")
+def registered(models: dict) -> dict:
+    """`deepcluster`: low, high, low again: all three branches of the rule."""
+    regs = [registry.register_model(models[n]) for n in ("low", "high", "low")]
+    return {**models, "regs": regs}
+
+
+def _metrics(art: Artifacts) -> dict:
+    return json.loads(art.metrics.read_text())
+
+
+def _champion(name: str) -> str | None:
+    return promotion._champion_version(MlflowClient(), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The promotion rule
 
 
 def test_first_version_is_champion_a_better_one_takes_over_a_worse_one_does_not(registered):
@@ -94,14 +84,149 @@ def test_first_version_is_champion_a_better_one_takes_over_a_worse_one_does_not(
     assert str(client.get_model_version_by_alias("deepcluster", "candidate").version) == "3"
     tags = client.get_model_version("deepcluster", "3").tags
     assert tags["promotion_metric"] == "nmi" and tags["promoted"] == "false"
+    run_md5 = client.get_run(worse.run_id).data.tags["data_md5"]
+    assert tags["data_md5"] == run_md5 == worse.data_md5
     assert first.summary().endswith("no champion before; now champion")
     assert f"champion was version 2 with {better.value:.4f}; stays candidate" in worse.summary()
+
+
+def test_each_version_is_judged_by_its_own_recorded_value(models, tmp_path):
+    """One run registered twice: first with NMI x, then re-evaluated (the run's eval/nmi drops to
+    y) and registered with z, y < z < x. The champion (x) must stay: comparing z with the run's
+    latest metric (y) moved the champion to a worse model."""
+    x = _metrics(models["high"])["nmi"]
+    first = registry.register_model(with_metrics(models["high"], tmp_path / "a"), name="own")
+    rescored = with_metrics(models["high"], tmp_path / "b", nmi=x - 0.3)
+    tracking.log_evaluation(first.run_id, _metrics(rescored), rescored.eval_dir)
+    assert MlflowClient().get_run(first.run_id).data.metrics["eval/nmi"] == pytest.approx(x - 0.3)
+
+    second = registry.register_model(with_metrics(models["high"], tmp_path / "c", nmi=x - 0.1),
+                                     name="own")  # fmt: skip
+    assert (first.promoted, second.promoted, second.run_id) == (True, False, first.run_id)
+    assert second.champion_value == pytest.approx(x) and _champion("own") == first.version
+
+
+def test_nan_never_becomes_champion_and_never_blocks_a_real_one(models, tmp_path):
+    nan = registry.register_model(with_metrics(models["low"], tmp_path / "a", nmi=float("nan")),
+                                  name="nan")  # fmt: skip
+    assert not nan.promoted and _champion("nan") is None
+    assert "not a number" in nan.summary() and nan.summary().endswith("stays candidate")
+
+    real = registry.register_model(models["low"], name="nan")
+    assert real.promoted and _champion("nan") == real.version
+
+    # a champion set by hand to a version with no usable value (NaN, or no tags at all) does not
+    # block a real one, even a worse one
+    client = MlflowClient()
+    client.set_registered_model_alias("nan", "champion", nan.version)
+    worse = registry.register_model(with_metrics(models["low"], tmp_path / "b", nmi=0.01),
+                                    name="nan")  # fmt: skip
+    assert worse.promoted and worse.reason == f"champion version {nan.version} has no usable value"
+    untagged = client.create_model_version("nan", real.model_uri, run_id=real.run_id).version
+    client.set_registered_model_alias("nan", "champion", untagged)
+    assert registry.register_model(models["low"], name="nan").promoted
+
+
+def test_models_of_other_data_are_not_compared(models, tmp_path):
+    champion = registry.register_model(models["high"], name="data")
+    better_elsewhere = with_metrics(models["other"], tmp_path / "other", nmi=0.999)
+    other = registry.register_model(better_elsewhere, name="data")
+    assert champion.data_md5 and other.data_md5 and champion.data_md5 != other.data_md5
+    assert not other.promoted and _champion("data") == champion.version
+    assert (
+        f"champion version {champion.version} was trained on other data "
+        f"(data_md5 {champion.data_md5} vs {other.data_md5})" in other.summary()
+    )
+    tags = MlflowClient().get_model_version("data", other.version).tags
+    assert tags["promoted"] == "false" and "other data" in tags["promotion_reason"]
+
+
+def test_a_collapsed_model_is_refused(models, tmp_path):
+    k = PARAMS.cluster.k
+    cases = (
+        ({"largest_cluster_share_kmeans": 0.8}, "largest_cluster_share_kmeans = 0.800 > 0.5"),
+        ({"empty_clusters_kmeans": k // 2 + 1, "k": k}, f"empty_clusters_kmeans = {k // 2 + 1}"),
+    )
+    for index, (figures, named) in enumerate(cases):
+        collapsed = with_metrics(models["high"], tmp_path / f"collapsed{index}", **figures)
+        with pytest.raises(UserError, match=f"not registering a collapsed model: {named}"):
+            registry.register_model(collapsed, name="collapsed")
+    assert MlflowClient().search_registered_models("name = 'collapsed'") == []
+    healthy = {"largest_cluster_share_kmeans": 0.3, "empty_clusters_kmeans": 2, "k": k}
+    assert registry.register_model(with_metrics(models["high"], tmp_path / "ok", **healthy),
+                                   name="collapsed").promoted  # fmt: skip
+
+
+def test_concurrent_registrations_end_with_the_better_champion(models, tmp_path, monkeypatch):
+    """B (0.2) decides to beat the champion (0.1); before B sets the alias, A (0.3) registers.
+    Unguarded, A promotes itself and B then overwrites it: the worse model ends as champion.
+    Under the guard A waits for B's decision, then beats B."""
+    base = registry.register_model(
+        with_metrics(models["low"], tmp_path / "c", nmi=0.1), name="race"
+    )
+    b_art = with_metrics(models["low"], tmp_path / "b", nmi=0.2)
+    a_art = with_metrics(models["high"], tmp_path / "a", nmi=0.3)
+    results: dict[str, registry.Registration] = {}
+    a_thread = threading.Thread(target=lambda: results.update(a=_register(a_art, "race")))
+    set_alias, started = MlflowClient.set_registered_model_alias, []
+
+    def b_sets_champion_late(self, name, alias, version):
+        if alias == "champion" and name == "race" and not started:
+            started.append(a_thread)
+            a_thread.start()  # A registers now, between B's decision and B's write
+            _wait_for_version_or_end(a_thread, "race", version=3)
+        return set_alias(self, name, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", b_sets_champion_late)
+    results["b"] = _register(b_art, "race")
+    a_thread.join(timeout=120)
+    assert base.promoted and results["b"].promoted  # B beat the champion it saw
+    assert results["a"].promoted and results["a"].champion_before == results["b"].version
+    assert _champion("race") == results["a"].version
+
+
+def _register(art: Artifacts, name: str) -> registry.Registration:
+    return registry.register_model(art, name=name)
+
+
+def _wait_for_version_or_end(thread: threading.Thread, name: str, version: int) -> None:
+    """Until `thread` finished, or registered `version` and had 2 s to reach the lock."""
+    deadline = time.monotonic() + 120
+    while thread.is_alive() and time.monotonic() < deadline:
+        found = MlflowClient().search_model_versions(f"name = '{name}'")
+        if any(int(v.version) >= version for v in found):
+            thread.join(timeout=2)
+            return
+        time.sleep(0.2)
+
+
+def test_the_registry_mutex_excludes_and_breaks_stale_locks(store, monkeypatch):
+    """The lock used with a remote registry, exercised here on the sqlite one."""
+    client = MlflowClient()
+    held = "registered model 'mutex.lock' held for 1 s"
+    with (
+        promotion.registry_mutex(client, "mutex"),
+        pytest.raises(UserError, match=held),
+        promotion.registry_mutex(client, "mutex", timeout=1),
+    ):
+        pass
+    with promotion.registry_mutex(client, "mutex", timeout=1):  # released on exit
+        pass
+    client.create_registered_model("mutex.lock")  # left by a process that died
+    monkeypatch.setattr(promotion, "STALE_LOCK", 0.0)
+    with promotion.registry_mutex(client, "mutex", timeout=5):
+        pass
+    assert client.search_registered_models("name = 'mutex.lock'") == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Using a registered model
 
 
 README_SNIPPET = """
 import mlflow, pandas as pd
 model = mlflow.pyfunc.load_model("models:/deepcluster@champion")
-out = model.predict(pd.DataFrame({"path": paths}))
+out = model.predict(pd.DataFrame({"path": paths}), params={"allow_paths": True})
 """
 
 
@@ -112,6 +237,7 @@ def test_the_champion_in_another_process_assigns_like_the_pipeline(registered, t
     script = (
         f"import json, sys\npaths = json.loads(sys.argv[1])\n{README_SNIPPET}"
         "out[['cluster']].to_parquet(sys.argv[2])\n"
+        "assert 'matplotlib' not in sys.modules and 'deepcluster.evaluate' not in sys.modules\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the model brings its code
     env["MLFLOW_TRACKING_URI"] = registered["uri"]
@@ -143,66 +269,38 @@ def test_predict_command_writes_assignments(registered, tmp_path):
     assert len(predicted["embedding"][0]) == PARAMS.model.embed_dim
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def test_the_model_takes_lists_series_and_frames(registered):
+    """A plain list of paths once failed with `need at least one array to stack`."""
+    model = mlflow.pyfunc.load_model("models:/deepcluster@champion")
+    files = sorted(registered["images"].rglob("*.png"))[:3]
+    paths = [str(p) for p in files]
+    allow = {"allow_paths": True}
+    expected = model.predict(pd.DataFrame({"path": paths}), params=allow)
+    assert list(expected.columns) == ["cluster", "distance", "embedding"] and len(expected) == 3
+    for given in (paths, tuple(paths), pd.Series(paths), np.array(paths), {"path": paths}):
+        out = model.predict(given, params=allow)
+        assert out["cluster"].tolist() == expected["cluster"].tolist(), type(given)
+    encoded = [p.read_bytes() for p in files]
+    for given in (encoded, pd.Series(encoded, name="image"), pd.DataFrame({"image": encoded})):
+        assert model.predict(given)["cluster"].tolist() == expected["cluster"].tolist()
 
-
-def test_mlflow_models_serve_answers_with_cluster_ids(registered, tmp_path):
-    high: Artifacts = registered["high"]
-    table = pl.read_parquet(high.assignments).head(20)
-    port = free_port()
-    bin_dir = Path(sys.executable).parent  # uvicorn, started by `mlflow models serve`, lives here
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["uri"]}
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
-    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", "models:/deepcluster@champion"]
-    command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    log = tmp_path / "serve.log"
-    with open(log, "w") as sink:
-        server = subprocess.Popen(
-            command, cwd=tmp_path, env=env, stdout=sink, stderr=sink, start_new_session=True
-        )
-    try:
-        wait_until_up(f"http://127.0.0.1:{port}/ping", server, log)
-        images = [
-            [base64.b64encode((registered["images"] / p).read_bytes()).decode()]
-            for p in table["path"]
-        ]
-        body = {"dataframe_split": {"columns": ["image"], "data": images}}
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations",
-            json.dumps(body).encode(),
-            {"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(request, timeout=120) as response:
-            predictions = json.load(response)["predictions"]
-        assert [p["cluster"] for p in predictions] == table["cluster"].to_list()
-        assert len(predictions[0]["embedding"]) == PARAMS.model.embed_dim
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn it started
-        server.wait(timeout=30)
-
-
-def wait_until_up(url: str, server: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"the model server exited:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(url, timeout=5):
-                return
-        except OSError:
-            time.sleep(1)
-    pytest.fail(f"the model server did not answer {url} within {timeout}s")
+    for empty in ([], pd.DataFrame({"path": []}), pd.Series([], dtype=object)):
+        out = model.predict(empty)
+        assert list(out.columns) == ["cluster", "distance", "embedding"] and len(out) == 0
+    for wrong in (42, [[paths[0]]], pd.DataFrame({"file": paths, "size": [1, 2, 3]})):
+        with pytest.raises(InputError, match="expected a list or Series of image paths") as err:
+            model.predict(wrong)
+        assert EXPECTED_INPUT in str(err.value)
 
 
 def test_bad_input_gets_a_clear_error(registered):
     model = mlflow.pyfunc.load_model("models:/deepcluster@candidate")
-    with pytest.raises(UserError, match="row 0: `image` is not a decodable image"):
+    with pytest.raises(UserError, match="row 0: not a decodable image: cannot identify"):
         model.predict(pd.DataFrame({"image": [b"not an image"]}))
-    with pytest.raises(UserError, match="nowhere.png: cannot read it as an image"):
-        model.predict(pd.DataFrame({"path": ["nowhere.png"]}))
+    with pytest.raises(UserError, match=r"row 0 \(nowhere.png\): no such file"):
+        model.predict(["nowhere.png"], params={"allow_paths": True})
+    with pytest.raises(UserError, match=r"reading files needs params=\{'allow_paths': True\}"):
+        model.predict([str(next(registered["images"].rglob("*.png")))])
 
 
 def test_an_unknown_metric_names_the_usable_ones(registered):

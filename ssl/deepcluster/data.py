@@ -12,8 +12,8 @@ and the same on every OS. A script that calls these functions must guard its ent
 
 from __future__ import annotations
 
+import errno
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -21,32 +21,36 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import IO, Any, NamedTuple
 
 import numpy as np
 import polars as pl
-from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from deepcluster.errors import UserError
+from deepcluster.imagefile import (
+    MIN_SIDE,  # noqa: F401 -- re-exported: the manifest checks import it from here
+    ImageLimits,
+    ImageRejected,
+    decode_bytes,
+    load_first_frame,
+    open_checked,
+    read_regular_file,
+)
 from deepcluster.io import atomic_path, write_json
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-MIN_SIDE = 2  # a 1-pixel-wide image cannot be resized or cropped meaningfully
 
 MANIFEST_SCHEMA = {
     "path": pl.Utf8,  # relative POSIX path under the data folder
     "sha256": pl.Utf8,  # hex digest of the file's bytes
     "bytes": pl.Int64,
-    "width": pl.Int32,
+    "width": pl.Int32,  # as stored (before the EXIF orientation is applied)
     "height": pl.Int32,
     "mode": pl.Utf8,  # PIL mode as stored in the file: "L", "RGB", "RGBA", "P", ...
     "label": pl.Utf8,  # first-level folder name when the layout is class-per-folder, else null
 }
 REJECTED_SCHEMA = {"path": pl.Utf8, "reason": pl.Utf8}
-
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
-HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class IngestError(UserError, ValueError):
@@ -61,28 +65,50 @@ class ImageInfo(NamedTuple):
     mode: str
 
 
+class _ScanTask(NamedTuple):
+    """What a (possibly spawned) worker needs to inspect one file."""
+
+    root: str  # the data folder, symbolic links resolved
+    path: Path
+    follow_external_links: bool
+    limits: ImageLimits
+
+
 # ---------------------------------------------------------------------------------------------
 # Scan: folder -> (manifest, rejected)
 
 
-def scan_images(root: Path, workers: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
+def scan_images(
+    root: Path,
+    workers: int = 0,
+    follow_external_links: bool = False,
+    limits: ImageLimits | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Validate every file under `root` and return `(manifest, rejected)`, both sorted by path.
 
     The walk is recursive and sorted. Hidden files and folders (name starting with '.', such as
     `.gitignore`, `.DS_Store` or `.dvc`) are skipped: they are tool metadata, not data. Each image
-    is fully decoded (first frame for animations), so truncated files are rejected here rather
-    than crashing training. A file whose bytes equal an earlier accepted file's (in path order) is
-    rejected as a duplicate. Labels are filled only when every accepted image sits in a
-    first-level subfolder. An empty manifest is returned as is; see `require_images`.
+    is checked against `limits` (default: `ImageLimits.from_env()`) from its size and header, then
+    fully decoded (first frame for animations), so truncated files are rejected here rather than
+    crashing training. Symbolic links to files outside `root` are rejected unless
+    `follow_external_links`; linked folders are never walked (they could loop). A file whose
+    bytes equal an earlier accepted file's (in path order) is rejected as a duplicate. Labels are
+    filled only when every accepted image sits in a first-level subfolder. An empty manifest is
+    returned as is; see `require_images`.
     """
     root = _require_folder(root)
+    limits = limits or ImageLimits.from_env()
     entries, unlistable = _list_entries(root)
-    infos = _map_in_order(_inspect_file, [root / entry for entry in entries], workers, "scan")
+    named = [entry for entry in entries if _utf8(entry)]
+    rejected: list[tuple[str, str]] = list(unlistable)
+    rejected += [(entry, NON_UTF8_NAME) for entry in entries if not _utf8(entry)]
+    real_root = os.path.realpath(root)
+    tasks = [_ScanTask(real_root, root / e, follow_external_links, limits) for e in named]
+    infos = _map_in_order(_inspect_file, tasks, workers, "scan")
 
     accepted: list[tuple[str, ImageInfo]] = []
-    rejected: list[tuple[str, str]] = list(unlistable)
     first_path_by_hash: dict[str, str] = {}
-    for entry, info in zip(entries, infos, strict=True):
+    for entry, info in zip(named, infos, strict=True):
         if isinstance(info, str):
             rejected.append((entry, info))
         elif info.sha256 in first_path_by_hash:
@@ -91,6 +117,23 @@ def scan_images(root: Path, workers: int = 0) -> tuple[pl.DataFrame, pl.DataFram
             first_path_by_hash[info.sha256] = entry
             accepted.append((entry, info))
     return _manifest_frame(accepted), _rejected_frame(rejected)
+
+
+NON_UTF8_NAME = "file or folder name is not valid UTF-8 (rename it to ingest it)"
+
+
+def _utf8(name: str) -> bool:
+    """False for names os.walk could only decode with surrogate escapes (not valid UTF-8)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(name: str) -> str:
+    """A name as valid text: bytes that are not UTF-8 shown as \\xNN escapes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 def require_images(
@@ -138,48 +181,46 @@ def _list_entries(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
     return sorted(entries), unlistable
 
 
-def _inspect_file(path: Path) -> ImageInfo | str:
+def _inspect_file(task: _ScanTask) -> ImageInfo | str:
     """Manifest fields of one file, or the reason it is rejected. Never raises."""
     try:
-        return _inspect_or_raise(path)
+        return _inspect_or_raise(task)
+    except ImageRejected as rejection:
+        return str(rejection)
     except Exception as error:  # noqa: BLE001 -- one odd file must not stop the scan
         return f"unexpected error: {type(error).__name__}: {error}"
 
 
-def _inspect_or_raise(path: Path) -> ImageInfo | str:
+def _inspect_or_raise(task: _ScanTask) -> ImageInfo | str:
+    path = task.path
+    if path.is_symlink():
+        problem = _link_problem(task)
+        if problem:
+            return problem
     if path.is_dir():
         return "symlinked folder (not followed)"
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
         return f"unsupported file type '{path.suffix}'" if path.suffix else "no file extension"
-    if not path.is_file():
-        return "broken symbolic link" if path.is_symlink() else "not a regular file"
-    try:
-        data = path.read_bytes()
-    except PermissionError:
-        return "permission denied"
-    except OSError as error:
-        return f"cannot read file: {error.strerror or error}"
-    if not data:
-        return "empty file (0 bytes)"
-    try:
-        width, height, mode = _decode_fully(data)
-    except Image.DecompressionBombError as error:
-        return f"image too large: {error}"
-    except UnidentifiedImageError:
-        # Pillow's own message names an in-memory buffer address, which differs run to run
-        return "not a decodable image: cannot identify image file"
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        return f"truncated or corrupt image data: {error}"
-    if width < MIN_SIDE or height < MIN_SIDE:
-        return f"image too small ({width}x{height})"
+    data = read_regular_file(path, task.limits)
+    with open_checked(data, task.limits) as image:
+        mode = image.mode  # read before load(): the mode as stored, not as decoded
+        load_first_frame(image)  # Image.open only reads the header; this finds truncated data
+        width, height = image.size
     return ImageInfo(hashlib.sha256(data).hexdigest(), len(data), width, height, mode)
 
 
-def _decode_fully(data: bytes) -> tuple[int, int, str]:
-    with Image.open(io.BytesIO(data)) as image:
-        mode = image.mode  # read before load(): the mode as stored, not as decoded
-        image.load()  # Image.open only reads the header; load() finds truncated pixel data
-        return image.width, image.height, mode
+def _link_problem(task: _ScanTask) -> str | None:
+    """Why a symbolic link is refused, or None when it may be followed."""
+    try:
+        os.stat(task.path)
+    except OSError as error:
+        loop = error.errno == errno.ELOOP
+        return "symbolic link loop" if loop else "broken symbolic link"
+    target = os.path.realpath(task.path)
+    inside = os.path.commonpath([task.root, target]) == task.root
+    if inside or task.follow_external_links:
+        return None
+    return "symbolic link to outside the data folder (not followed; see follow_external_links)"
 
 
 def _manifest_frame(accepted: Sequence[tuple[str, ImageInfo]]) -> pl.DataFrame:
@@ -198,7 +239,7 @@ def _manifest_frame(accepted: Sequence[tuple[str, ImageInfo]]) -> pl.DataFrame:
 
 
 def _rejected_frame(rejected: Sequence[tuple[str, str]]) -> pl.DataFrame:
-    rows = sorted(rejected)
+    rows = sorted((printable(path), reason) for path, reason in rejected)
     return pl.DataFrame(
         {"path": [path for path, _ in rows], "reason": [reason for _, reason in rows]},
         schema=REJECTED_SCHEMA,
@@ -234,64 +275,43 @@ def read_manifest(path: Path) -> pl.DataFrame:
 # Decode once: manifest -> (N, 3, R, R) uint8 cache
 
 
-def decode_image(path: Path, resolution: int) -> np.ndarray:
-    """Decode one image to uint8 CHW RGB of shape (3, R, R): shorter side resized to R, centre crop."""
-    with Image.open(path) as image:
-        image.seek(0)  # animations: the first frame, as validated by the scan
-        rgb = _to_rgb(image)
-    square = _resize_and_crop(rgb, resolution)
-    return np.ascontiguousarray(np.asarray(square, dtype=np.uint8).transpose(2, 0, 1))
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """Convert explicitly by mode, so transparency and high bit depths do not turn out black."""
-    if image.mode in HIGH_DEPTH_MODES:
-        return _stretch_to_8bit(image).convert("RGB")
-    if image.mode in ALPHA_MODES or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if image.mode in ("L", "1"):
-        return image.convert("L").convert("RGB")  # grey replicated to three channels
-    return image.convert("RGB")
-
-
-def _stretch_to_8bit(image: Image.Image) -> Image.Image:
-    """Map the image's actual value range onto 0..255 (a constant image becomes black)."""
-    values = np.asarray(image, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
-    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
-    scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
-    return Image.fromarray(np.rint(scaled).clip(0, 255).astype(np.uint8))
-
-
-def _resize_and_crop(image: Image.Image, resolution: int) -> Image.Image:
-    width, height = image.size
-    scale = resolution / min(width, height)
-    new_size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    # Pillow's resize antialiases when shrinking: the filter support widens with the scale
-    resized = image.resize(new_size, Image.Resampling.BILINEAR)
-    left = (new_size[0] - resolution) // 2
-    top = (new_size[1] - resolution) // 2
-    return resized.crop((left, top, left + resolution, top + resolution))
+def decode_image(
+    source: str | os.PathLike | IO[bytes], resolution: int, limits: ImageLimits | None = None
+) -> np.ndarray:
+    """Decode one image (a path or a binary file object) to uint8 CHW RGB of shape (3, R, R):
+    EXIF orientation applied, shorter side resized to R, centre crop. Refused with ImageRejected
+    (before any pixel is decoded) when over `limits` (default: `ImageLimits.from_env()`)."""
+    limits = limits or ImageLimits.from_env()
+    if isinstance(source, (str, os.PathLike)):
+        data = read_regular_file(source, limits)
+    else:
+        data = source.read(limits.max_bytes + 1)
+    return decode_bytes(data, resolution, limits)
 
 
 def build_cache(
-    root: Path, manifest: pl.DataFrame, resolution: int, out_path: Path, workers: int = 0
+    root: Path,
+    manifest: pl.DataFrame,
+    resolution: int,
+    out_path: Path,
+    workers: int = 0,
+    limits: ImageLimits | None = None,
 ) -> Path:
     """Decode every manifest row, in order, into `out_path` (.npy, shape (N, 3, R, R), uint8).
 
     The array is written atomically; `out_path.with_suffix(".json")` records the resolution, the
     count and `manifest_digest(manifest)` so a stale cache can be told apart (`cache_is_current`).
+    The whole file is allocated on disk before the memory map is written: a full disk is then an
+    error here (`io.DiskFullError`), not a SIGBUS halfway through.
     """
     if manifest.height == 0:
         raise IngestError("cannot build an image cache from an empty manifest")
     root, out_path = Path(root), Path(out_path)
-    tasks = [(root / path, resolution) for path in manifest["path"]]
+    limits = limits or ImageLimits.from_env()
+    tasks = [(root / path, resolution, limits) for path in manifest["path"]]
     shape = (len(tasks), 3, resolution, resolution)
     with atomic_path(out_path) as tmp:
-        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        cache = _preallocated_npy(tmp, shape)
         for index, image in enumerate(_map_in_order(_decode_task, tasks, workers, "cache")):
             cache[index] = image
         cache.flush()
@@ -299,6 +319,19 @@ def build_cache(
     # written after the array: a crash in between leaves a description that does not match
     write_json(out_path.with_suffix(".json"), _cache_description(manifest, resolution))
     return out_path
+
+
+def _preallocated_npy(path: Path, shape: tuple[int, ...]) -> np.memmap:
+    """A writable uint8 .npy memory map whose every block is already allocated on disk.
+
+    open_memmap alone makes a sparse file; writing into its holes on a full disk kills the
+    process with SIGBUS. posix_fallocate turns that into ENOSPC now, as an OSError.
+    """
+    np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)  # header, sparse body
+    if hasattr(os, "posix_fallocate"):  # Linux; elsewhere the sparse file is written as before
+        with open(path, "r+b") as handle:
+            os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+    return np.lib.format.open_memmap(path, mode="r+")
 
 
 def load_cache(path: Path) -> np.ndarray:
@@ -333,10 +366,10 @@ def _cache_description(manifest: pl.DataFrame, resolution: int) -> dict[str, Any
     }
 
 
-def _decode_task(task: tuple[Path, int]) -> np.ndarray:
-    path, resolution = task
+def _decode_task(task: tuple[Path, int, ImageLimits]) -> np.ndarray:
+    path, resolution, limits = task
     try:
-        return decode_image(path, resolution)
+        return decode_image(path, resolution, limits)
     except Exception as error:  # the manifest said this file was fine: name it, then stop
         raise IngestError(f"cannot decode {path} (changed since the scan?): {error}") from error
 

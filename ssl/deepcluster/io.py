@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -10,6 +11,15 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from .errors import UserError
+
+# below this many free bytes (or 1% of a small filesystem), a failed write is a full disk
+NEARLY_FULL = 2**20
+
+
+class DiskFullError(UserError, OSError):
+    """A write ran out of disk space; the message names the file and what to do."""
 
 
 @contextlib.contextmanager
@@ -25,8 +35,30 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp creates 0600; give the artifact the mode a plain open() would have
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, final)
+    except Exception as error:
+        if _disk_full(error, final.parent):  # checked before the partial file is removed
+            raise DiskFullError(
+                f"no space left on the device to write {final}: free some space and run again"
+            ) from error
+        raise
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _disk_full(error: Exception, folder: Path) -> bool:
+    """Whether a failed write failed for lack of space.
+
+    Writers report it differently (OSError ENOSPC; numpy an OSError without errno; polars a
+    ComputeError; torch a RuntimeError), so besides the errno, any failure on a filesystem left
+    (nearly) full counts.
+    """
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        fs = os.statvfs(folder)
+    except OSError:
+        return False
+    return fs.f_bavail * fs.f_frsize < min(NEARLY_FULL, fs.f_blocks * fs.f_frsize // 100)
 
 
 def _umask() -> int:

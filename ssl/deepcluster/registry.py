@@ -1,20 +1,22 @@
-"""The trained model as an MLflow pyfunc model in the registry, and the rule that promotes it.
+"""Registering the trained model in MLflow and deciding which version is `champion`.
 
 A registered version bundles the trunk weights (`train/model.pt`), the PCA-whitening and centroids
 (`cluster/clustering.npz`), the training resolution and this library's own source, so
 `mlflow.pyfunc.load_model("models:/deepcluster@champion")` works in any environment with the
-requirements, with or without `deepcluster` installed.
+requirements, with or without `deepcluster` installed. What the loaded model does is in
+`deepcluster.serving`; the promotion rule and its guard are in `deepcluster.promotion`.
 
-Aliases: every new version becomes `candidate`; `champion` moves to it only when its evaluation
-metric is strictly higher than the current champion's (the first version becomes champion).
+Aliases: every new version becomes `candidate`; `champion` moves to it only when its own recorded
+metric is strictly higher than the champion's, on the same data version (see `promotion`).
+A collapsed model (metrics.json: one cluster holds most images, or most clusters are empty) is
+not registered at all.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
 import json
+import math
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -24,104 +26,62 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
-import polars as pl
 from mlflow.exceptions import MlflowException
-from mlflow.models import ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types import ColSpec, Schema
-from mlflow.types.schema import Array
 
 from . import tracking
 from .errors import UserError
 from .io import write_json
 from .paths import Artifacts
+from .predict import collect_images, predict_files, write_predictions
+from .promotion import (
+    CANDIDATE,
+    CHAMPION,
+    TAG_DATA,
+    TAG_METRIC,
+    TAG_PROMOTED,
+    TAG_REASON,
+    TAG_VALUE,
+    Record,
+    promote,
+)
+from .serving import PREDICT_BATCH, SIGNATURE, DeepClusterModel, training_resolution
+
+# names other modules and older bundled models import from here
+__all__ = [
+    "CANDIDATE",
+    "CHAMPION",
+    "PREDICT_BATCH",
+    "SIGNATURE",
+    "DeepClusterModel",
+    "Registration",
+    "collect_images",
+    "log_pyfunc",
+    "predict_files",
+    "register_model",
+    "registration_path",
+    "resolve_metric",
+    "training_resolution",
+    "write_predictions",
+    "write_registration",
+]
 
 MODEL_NAME = "deepcluster"
-CANDIDATE, CHAMPION = "candidate", "champion"
 # higher is better for every figure evaluate writes that makes sense as a promotion metric
 DEFAULT_METRICS = ("nmi", "nmi_stability")  # "auto": the first one metrics.json holds
 REQUIREMENTS = (
     "mlflow", "torch", "numpy", "pandas", "pillow", "polars", "pyarrow", "faiss-cpu", "faiss-gpu",
     "scikit-learn", "scipy", "pyyaml", "tqdm",
 )  # fmt: skip
-PREDICT_BATCH = 256
 # "models from code": the logged model is this script plus the bundled library, not a pickle
 MODEL_CODE = """import mlflow
-from deepcluster.registry import DeepClusterModel
+from deepcluster.serving import DeepClusterModel
 
 mlflow.models.set_model(DeepClusterModel())
 """
-
-SIGNATURE = ModelSignature(
-    inputs=Schema(
-        [
-            ColSpec("string", "path", required=False),  # a file the serving process can read
-            ColSpec("binary", "image", required=False),  # encoded bytes; base64 in JSON requests
-        ]
-    ),
-    outputs=Schema(
-        [
-            ColSpec("long", "cluster"),
-            ColSpec("float", "distance"),  # squared L2 to the centroid in the whitened space
-            ColSpec(Array("float"), "embedding"),  # the network's embedding, as in features.npy
-        ]
-    ),
-)
-
-
-class DeepClusterModel(mlflow.pyfunc.PythonModel):
-    """Images -> embedding -> PCA-whitening + L2 -> nearest learned centroid."""
-
-    def load_context(self, context) -> None:
-        from .pipeline import load_clustering
-        from .train import load_model
-
-        weights = Path(context.artifacts["model"])
-        self.resolution = training_resolution(weights)
-        self.net = load_model(weights, "cpu")
-        self.whitening, self.centroids = load_clustering(Path(context.artifacts["clustering"]))
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        import torch
-
-        from .cluster import assign
-        from .train import ImageSource, compute_features
-
-        frame = pd.DataFrame(model_input)
-        images = np.stack([self._decode(frame, i) for i in range(len(frame))])
-        source = ImageSource(images, torch.device("cpu"))
-        feats = compute_features(self.net, source, PREDICT_BATCH, amp=False, progress=False)
-        ids, dist = assign(self.whitening.apply(feats), self.centroids)
-        return pd.DataFrame(
-            {
-                "cluster": ids.astype(np.int64),
-                "distance": dist.astype(np.float32),
-                "embedding": [row.tolist() for row in feats],
-            }
-        )
-
-    def _decode(self, frame: pd.DataFrame, i: int) -> np.ndarray:
-        """Row i's image at the training resolution, exactly as ingest decodes files."""
-        from .data import decode_image
-
-        path = frame["path"].iloc[i] if "path" in frame else None
-        if isinstance(path, str) and path:
-            try:
-                return decode_image(Path(path), self.resolution)
-            except OSError as err:
-                raise UserError(f"{path}: cannot read it as an image ({err})") from err
-        raw = frame["image"].iloc[i] if "image" in frame else None
-        if raw is None or (isinstance(raw, float) and np.isnan(raw)):
-            raise UserError(f"row {i}: give a file `path` or encoded `image` bytes")
-        if isinstance(raw, str):
-            try:
-                raw = base64.b64decode(raw, validate=True)
-            except binascii.Error as err:
-                raise UserError(f"row {i}: `image` is not valid base64 ({err})") from err
-        try:
-            return decode_image(io.BytesIO(bytes(raw)), self.resolution)
-        except OSError as err:
-            raise UserError(f"row {i}: `image` is not a decodable image ({err})") from err
+# a model this collapsed is refused (keys written by evaluate; a missing key is not collapse)
+MAX_LARGEST_SHARE = 0.5  # largest_cluster_share_kmeans
+MAX_EMPTY_FRACTION = 0.5  # empty_clusters_kmeans / k
 
 
 @dataclass(frozen=True)
@@ -135,6 +95,8 @@ class Registration:
     champion_value: float | None  # its value of `metric`
     run_id: str
     model_uri: str  # models:/<name>/<version>
+    reason: str = ""  # why it was or was not promoted
+    data_md5: str | None = None  # the data version of its run
 
     @property
     def aliases(self) -> list[str]:
@@ -142,14 +104,9 @@ class Registration:
 
     def summary(self) -> str:
         """One line: the version, its metric, what it was compared with, the verdict."""
-        if self.champion_before is None:
-            before = "no champion before"
-        elif self.champion_value is None:
-            before = f"champion version {self.champion_before} has no {self.metric} to compare with"
-        else:
-            before = f"champion was version {self.champion_before} with {self.champion_value:.4f}"
         verdict = "now champion" if self.promoted else "stays candidate"
-        return f"{self.name} version {self.version}: {self.metric} = {self.value:.4f}, {before}; {verdict}"
+        value = f"{self.metric} = {self.value:.4f}"
+        return f"{self.name} version {self.version}: {value}, {self.reason}; {verdict}"
 
 
 def register_model(
@@ -166,31 +123,59 @@ def register_model(
     else the NMI between the last two epochs' clusterings.
     """
     metrics = _read_metrics(art)
+    refuse_collapsed(metrics, art.metrics)
     metric = resolve_metric(metric, metrics)
     value = float(metrics[metric])
     run_id = run_id or tracking.run_for(art)
-    info = log_pyfunc(art, run_id)
-    version_tags = {"promotion_metric": metric, "promotion_value": repr(value), **(tags or {})}
-    version = mlflow.register_model(info.model_uri, name, tags=version_tags).version
     client = MlflowClient()
+    data_md5 = _run_tag(client, run_id, TAG_DATA)
+    info = log_pyfunc(art, run_id)
+    # the version's own record, written with it in one call: what promotion compares
+    own = {TAG_METRIC: metric, TAG_VALUE: repr(value), **({TAG_DATA: data_md5} if data_md5 else {})}
+    version = str(mlflow.register_model(info.model_uri, name, tags={**(tags or {}), **own}).version)
     client.set_registered_model_alias(name, CANDIDATE, version)
-    champion = _alias_version(client, name, CHAMPION)
-    best = None if champion is None else _metric_of(client, champion, metric)
-    promoted = champion is None or (best is not None and value > best)
-    if promoted:
-        client.set_registered_model_alias(name, CHAMPION, version)
-    client.set_model_version_tag(name, version, "promoted", str(promoted).lower())
+    finite = value if math.isfinite(value) else None
+    verdict = promote(client, name, Record(version, metric, finite, data_md5))
+    client.set_model_version_tag(name, version, TAG_PROMOTED, str(verdict.promote).lower())
+    client.set_model_version_tag(name, version, TAG_REASON, verdict.reason)
+    champion = verdict.champion
     return Registration(
         name=name,
-        version=str(version),
-        promoted=promoted,
+        version=version,
+        promoted=verdict.promote,
         metric=metric,
         value=value,
-        champion_before=None if champion is None else str(champion.version),
-        champion_value=best,
+        champion_before=champion.version if champion else None,
+        champion_value=champion.value if champion else None,
         run_id=run_id,
         model_uri=f"models:/{name}/{version}",
+        reason=verdict.reason,
+        data_md5=data_md5,
     )
+
+
+def refuse_collapsed(metrics: dict, source: Path) -> None:
+    """UserError naming the figures when the clustering collapsed; missing figures pass."""
+    share = metrics.get("largest_cluster_share_kmeans")
+    empty, k = metrics.get("empty_clusters_kmeans"), metrics.get("k")
+    problems = []
+    if _is_number(share) and share > MAX_LARGEST_SHARE:
+        problems.append(f"largest_cluster_share_kmeans = {share:.3f} > {MAX_LARGEST_SHARE}")
+    if _is_number(empty) and _is_number(k) and empty > MAX_EMPTY_FRACTION * k:
+        problems.append(f"empty_clusters_kmeans = {empty} > half of k = {k}")
+    if problems:
+        raise UserError(f"not registering a collapsed model: {'; '.join(problems)} (in {source})")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _run_tag(client: MlflowClient, run_id: str, key: str) -> str | None:
+    try:
+        return client.get_run(run_id).data.tags.get(key)
+    except MlflowException:
+        return None
 
 
 def registration_path(art: Artifacts) -> Path:
@@ -223,24 +208,6 @@ def _read_metrics(art: Artifacts) -> dict:
     return json.loads(art.metrics.read_text())
 
 
-def _alias_version(client: MlflowClient, name: str, alias: str):
-    try:
-        return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
-
-
-def _metric_of(client: MlflowClient, version, metric: str) -> float | None:
-    """The version's value of `metric`: from its run, else from its promotion tags."""
-    try:
-        value = client.get_run(version.run_id).data.metrics.get(tracking.EVAL_PREFIX + metric)
-    except MlflowException:
-        value = None
-    if value is None and version.tags.get("promotion_metric") == metric:
-        value = float(version.tags["promotion_value"])
-    return value
-
-
 # ---------------------------------------------------------------------------------------------
 # Logging the pyfunc model
 
@@ -263,13 +230,6 @@ def log_pyfunc(art: Artifacts, run_id: str):
             input_example=_input_example(art),
             pip_requirements=_requirements(),
         )
-
-
-def training_resolution(weights: Path) -> int:
-    """The square side images were decoded to for training, as recorded in model.pt."""
-    from .train import saved_params
-
-    return saved_params(weights).data.resolution
 
 
 def _library_copy(tmp: Path) -> str:
@@ -301,61 +261,3 @@ def _requirements() -> list[str]:
         except metadata.PackageNotFoundError:
             continue
     return pinned
-
-
-# ---------------------------------------------------------------------------------------------
-# Applying a registered model to files (`deepcluster predict`)
-
-
-def collect_images(paths: list[Path]) -> tuple[list[Path], pl.DataFrame]:
-    """Files as given, folders scanned recursively; (images, rejected files with the reason)."""
-    from .data import scan_images
-
-    images: list[Path] = []
-    rejected: list[tuple[str, str]] = []
-    for path in map(Path, paths):
-        if path.is_dir():
-            manifest, skipped = scan_images(path)
-            images += [path / p for p in manifest["path"]]
-            rejected += [(str(path / p), r) for p, r in skipped.iter_rows()]
-        elif path.is_file():
-            images.append(path)
-        else:
-            raise UserError(f"{path}: no such file or folder")
-    if not images:
-        raise UserError(f"no usable images in {', '.join(map(str, paths))}")
-    return images, pl.DataFrame(rejected, schema={"path": pl.Utf8, "reason": pl.Utf8}, orient="row")
-
-
-def predict_files(model_uri: str, paths: list[Path]) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(assignments: path, cluster, distance, embedding; rejected) for images under `paths`."""
-    images, rejected = collect_images(paths)
-    try:
-        model = mlflow.pyfunc.load_model(model_uri)
-    except MlflowException as err:
-        raise UserError(f"cannot load {model_uri}: {err.message}") from err
-    result = model.predict(pd.DataFrame({"path": [str(p) for p in images]}))
-    table = pl.DataFrame(
-        {
-            "path": [str(p) for p in images],
-            "cluster": result["cluster"].to_numpy(),
-            "distance": result["distance"].to_numpy(),
-            "embedding": pl.Series(list(result["embedding"]), dtype=pl.List(pl.Float32)),
-        }
-    )
-    return table, rejected
-
-
-def write_predictions(table: pl.DataFrame, out: Path) -> Path:
-    """Parquet keeps the embeddings; CSV holds path, cluster and distance."""
-    from .io import atomic_path
-
-    suffix = Path(out).suffix.lower()
-    if suffix not in (".parquet", ".csv"):
-        raise UserError(f"--out {out}: write to a .parquet or .csv file")
-    with atomic_path(out) as tmp:
-        if suffix == ".parquet":
-            table.write_parquet(tmp)
-        else:
-            table.drop("embedding").write_csv(tmp)
-    return Path(out)

@@ -1,0 +1,234 @@
+"""Which registered version holds the `champion` alias: the rule, and the guard around setting it.
+
+The rule compares what each version recorded about itself at registration (version tags
+`promotion_metric`, `promotion_value`, `data_md5`), never its run's metrics: one run can be
+registered twice with different evaluations, and the run's latest metric belongs to only one.
+
+- a version whose value is NaN or missing never becomes champion;
+- a champion without a usable value never blocks a version that has one;
+- only versions of the same data version (DVC md5) and the same metric are compared; otherwise
+  the new version stays candidate and the verdict says why (switching data is a person's call:
+  set the alias by hand);
+- otherwise the new version must be strictly better.
+
+MLflow has no compare-and-set for aliases, so deciding and setting happen under a lock, with the
+alias re-read before and after setting (`promote`). See `promotion_lock` for which lock.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import math
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from .errors import UserError
+
+CANDIDATE, CHAMPION = "candidate", "champion"
+TAG_METRIC, TAG_VALUE, TAG_DATA = "promotion_metric", "promotion_value", "data_md5"
+TAG_PROMOTED, TAG_REASON = "promoted", "promotion_reason"
+LOCK_TIMEOUT = 120.0  # seconds to wait for another registration's decision (it takes < 1 s)
+STALE_LOCK = 300.0  # a registry lock older than this was left by a process that died
+ROUNDS = 5  # decide-and-set attempts while other writers keep moving the alias
+
+
+@dataclass(frozen=True)
+class Record:
+    """What one version recorded about itself at registration."""
+
+    version: str
+    metric: str | None
+    value: float | None  # None when missing or NaN
+    data_md5: str | None
+
+    @classmethod
+    def of(cls, client: MlflowClient, version) -> Record:
+        tags = version.tags or {}
+        return cls(
+            version=str(version.version),
+            metric=tags.get(TAG_METRIC),
+            value=_number(tags.get(TAG_VALUE)),
+            data_md5=tags.get(TAG_DATA) or _run_data_md5(client, version.run_id),
+        )
+
+
+@dataclass(frozen=True)
+class Verdict:
+    promote: bool
+    reason: str  # why, in a few words, for the summary and the version's tags
+    champion: Record | None  # the champion it was judged against
+
+
+def judge(new: Record, champion: Record | None) -> Verdict:
+    """The promotion rule (module docstring) for `new` against the current champion."""
+
+    def verdict(promote: bool, reason: str) -> Verdict:
+        return Verdict(promote, reason, champion)
+
+    if new.value is None:
+        return verdict(False, f"its {new.metric} is not a number, which never becomes champion")
+    if champion is None:
+        return verdict(True, "no champion before")
+    if champion.value is None:
+        return verdict(True, f"champion version {champion.version} has no usable value")
+    if new.data_md5 is None:
+        return verdict(False, "its run has no data_md5 tag, so its data cannot be compared")
+    if champion.data_md5 != new.data_md5:
+        return verdict(
+            False,
+            f"champion version {champion.version} was trained on other data "
+            f"(data_md5 {champion.data_md5} vs {new.data_md5}); only one data version is compared",
+        )
+    if champion.metric != new.metric:
+        return verdict(
+            False,
+            f"champion version {champion.version} was ranked by {champion.metric}, not "
+            f"{new.metric}; register with --metric {champion.metric} to compare",
+        )
+    better = new.value > champion.value
+    return verdict(better, f"champion was version {champion.version} with {champion.value:.4f}")
+
+
+def promote(client: MlflowClient, name: str, new: Record) -> Verdict:
+    """Judge `new` against the champion and move the alias if it wins, as one guarded step.
+
+    Under `promotion_lock`, no other registration through this library decides meanwhile. The
+    alias is still re-read before and after setting it, for writers that do not take the lock
+    (the MLflow UI, other tools): a change means deciding again against the new champion.
+    """
+    with promotion_lock(client, name):
+        for _ in range(ROUNDS):
+            champion = current_champion(client, name)
+            verdict = judge(new, champion)
+            if not verdict.promote:
+                return verdict
+            if _champion_version(client, name) != (champion and champion.version):
+                continue  # moved while we decided
+            client.set_registered_model_alias(name, CHAMPION, new.version)
+            if _champion_version(client, name) == new.version:
+                return verdict
+    return Verdict(False, "the champion kept changing during registration; not moved", champion)
+
+
+def current_champion(client: MlflowClient, name: str) -> Record | None:
+    try:
+        return Record.of(client, client.get_model_version_by_alias(name, CHAMPION))
+    except MlflowException:
+        return None
+
+
+def _champion_version(client: MlflowClient, name: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
+    except MlflowException:
+        return None
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _run_data_md5(client: MlflowClient, run_id: str | None) -> str | None:
+    """Versions registered before `data_md5` became a version tag: their run's tag (a run has
+    one data version, unlike its metrics)."""
+    try:
+        return client.get_run(run_id).data.tags.get(TAG_DATA) if run_id else None
+    except MlflowException:
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The lock
+
+
+@contextmanager
+def promotion_lock(client: MlflowClient, name: str) -> Iterator[None]:
+    """Mutual exclusion for deciding and setting `champion` of model `name`.
+
+    A registry in a local file (sqlite, or a file store) is locked with flock on the folder that
+    holds it: no lock file to leave behind, the same lock whatever the temp folder or home of the
+    process, and released by the kernel when a holder dies. (Not the database file itself:
+    closing another descriptor of it would drop SQLite's own locks.) Any other registry (a
+    tracking server, a database) is locked through the registry itself, `registry_mutex`.
+    """
+    path = local_store_path(mlflow.get_registry_uri())
+    folder = (path if path.is_dir() else path.parent) if path else None
+    with file_lock(folder) if folder else registry_mutex(client, name):
+        yield
+
+
+def local_store_path(uri: str) -> Path | None:
+    """The file or folder of a local registry URI; None for a remote one."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        location = uri.split("sqlite:///", 1)[-1] if uri.startswith("sqlite:///") else ""
+        return Path(location).resolve() if location and location != ":memory:" else None
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else uri).resolve()
+    return None
+
+
+@contextmanager
+def file_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
+    fd = os.open(path, os.O_RDONLY)  # a folder opens read-only, and flock needs no more
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise UserError(f"another registration held {path} for {timeout:.0f} s")
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+@contextmanager
+def registry_mutex(client: MlflowClient, name: str, timeout: float = LOCK_TIMEOUT):
+    """A lock any MLflow registry provides: creating a registered model is atomic and fails with
+    RESOURCE_ALREADY_EXISTS when the name is taken. The lock is a model named `<name>.lock`,
+    deleted on release; one left by a dead process is broken after STALE_LOCK seconds."""
+    lock = f"{name}.lock"
+    holder = f"promotion lock of {name!r}, held by {socket.gethostname()}:{os.getpid()}"
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.create_registered_model(lock, description=holder)
+            break
+        except MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        _break_if_stale(client, lock)
+        if time.monotonic() > deadline:
+            raise UserError(f"registered model {lock!r} held for {timeout:.0f} s: {holder}")
+        time.sleep(0.2)
+    try:
+        yield
+    finally:
+        client.delete_registered_model(lock)
+
+
+def _break_if_stale(client: MlflowClient, lock: str) -> None:
+    try:
+        created = client.get_registered_model(lock).creation_timestamp
+        if time.time() - created / 1000 > STALE_LOCK:
+            client.delete_registered_model(lock)
+    except MlflowException:
+        pass  # released meanwhile
