@@ -38,6 +38,10 @@ DataArg = Annotated[
     Path, typer.Argument(help="Image folder (class-per-folder layout gives labels).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or lines.")]
+LinksOpt = Annotated[
+    bool,
+    typer.Option("--follow-links", help="Follow symbolic links that leave the image folder."),
+]
 FreshOpt = Annotated[
     bool, typer.Option("--fresh", help="Discard an interrupted run's checkpoint: train from scratch.")
 ]
@@ -81,12 +85,14 @@ def ingest(
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    follow_links: LinksOpt = False,
 ) -> None:
     """Scan the image folder (manifest + rejected tables) and decode it once into the cache."""
     from . import pipeline
 
     art = _artifacts(artifacts)
-    summary = pipeline.ingest(data_dir, _params(params, set_), art, show=not quiet)
+    p = _params(params, set_)
+    summary = pipeline.ingest(data_dir, p, art, show=not quiet, follow_links=follow_links)
     typer.echo(summary.line(art))
 
 
@@ -163,12 +169,13 @@ def run(
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    follow_links: LinksOpt = False,
 ) -> None:
     """Every step: ingest, train, features, cluster, evaluate (training logged to MLflow)."""
     from . import pipeline
 
     art, p, show = _artifacts(artifacts), _params(params, set_), not quiet
-    typer.echo(pipeline.ingest(data_dir, p, art, show=show).line(art))
+    typer.echo(pipeline.ingest(data_dir, p, art, show=show, follow_links=follow_links).line(art))
     pipeline.train(p, art, show=show)
     pipeline.features(art, p, show=show)
     pipeline.cluster(art, p)

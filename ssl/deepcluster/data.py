@@ -25,7 +25,6 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 import polars as pl
-from tqdm import tqdm
 
 from deepcluster.errors import UserError
 from deepcluster.imagefile import (
@@ -38,12 +37,14 @@ from deepcluster.imagefile import (
     read_regular_file,
 )
 from deepcluster.io import atomic_path, write_json
+from deepcluster.progress import bar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 MANIFEST_SCHEMA = {
     "path": pl.Utf8,  # relative POSIX path under the data folder
     "sha256": pl.Utf8,  # hex digest of the file's bytes
+    "md5": pl.Utf8,  # the same bytes' md5, as DVC hashes files (the data version needs no re-read)
     "bytes": pl.Int64,
     "width": pl.Int32,  # as stored (before the EXIF orientation is applied)
     "height": pl.Int32,
@@ -59,6 +60,7 @@ class IngestError(UserError, ValueError):
 
 class ImageInfo(NamedTuple):
     sha256: str
+    md5: str
     size: int
     width: int
     height: int
@@ -206,7 +208,8 @@ def _inspect_or_raise(task: _ScanTask) -> ImageInfo | str:
         mode = image.mode  # read before load(): the mode as stored, not as decoded
         load_first_frame(image)  # Image.open only reads the header; this finds truncated data
         width, height = image.size
-    return ImageInfo(hashlib.sha256(data).hexdigest(), len(data), width, height, mode)
+    sha256, md5 = hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest()
+    return ImageInfo(sha256, md5, len(data), width, height, mode)
 
 
 def _link_problem(task: _ScanTask) -> str | None:
@@ -229,6 +232,7 @@ def _manifest_frame(accepted: Sequence[tuple[str, ImageInfo]]) -> pl.DataFrame:
     rows = {
         "path": paths,
         "sha256": [info.sha256 for _, info in accepted],
+        "md5": [info.md5 for _, info in accepted],
         "bytes": [info.size for _, info in accepted],
         "width": [info.width for _, info in accepted],
         "height": [info.height for _, info in accepted],
@@ -382,7 +386,7 @@ def _map_in_order(
     function: Callable[[Any], Any], items: Sequence[Any], workers: int, desc: str
 ) -> Iterable[Any]:
     """Yield `function(item)` for each item, in order; `workers > 1` spreads the items over processes."""
-    with tqdm(total=len(items), desc=desc, file=sys.stderr, unit="img") as progress:
+    with bar(total=len(items), desc=desc, unit="img") as progress:
         if workers > 1 and len(items) > 1:
             # chunks amortise inter-process traffic but stay small enough to balance the load
             chunksize = max(1, min(64, len(items) // (workers * 4)))

@@ -225,7 +225,8 @@ def random_init_features(params: Params, images: np.ndarray, show: bool = True) 
 
     from .device import resolve_device
     from .models import build_model
-    from .train import ImageSource, compute_features, data_statistics, eval_batch_size
+    from .embed import ImageSource, compute_features, eval_batch_size
+    from .train import data_statistics
 
     torch.manual_seed(params.train.seed)
     model = build_model(params.model, [2])  # the heads play no part in the embedding

@@ -70,15 +70,23 @@ def recorded_md5(dvc_file: Path | str = DVC_FILE) -> tuple[str, Path] | None:
     return out["md5"], dvc_file.parent / out["path"]
 
 
-def folder_hashes(folder: Path) -> dict[str, tuple[str, str]]:
-    """relative POSIX path -> (md5, sha256) of every file under `folder`, as DVC walks it."""
+def folder_hashes(
+    folder: Path, known: dict[str, tuple[str, str]] | None = None
+) -> dict[str, tuple[str, str]]:
+    """relative POSIX path -> (md5, sha256) of every file under `folder`, as DVC walks it.
+
+    Files in `known` (hashed by the scan a moment ago) are not read again."""
+    known = known or {}
     hashes = {}
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d not in DVC_SKIPPED_DIRS]
         for name in files:
             path = Path(root, name)
-            content = path.read_bytes()
             relative = path.relative_to(folder).as_posix()
+            if relative in known:
+                hashes[relative] = known[relative]
+                continue
+            content = path.read_bytes()
             hashes[relative] = (
                 hashlib.md5(content).hexdigest(),
                 hashlib.sha256(content).hexdigest(),
@@ -101,13 +109,16 @@ def _matches_manifest(hashes, manifest: pl.DataFrame, rejected: pl.DataFrame) ->
 
 
 def data_version(
-    manifest_path: Path, folder: Path | None = None, dvc_file: Path | str = DVC_FILE
+    manifest_path: Path,
+    folder: Path | None = None,
+    dvc_file: Path | str = DVC_FILE,
+    just_scanned: bool = False,
 ) -> DataVersion:
     """The version of the data a manifest was made from.
 
-    `folder` is the ingested image folder; when unknown (a `deepcluster train` after a separate
-    ingest) the folder tracked by `dvc_file` is tried. Reading the folder once costs about what the
-    ingest scan did, and is what makes the recorded md5 trustworthy.
+    `folder` is the ingested image folder; when unknown the folder tracked by `dvc_file` is
+    tried. The folder's files are read to make sure it still holds the ingested bytes, except
+    right after the scan (`just_scanned`), whose own hashes are used: images are read once.
     """
     manifest = data.read_manifest(manifest_path)
     rejected_path = Path(manifest_path).with_name("rejected.parquet")
@@ -116,7 +127,11 @@ def data_version(
     if folder is None and recorded is not None:
         folder = recorded[1]
     if folder is not None and Path(folder).is_dir():
-        hashes = folder_hashes(Path(folder))
+        known = {}
+        if just_scanned:
+            rows = manifest.select("path", "md5", "sha256").iter_rows()
+            known = {path: (md5, sha) for path, md5, sha in rows}
+        hashes = folder_hashes(Path(folder), known)
         if _matches_manifest(hashes, manifest, rejected):
             md5 = dvc_dir_md5(hashes)
             tracked = recorded is not None and recorded[0] == md5
@@ -129,7 +144,7 @@ def record_version(art, folder: Path | None, dvc_file: Path | str = DVC_FILE) ->
     """Compute the data version once, at ingest, and keep it beside the manifest."""
     from .io import write_json
 
-    version = data_version(art.manifest, folder, dvc_file)
+    version = data_version(art.manifest, folder, dvc_file, just_scanned=True)
     write_json(art.data_version, {"md5": version.md5, "source": version.source,
                                   "folder": version.folder})
     return version

@@ -28,7 +28,8 @@ from .config import Params
 from .device import resolve_device, set_threads
 from .errors import MissingArtifact, UserError
 from .paths import Artifacts
-from .train import EpochStats, ImageSource, compute_features, eval_batch_size
+from .embed import ImageSource, compute_features, eval_batch_size
+from .train import EpochStats
 from .train import train as train_loop
 
 # The library modules each step runs. Dagster's code versions and dvc.yaml's `deps` both come
@@ -96,15 +97,20 @@ def ingest(
     art: Artifacts,
     show: bool = True,
     dvc_file: Path | str = lineage.DVC_FILE,
+    follow_links: bool = False,
 ) -> IngestSummary:
     """Scan the folder into manifest + rejected tables, decode the cache once, record the version.
+
+    Symbolic links that leave the folder are rejected unless `follow_links`.
 
     The cache is written first: if decoding fails, the previous manifest and cache still belong
     together; every later step checks that they do (`ingested`)."""
     with lock.writing(art, "ingest"):
         for folder in (art.ingest_dir, art.cache.parent):
             io.remove_stale_temporaries(folder)
-        manifest, rejected = data.scan_images(Path(data_dir), params.compute.workers)
+        manifest, rejected = data.scan_images(
+            Path(data_dir), params.compute.workers, follow_external_links=follow_links
+        )
         data.require_images(manifest, rejected, Path(data_dir))
         resolved, notes = resolve_params(params, manifest)
         _say_auto(notes, show)

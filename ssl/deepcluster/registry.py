@@ -19,7 +19,7 @@ import json
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from importlib import metadata
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from mlflow.tracking import MlflowClient
 
 from . import tracking
 from .errors import UserError
+from .health import collapse_problems
 from .io import write_json
 from .paths import Artifacts
 from .predict import collect_images, predict_files, write_predictions
@@ -59,7 +60,6 @@ __all__ = [
     "log_pyfunc",
     "predict_files",
     "register_model",
-    "registration_path",
     "resolve_metric",
     "training_resolution",
     "write_predictions",
@@ -79,10 +79,6 @@ from deepcluster.serving import DeepClusterModel
 
 mlflow.models.set_model(DeepClusterModel())
 """
-# a model this collapsed is refused (keys written by evaluate; a missing key is not collapse)
-MAX_LARGEST_SHARE = 0.5  # largest_cluster_share_kmeans
-MAX_EMPTY_FRACTION = 0.5  # empty_clusters_kmeans / k
-
 
 @dataclass(frozen=True)
 class Registration:
@@ -101,6 +97,12 @@ class Registration:
     @property
     def aliases(self) -> list[str]:
         return [CANDIDATE] + ([CHAMPION] if self.promoted else [])
+
+    @classmethod
+    def from_record(cls, record: dict) -> Registration:
+        """A registration as registered.json recorded it."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{key: value for key, value in record.items() if key in names})
 
     def summary(self) -> str:
         """One line: the version, its metric, what it was compared with, the verdict."""
@@ -156,19 +158,9 @@ def register_model(
 
 def refuse_collapsed(metrics: dict, source: Path) -> None:
     """UserError naming the figures when the clustering collapsed; missing figures pass."""
-    share = metrics.get("largest_cluster_share_kmeans")
-    empty, k = metrics.get("empty_clusters_kmeans"), metrics.get("k")
-    problems = []
-    if _is_number(share) and share > MAX_LARGEST_SHARE:
-        problems.append(f"largest_cluster_share_kmeans = {share:.3f} > {MAX_LARGEST_SHARE}")
-    if _is_number(empty) and _is_number(k) and empty > MAX_EMPTY_FRACTION * k:
-        problems.append(f"empty_clusters_kmeans = {empty} > half of k = {k}")
+    problems = collapse_problems(metrics)
     if problems:
         raise UserError(f"not registering a collapsed model: {'; '.join(problems)} (in {source})")
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _run_tag(client: MlflowClient, run_id: str, key: str) -> str | None:
@@ -178,13 +170,21 @@ def _run_tag(client: MlflowClient, run_id: str, key: str) -> str | None:
         return None
 
 
-def registration_path(art: Artifacts) -> Path:
-    """What the `register` step (and DVC stage) writes: name, version, aliases, run id."""
-    return art.root / "register" / "registered.json"
+def write_registration(reg: Registration, path: Path, model_digest: str | None = None) -> Path:
+    """registered.json: the version and aliases, and the digest of what was registered."""
+    return write_json(path, {**asdict(reg), "aliases": reg.aliases, "model_digest": model_digest})
 
 
-def write_registration(reg: Registration, path: Path) -> Path:
-    return write_json(path, {**asdict(reg), "aliases": reg.aliases})
+def read_registration(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def version_exists(name: str, version: str) -> bool:
+    try:
+        MlflowClient().get_model_version(name, version)
+    except MlflowException:
+        return False
+    return True
 
 
 def resolve_metric(metric: str, metrics: dict) -> str:

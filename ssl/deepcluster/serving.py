@@ -77,7 +77,7 @@ class DeepClusterModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from .cluster import Whitening
-        from .train import load_model
+        from .checkpoint import load_model
 
         ImageLimits.from_env()  # a bad limit stops a server at start, with its one line
         weights = Path(context.artifacts["model"])
@@ -106,7 +106,7 @@ class DeepClusterModel(mlflow.pyfunc.PythonModel):
         import torch
 
         from .cluster import assign
-        from .train import ImageSource, compute_features
+        from .embed import ImageSource, compute_features
 
         frame = as_frame(model_input)
         if frame.empty:
@@ -144,7 +144,7 @@ class DeepClusterModel(mlflow.pyfunc.PythonModel):
 
 def training_resolution(weights: Path) -> int:
     """The square side images were decoded to for training, as recorded in model.pt."""
-    from .train import saved_params
+    from .checkpoint import saved_params
 
     return saved_params(weights).data.resolution
 
