@@ -237,7 +237,8 @@ class S3:
 
 
 @contextmanager
-def running_s3(folder: Path, buckets: Sequence[str]) -> Iterator[S3]:
+def running_s3(folder: Path) -> Iterator[S3]:
+    """moto's S3 server; it starts with no buckets."""
     port = free_port()
     log = folder / "moto.log"
     with open(log, "wb") as out:
@@ -250,8 +251,6 @@ def running_s3(folder: Path, buckets: Sequence[str]) -> Iterator[S3]:
     try:
         store = S3(endpoint=f"http://127.0.0.1:{port}")
         wait_until(lambda: http_ok(f"{store.endpoint}/moto-api/"), "moto_server", process, log, 60)
-        for bucket in buckets:
-            store.client().create_bucket(Bucket=bucket)
         yield store
     finally:
         stop(process)

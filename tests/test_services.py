@@ -52,7 +52,13 @@ def require_servers() -> None:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory: pytest.TempPathFactory):
     require_servers()
-    with services.running_s3(tmp_path_factory.mktemp("s3"), [BUCKET]) as store:
+    with services.running_s3(tmp_path_factory.mktemp("s3")) as store:
+        # the bucket as compose's one-shot `buckets` service makes it
+        script = [sys.executable, str(ROOT / "deploy" / "s3_bucket.py"), BUCKET]
+        made = subprocess.run(
+            script, env={**os.environ, **store.env()}, capture_output=True, text=True, check=False
+        )
+        assert made.returncode == 0 and f"s3://{BUCKET} created" in made.stdout, made.stderr
         yield store
 
 
