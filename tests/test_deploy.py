@@ -18,6 +18,7 @@ from functools import cache
 from pathlib import Path
 
 import kubernetes.client as k8s
+import pytest
 import typer
 import yaml
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
@@ -292,6 +293,20 @@ def test_dockerfile_copies_what_exists_and_sets_only_variables_that_are_read() -
                               | {n for n in names if n.startswith("PIP_")}), names  # fmt: skip
     [cmd] = [json.loads(args) for op, args in steps if op == "CMD"]
     assert cmd == command(compose()["services"]["codelocation"])  # the image's default is compose's
+
+
+def test_an_image_without_git_reports_the_commit_it_was_built_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from deepcluster import lineage
+
+    monkeypatch.delenv("DEEPCLUSTER_GIT_COMMIT", raising=False)
+    assert lineage.git_commit(tmp_path) is None  # not a git work tree
+    monkeypatch.setenv("DEEPCLUSTER_GIT_COMMIT", "0123abc")
+    assert lineage.git_commit(tmp_path) == "0123abc"
+    assert lineage.git_commit(ROOT) != "0123abc"  # a checkout's HEAD wins
+    args = dict(arg.split("=", 1) for op, arg in dockerfile() if op == "ENV" and "GIT" in arg)
+    assert args == {"DEEPCLUSTER_GIT_COMMIT": "$GIT_COMMIT"}
 
 
 def load_pyproject() -> dict:
