@@ -217,6 +217,14 @@ def test_dagster_services_reach_postgres_as_the_instance_yaml_reads_it() -> None
     assert f"CREATE DATABASE {backend.rsplit('/', 1)[1]};" in created
 
 
+def test_instance_yaml_queues_runs_and_keeps_the_one_slot_gpu_pool() -> None:
+    instance = load(DEPLOY / "dagster.yaml")
+    project = load(ROOT / "orchestration" / "dagster.yaml")
+    assert instance["concurrency"]["pools"] == project["concurrency"]["pools"]
+    assert instance["run_coordinator"]["class"] == "QueuedRunCoordinator"
+    assert set(instance["storage"]) == {"postgres"}
+
+
 def test_env_vars_set_on_the_project_image_are_read_by_something_in_it() -> None:
     for name, service in compose()["services"].items():
         if ours(service):
