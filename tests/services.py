@@ -65,7 +65,7 @@ def stop(process: subprocess.Popen) -> None:
         return
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=20)
+        process.wait(timeout=5)  # test servers: no need for a long graceful shutdown
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
