@@ -7,23 +7,39 @@ STAMP := $(VENV)/.installed
 # Dagster's asset-selection parser needs 4.13. Its stages call the project's CLI from .venv.
 DVC_VENV := .dvc-venv
 DVC := $(DVC_VENV)/bin/dvc
+DVC_STAMP := $(DVC_VENV)/.installed
+# dvc-s3: the S3 remote of deploy/ (docs/deploy.md); tests/test_services.py pushes through it
+DVC_PACKAGES := 'dvc>=3.67,<4' 'dvc-s3>=3.3,<4'
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install data demo dagster serve test lint clean
+.PHONY: install services-deps data demo dagster serve test lint clean
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
+# The services extra (PostgreSQL, S3 and Kubernetes clients, moto) is for deploy/ and its tests.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev,services]'
 	touch $(STAMP)
 
-$(DVC):
-	$(PYTHON) -m venv $(DVC_VENV)
+$(DVC_STAMP): Makefile
+	test -x $(DVC_VENV)/bin/python || $(PYTHON) -m venv $(DVC_VENV)
 	$(DVC_VENV)/bin/python -m pip install -q --upgrade pip
-	$(DVC_VENV)/bin/python -m pip install -q 'dvc>=3.67,<4'
+	$(DVC_VENV)/bin/python -m pip install -q $(DVC_PACKAGES)
+	touch $(DVC_STAMP)
 
-install: $(STAMP) $(DVC)
+install: $(STAMP) $(DVC_STAMP)
+
+# PostgreSQL's server binaries for tests/test_services.py, from Debian, only when missing and only
+# as root (CI); elsewhere that test skips and says why. `make demo` needs none of it.
+services-deps:
+	@if command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql; \
+	else \
+	  echo "PostgreSQL server not installed (apt-get install postgresql): tests/test_services.py will skip"; \
+	fi
 
 # data/: pulled from the DVC remote when it has it, else exported; either way it must match data.dvc
 data: install
@@ -50,12 +66,12 @@ PORT ?= 5001
 serve: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/mlflow models serve -m $(MODEL) --env-manager local -h 127.0.0.1 -p $(PORT)
 
-test: install
-	$(BIN)/ruff check ssl orchestration tests benchmarks
+test: install services-deps
+	$(BIN)/ruff check ssl orchestration tests benchmarks deploy
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check ssl orchestration tests benchmarks
+	$(BIN)/ruff check ssl orchestration tests benchmarks deploy
 
 clean:
 	rm -rf artifacts dvc_plots .pytest_cache

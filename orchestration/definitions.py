@@ -2,6 +2,7 @@
 
 import os
 
+import yaml
 from dagster import Definitions, ExecutorDefinition, in_process_executor, multiprocess_executor
 
 from .assets import (
@@ -22,13 +23,18 @@ def executor() -> ExecutorDefinition:
     """In-process by default: the graph is a chain, so a process per step buys no parallelism and
     costs a fresh import of torch, Dagster and GX per step (about 10 s each on two busy cores).
     DEEPCLUSTER_EXECUTOR=multiprocess isolates steps; =k8s runs each step in its own pod (needs
-    dagster-k8s), where train_epochs' tags ask for a GPU."""
+    dagster-k8s), where train_epochs' tags ask for a GPU. DEEPCLUSTER_EXECUTOR_CONFIG (YAML or
+    JSON) is the executor's config, e.g. the k8s executor's `per_step_k8s_config` that puts
+    train_epochs on GPU nodes (deploy/helm/values.yaml)."""
     name = os.environ.get("DEEPCLUSTER_EXECUTOR", "in_process")
     if name == "k8s":
         from dagster_k8s import k8s_job_executor  # only in the deploy image
 
-        return k8s_job_executor
-    return {"in_process": in_process_executor, "multiprocess": multiprocess_executor}[name]
+        chosen = k8s_job_executor
+    else:
+        chosen = {"in_process": in_process_executor, "multiprocess": multiprocess_executor}[name]
+    config = os.environ.get("DEEPCLUSTER_EXECUTOR_CONFIG")
+    return chosen.configured(yaml.safe_load(config)) if config else chosen
 
 
 defs = Definitions(

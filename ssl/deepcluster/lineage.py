@@ -34,8 +34,9 @@ class DataVersion:
 
 
 def git_commit(cwd: Path | str = ".") -> str | None:
-    """HEAD's commit hash, or None outside a git work tree (a copied folder, an image)."""
-    return _git(cwd, "rev-parse", "HEAD")
+    """HEAD's commit hash. Outside a git work tree (a copied folder, an image): the commit an image
+    was built from, when its build recorded one (deploy/Dockerfile's GIT_COMMIT), else None."""
+    return _git(cwd, "rev-parse", "HEAD") or os.environ.get("DEEPCLUSTER_GIT_COMMIT") or None
 
 
 def git_dirty(cwd: Path | str = ".") -> bool | None:
