@@ -7,7 +7,9 @@ line.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import TextIO
 
 import polars as pl
 
@@ -55,11 +57,14 @@ def print_drift(
     model_uri: str | None = None,
     max_far_share: float = MAX_FAR_SHARE,
     max_js: float = MAX_JS,
+    stream: TextIO | None = None,
 ) -> DriftReport:
     """`deepcluster predict`'s drift lines for its assignments (cluster, distance columns).
 
     With `model_uri`, the model's centroids must be those in `artifacts` (else a UserError).
+    `stream` defaults to stdout; predict sends them to stderr when stdout carries its table.
     """
+    stream = stream or sys.stdout
     ref = reference_from(Artifacts(Path(artifacts)))
     if model_uri is not None:
         from .inbox import load_registered
@@ -67,12 +72,12 @@ def print_drift(
         _same_clustering(load_registered(model_uri).fingerprint, ref, model_uri)
     report = measure(table["cluster"].to_numpy(), table["distance"].to_numpy(), ref)
     for line in report.lines():
-        print(f"drift: {line}")
+        print(f"drift: {line}", file=stream)
     problems = report.problems(max_far_share, max_js)
     verdict = (
         "DRIFTED, a reason to retrain: " + "; ".join(problems)
         if problems
         else "no drift past the limits"
     )
-    print(f"drift: {verdict}")
+    print(f"drift: {verdict}", file=stream)
     return report
