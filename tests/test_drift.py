@@ -196,6 +196,13 @@ def test_a_folder_still_being_copied_waits_and_a_bad_name_is_skipped(world, tmp_
     assert "inbox folder not found" in result.skip_reason.skip_message
 
 
+def test_the_inbox_folder_comes_from_the_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DEEPCLUSTER_INBOX", str(tmp_path / "incoming"))
+    assert InboxStore.from_env().folder == str(tmp_path / "incoming")
+    monkeypatch.delenv("DEEPCLUSTER_INBOX")
+    assert InboxStore.from_env().folder.endswith("/inbox")
+
+
 def test_a_batch_without_usable_images_fails_plainly(world, tmp_path) -> None:
     box = tmp_path / "inbox"
     (box / "broken").mkdir(parents=True)
