@@ -18,6 +18,7 @@ CLI, a DVC stage and the Dagster asset call; it writes under `CurationPaths`.
 
 from __future__ import annotations
 
+import numbers
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,7 +86,8 @@ class Settings:
     seed: int = 0
 
     def validate(self) -> Settings:
-        if isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1:
+        whole = isinstance(self.budget, numbers.Integral) and not isinstance(self.budget, bool)
+        if not whole or self.budget < 1:
             raise ParamError(f"budget = {self.budget!r}: must be a whole number of images, >= 1")
         if self.method not in METHODS:
             raise ParamError(f"method = {self.method!r}: choose one of {', '.join(METHODS)}")
