@@ -15,6 +15,13 @@ from .assets import (
 )
 from .automation import data_version_sensor, deepcluster_job, observe_data_job
 from .checks import CHECKS
+from .curation import (  # curated subset, new images, drift: see orchestration/curation.py
+    CURATION_ASSETS,
+    CURATION_CHECKS,
+    CURATION_JOBS,
+    CURATION_RESOURCES,
+    CURATION_SENSORS,
+)
 from .resources import ArtifactStore, ComputeResource, MlflowTracking
 from .training import checkpoint
 
@@ -46,14 +53,16 @@ defs = Definitions(
         cluster_assignments,
         eval_report,
         registered_model,
+        *CURATION_ASSETS,
     ],
-    asset_checks=CHECKS,
-    jobs=[deepcluster_job, observe_data_job],
-    sensors=[data_version_sensor],
+    asset_checks=CHECKS + CURATION_CHECKS,
+    jobs=[deepcluster_job, observe_data_job, *CURATION_JOBS],
+    sensors=[data_version_sensor, *CURATION_SENSORS],
     resources={
         "artifacts": ArtifactStore.from_env(),
         "compute": ComputeResource.from_env(),
         "mlflow": MlflowTracking.from_env(),
+        **CURATION_RESOURCES,
     },
     executor=executor(),
 )

@@ -16,7 +16,10 @@ MATERIALISED = [
     "cluster_assignments",
     "eval_report",
     "registered_model",
+    "curated_subset",
 ]
+# one inbox batch (a dynamic partition) per run, so not part of deepcluster_job
+PARTITIONED = ["new_images"]
 CHECKS_BY_ASSET = {
     "image_manifest": ["manifest_is_valid"],
     "features": ["features_are_sound"],

@@ -47,6 +47,7 @@ from orchestration.config import (
     run_config_for,
     training_params,
 )
+from orchestration.curation import curated_subset
 from orchestration.definitions import defs
 from orchestration.training import GPU_TAGS, checkpoint
 from orchestration.versions import dvc_md5, observed_version
@@ -54,6 +55,7 @@ from tests.conftest import ROOT, fast_params
 from tests.orchestration_fixtures import (
     CHECK_NAMES,
     MATERIALISED,
+    PARTITIONED,
     fast_run_config,
     resources_in,
     store_in,
@@ -68,6 +70,7 @@ ASSETS = [
     cluster_assignments,
     eval_report,
     registered_model,
+    curated_subset,
 ]
 
 
@@ -82,7 +85,11 @@ def write_dvc(path: Path, md5: str) -> Path:
 def test_definitions_load_and_validate() -> None:
     Definitions.validate_loadable(defs)
     graph = defs.resolve_asset_graph()
-    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {"raw_images", *MATERIALISED}
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == {
+        "raw_images",
+        *MATERIALISED,
+        *PARTITIONED,
+    }
     job = defs.resolve_job_def("deepcluster_job")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(MATERIALISED)
     assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == CHECK_NAMES
@@ -131,9 +138,13 @@ def test_string_selections_parse() -> None:
     """`dagster ... --select` strings need the antlr4 runtime that Dagster pins."""
     graph = defs.resolve_asset_graph()
     chosen = AssetSelection.from_string("key:checkpoint+").resolve(graph)
-    assert {k.to_user_string() for k in chosen} == set(MATERIALISED[2:])
+    assert {k.to_user_string() for k in chosen} == set(MATERIALISED[2:] + PARTITIONED)
     chosen = AssetSelection.from_string("key:image_cache or kind:faiss").resolve(graph)
-    assert {k.to_user_string() for k in chosen} == {"image_cache", "cluster_assignments"}
+    assert {k.to_user_string() for k in chosen} == {
+        "image_cache",
+        "cluster_assignments",
+        "curated_subset",
+    }
 
 
 # --- config ---------------------------------------------------------------------------------------
@@ -348,6 +359,10 @@ def test_metadata_people_read(whole_graph) -> None:
     assert registered["model_uri"] == "models:/deepcluster/1" and registered["promoted"] is True
     assert registered["aliases"] == "candidate, champion"
     assert registered["metric"] == "nmi" and registered["value"] == report["nmi"]
+    curated = _metadata(result, "curated_subset")
+    assert curated["dagster/row_count"] == 200 and curated["clusters_covered"] == 30
+    assert curated["mlflow_run_id"] == trained["mlflow_run_id"]
+    assert "](data:image/png;base64," in curated["contact_sheets"]
 
 
 def test_the_training_is_an_mlflow_run_with_the_dagster_run_id(whole_graph) -> None:

@@ -1,0 +1,266 @@
+"""New images and drift, end to end: a champion trained and registered on 300 real digits (FAST
+params, private MLflow store), an inbox with two batches of 150 other digits, one as they are
+(held back from training) and one inverted (white on black: other data). The sensor adds their
+partitions, the job assigns them with the champion, and the drift check passes the held-back
+batch and warns on the inverted one."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import polars as pl
+import pytest
+from dagster import (
+    AssetCheckSeverity,
+    Definitions,
+    build_sensor_context,
+    instance_for_test,
+    materialize,
+)
+from PIL import Image
+
+from deepcluster import cli_curate, drift, inbox, pipeline, registry, tracking
+from deepcluster.errors import UserError
+from deepcluster.paths import Artifacts
+from orchestration.curation import (
+    DRIFT_DESCRIPTION,
+    InboxStore,
+    batch_drift,
+    inbox_batches,
+    inbox_sensor,
+    new_images,
+    new_images_job,
+)
+from orchestration.resources import ArtifactStore, MlflowTracking
+
+from .conftest import PER_CLASS, fast_params
+
+PARAMS = fast_params(eval={"probe_epochs": 30})
+BATCH_PER_CLASS = 15  # images 30..44 of each digit: never seen in training
+
+
+def train_and_register(images: Path, art: Artifacts) -> registry.Registration:
+    """ingest -> train (tracked) -> features -> cluster -> evaluate -> register, as the CLI does."""
+    pipeline.ingest(images, PARAMS, art, progress=False)
+    run_id = tracking.training_run(art, PARAMS, images)
+    with tracking.run_status(run_id):
+        pipeline.train_step(PARAMS, art, tracking.EpochLogger(run_id), progress=False)
+    pipeline.features_step(PARAMS, art, progress=False)
+    pipeline.cluster_step(PARAMS, art)
+    metrics = pipeline.evaluate_step(PARAMS, art, progress=False)
+    tracking.log_evaluation(run_id, metrics, art.eval_dir)
+    return registry.register_model(art)
+
+
+def write_batch(folder: Path, sources: list[Path], invert: bool) -> Path:
+    for source in sources:
+        pixels = np.array(Image.open(source))
+        target = folder / source.parent.name / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(255 - pixels if invert else pixels).save(target)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def world(digits_subset: Path, digits_folder: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Champion, artifacts of its training, an inbox with `heldback` and `inverted` batches."""
+    tmp = tmp_path_factory.mktemp("drift")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setattr(mlflow.tracking._tracking_service.utils, "_tracking_uri", None)
+        mp.chdir(tmp)  # ./mlruns lands here
+        art = Artifacts(tmp / "artifacts")
+        reg = train_and_register(digits_subset, art)
+        held = [
+            path
+            for label in sorted(p for p in digits_folder.iterdir() if p.is_dir())
+            for path in sorted(label.iterdir())[PER_CLASS : PER_CLASS + BATCH_PER_CLASS]
+        ]
+        box = tmp / "inbox"
+        write_batch(box / "heldback", held, invert=False)
+        write_batch(box / "inverted", held, invert=True)
+        yield {"art": art, "registration": reg, "inbox": box, "uri": uri}
+
+
+def resources_for(world) -> dict:
+    return {
+        "artifacts": ArtifactStore(root=str(world["art"].root)),
+        "mlflow": MlflowTracking(tracking_uri=world["uri"]),
+        "inbox_store": InboxStore(folder=str(world["inbox"]), settle_seconds=0),
+    }
+
+
+def definitions(world) -> Definitions:
+    return Definitions(
+        assets=[new_images],
+        asset_checks=[batch_drift],
+        jobs=[new_images_job],
+        sensors=[inbox_sensor],
+        resources=resources_for(world),
+    )
+
+
+def tick(defs: Definitions, world, instance):
+    """One sensor evaluation, applied to the instance as the daemon applies it."""
+    context = build_sensor_context(instance=instance, resources=resources_for(world))
+    result = defs.resolve_sensor_def("inbox_sensor")(context)
+    for request in result.dynamic_partitions_requests or []:
+        instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+    return result
+
+
+@pytest.fixture(scope="module")
+def sensed(world):
+    """Two sensor ticks on a real (temporary) instance; each requested run executed."""
+    defs = definitions(world)
+    with instance_for_test() as instance:
+        first = tick(defs, world, instance)
+        runs = {
+            request.partition_key: defs.resolve_job_def("new_images_job").execute_in_process(
+                instance=instance, partition_key=request.partition_key, raise_on_error=False
+            )
+            for request in first.run_requests
+        }
+        second = tick(defs, world, instance)
+        partitions = instance.get_dynamic_partitions(inbox_batches.name)
+        yield {"first": first, "second": second, "runs": runs, "partitions": partitions}
+
+
+def test_the_sensor_adds_a_partition_per_batch_and_requests_its_run(sensed) -> None:
+    first = sensed["first"]
+    assert [r.partition_key for r in first.run_requests] == ["heldback", "inverted"]
+    assert [r.run_key for r in first.run_requests] == ["heldback", "inverted"]
+    assert sensed["partitions"] == ["heldback", "inverted"]
+    assert not sensed["second"].run_requests  # a batch is picked up once
+    assert "no new batch" in sensed["second"].skip_reason.skip_message
+    assert all(run.success for run in sensed["runs"].values())
+
+
+def test_each_batch_is_assigned_by_the_champion(world, sensed) -> None:
+    art, reg = world["art"], world["registration"]
+    for batch, run in sensed["runs"].items():
+        out = inbox.BatchPaths(art.root, batch)
+        info = json.loads(out.info.read_text())
+        assert info["model_version"] == reg.version == "1" and reg.promoted
+        assert info["model_uri"] == "models:/deepcluster/1" and info["images"] == 150
+        table = pl.read_parquet(out.assignments)
+        assert table.columns == ["path", "sha256", "cluster", "distance", "embedding"]
+        assert len(table["embedding"][0]) == PARAMS.model.embed_dim
+        [event] = run.get_asset_materialization_events()
+        assert event.partition == batch
+    heldback = pl.read_parquet(inbox.BatchPaths(art.root, "heldback").assignments)
+    predicted, _ = registry.predict_files(reg.model_uri, [world["inbox"] / "heldback"])
+    assert heldback["cluster"].to_list() == predicted["cluster"].to_list()
+
+
+def _check(run):
+    [evaluation] = run.get_asset_check_evaluations()
+    return evaluation
+
+
+def test_drift_check_passes_held_back_digits_and_warns_on_inverted_ones(world, sensed) -> None:
+    held, inverted = _check(sensed["runs"]["heldback"]), _check(sensed["runs"]["inverted"])
+    for batch in ("heldback", "inverted"):  # the figures, for the record (pytest -s)
+        report = drift.batch_drift(world["art"], batch)
+        print(f"\n{batch}: " + "; ".join(report.lines()))
+    assert held.check_name == "batch_drift" and held.passed, held.description
+    assert not inverted.passed and inverted.severity == AssetCheckSeverity.WARN
+    assert "a place to start retraining" in inverted.description
+    assert inverted.metadata["far_share"].value > 0.5
+    assert held.metadata["far_share"].value < drift.MAX_FAR_SHARE
+    assert "where retraining starts" in DRIFT_DESCRIPTION
+
+
+def test_a_folder_still_being_copied_waits_and_a_bad_name_is_skipped(world, tmp_path) -> None:
+    box = tmp_path / "inbox"
+    (box / "arriving").mkdir(parents=True)
+    (box / "arriving" / "a.png").write_bytes(b"x")
+    (box / "bad name!").mkdir()
+    (box / "bad name!" / "b.png").write_bytes(b"x")
+    old = time.time() - 120
+    os.utime(box / "bad name!" / "b.png", (old, old))
+    batches = inbox.list_batches(box, settle_seconds=60)
+    assert (batches.ready, batches.waiting, batches.invalid) == ([], ["arriving"], ["bad name!"])
+    assert inbox.list_batches(box, 60, now=time.time() + 120).ready == ["arriving"]
+    store = InboxStore(folder=str(tmp_path / "nowhere"))
+    with instance_for_test() as instance:
+        result = inbox_sensor(
+            build_sensor_context(instance=instance, resources={"inbox_store": store})
+        )
+    assert "inbox folder not found" in result.skip_reason.skip_message
+
+
+def test_the_inbox_folder_comes_from_the_environment(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("DEEPCLUSTER_INBOX", str(tmp_path / "incoming"))
+    assert InboxStore.from_env().folder == str(tmp_path / "incoming")
+    monkeypatch.delenv("DEEPCLUSTER_INBOX")
+    assert InboxStore.from_env().folder.endswith("/inbox")
+
+
+def test_a_batch_without_usable_images_fails_plainly(world, tmp_path) -> None:
+    box = tmp_path / "inbox"
+    (box / "broken").mkdir(parents=True)
+    (box / "broken" / "x.png").write_bytes(b"not a png")
+    resources = {
+        "artifacts": ArtifactStore(root=str(tmp_path / "artifacts")),
+        "mlflow": MlflowTracking(tracking_uri=world["uri"]),
+        "inbox_store": InboxStore(folder=str(box)),
+    }
+    with instance_for_test() as instance:
+        instance.add_dynamic_partitions(inbox_batches.name, ["broken"])
+        run = materialize(
+            [new_images],
+            partition_key="broken",
+            instance=instance,
+            resources=resources,
+            raise_on_error=False,
+        )
+    [failure] = run.get_step_failure_events()
+    description = failure.step_failure_data.user_failure_data.description
+    assert description.startswith("no usable images in") and "not a decodable image" in description
+
+
+def test_predict_prints_the_same_drift_figures(world, sensed, capsys) -> None:
+    art = world["art"]
+    table = pl.read_parquet(inbox.BatchPaths(art.root, "inverted").assignments)
+    report = cli_curate.print_drift(table, art.root, "models:/deepcluster@champion")
+    out = capsys.readouterr().out
+    assert report == drift.batch_drift(art, "inverted")
+    assert f"drift: images: {report.images}" in out and "drift: DRIFTED, a reason to retrain" in out
+
+
+def test_drift_is_refused_against_another_training(world, tmp_path) -> None:
+    art = world["art"]
+    other = drift.Reference(1.0, np.full(30, 1 / 30), fingerprint="0" * 16)
+    with pytest.raises(UserError, match="measure drift against the artifacts of that model"):
+        drift.require_same_clustering(drift.reference_from(art).fingerprint, other, "batch x")
+
+
+def test_left_out_distances_undo_the_centroid_fitting_its_own_members() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(5, 3))
+    d = ((x - x.mean(0)) ** 2).sum(1)
+    expected = [((x[i] - np.delete(x, i, 0).mean(0)) ** 2).sum() for i in range(5)]
+    assert drift.left_out_distances(d, np.zeros(5, dtype=int)) == pytest.approx(expected)
+    singles = drift.left_out_distances(np.array([0.0, 1.0, 2.0]), np.array([0, 1, 1]))
+    assert singles.tolist() == [4.0, 8.0]  # the one-image cluster says nothing about spread
+
+
+def test_js_divergence_and_its_chance_level() -> None:
+    assert drift.js_divergence([1, 2, 3], [2, 4, 6]) == pytest.approx(0.0)
+    assert drift.js_divergence([1, 0], [0, 1]) == pytest.approx(1.0)
+    shares = np.full(30, 1 / 30)
+    assert (
+        drift.chance_js(shares, 20) > drift.chance_js(shares, 200) > drift.chance_js(shares, 2000)
+    )
+    ref = drift.Reference(0.5, shares, "f")
+    with pytest.raises(UserError, match="cluster ids outside 0..29"):
+        drift.measure(np.array([0, 30]), np.array([0.1, 0.1]), ref)
+    with pytest.raises(UserError, match="no images to measure drift on"):
+        drift.measure(np.array([], dtype=int), np.array([]), ref)
