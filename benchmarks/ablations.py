@@ -82,6 +82,8 @@ VARIANTS: dict[str, tuple[str, dict, Callable | None]] = {
     "v2-no-multicrop": ("v2 without local crops", {"augment.local_crops": 0}, None),
     "v2-one-head": ("v2 with a single head of k", {"cluster.heads": [1]}, None),
     "v2-same-k-heads": ("v2 with three heads of k", {"cluster.heads": [1, 1, 1]}, None),
+    "v2-heads-coarse": ("v2, heads of k/10, k/2 and k", {"cluster.heads": [0.1, 0.5, 1.0]}, None),
+    "v2-heads-coarser": ("v2, heads of k/20, k/4 and k", {"cluster.heads": [0.05, 0.25, 1.0]}, None),
     "v2-temp-0.2": ("v2, temperature 0.2", {"train.temperature": 0.2}, None),
     "v2-paper-aug": ("v2 with crops only (no jitter, blur, solarise)", PAPER_AUG, None),
     "v2-light-crops": ("v2, global crops 0.6-1.0 of the area", {"augment.crop_scale": [0.6, 1.0]}, None),
@@ -103,6 +105,7 @@ VARIANTS: dict[str, tuple[str, dict, Callable | None]] = {
     "v1-batch-bn": ("v1, batch-statistics BN at feature extraction", V1, lambda: features_with("batch-bn")),
     "v1-trunk-layer": ("v1 clusters the trunk's output, not the MLP's", V1, lambda: features_with("trunk")),
     "v1-k-half": ("v1, half the auto k", {**V1, "cluster.k": "half"}, None),
+    "v1-k-quarter": ("v1, a quarter of the auto k", {**V1, "cluster.k": "quarter"}, None),
     "v1-k-double": ("v1, twice the auto k", {**V1, "cluster.k": "double"}, None),
     "v1-epochs-double": ("v1, twice the epochs", {**V1, "train.epochs": "double"}, None),
     "v1-pca-16": ("v1, PCA to 16 dimensions", {**V1, "cluster.pca_dim": 16}, None),
@@ -110,21 +113,20 @@ VARIANTS: dict[str, tuple[str, dict, Callable | None]] = {
     "v1-constant-lr": ("v1, constant learning rate (the paper)", {**V1, "train.schedule": "constant"}, None),
     "v1-imagenet-norm": ("v1, ImageNet mean/std", {**V1, "model.normalize": "imagenet"}, None),
 }
-RELATIVE = {"half": 0.5, "double": 2.0}
+RELATIVE = {"quarter": 0.25, "half": 0.5, "double": 2.0}
 
 
 def params_for(overrides: dict, dataset: str, epochs: int | None, seed: int):
     """Default params for the set with `overrides`; `half`/`double` scale the auto value."""
-    plain = {k: v for k, v in overrides.items() if v not in RELATIVE}
+    relative = {k: v for k, v in overrides.items() if isinstance(v, str) and v in RELATIVE}
+    plain = {k: v for k, v in overrides.items() if k not in relative}
     base = quality.default_params({**plain, "train.seed": seed})
-    ingest_params = quality.resolved_for_ingest(base, dataset)
-    ds = quality.load_dataset(dataset, ingest_params)
-    params = quality.resolved(quality.base_with_res(base, ds), ds.manifest)
+    ds = quality.load_dataset(dataset, base)
+    params = quality.resolved(base, ds)
     scaled = {}
-    for key, how in overrides.items():
-        if how in RELATIVE:
-            section, name = key.split(".")
-            scaled[key] = max(2, round(getattr(getattr(params, section), name) * RELATIVE[how]))
+    for key, how in relative.items():
+        section, name = key.split(".")
+        scaled[key] = max(2, round(getattr(getattr(params, section), name) * RELATIVE[how]))
     if epochs is not None and "train.epochs" not in scaled:
         scaled["train.epochs"] = epochs
     if scaled:
@@ -149,23 +151,20 @@ def main() -> int:
     out = ROOT / "benchmarks/results" / f"ablations-{args.set}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     print(quality.machine_line(), flush=True)
-    base_scores = None
     for name in args.only or VARIANTS:
         description, overrides, hook = VARIANTS[name]
         key = f"{name}@{args.epochs or 'auto'}:{args.seed}"
         if key in results and not args.redo:
             continue
         params, ds = params_for(overrides, args.set, args.epochs, args.seed)
-        if base_scores is None:
-            base_scores = quality.baselines(ds, params)
-            results["_baselines"] = base_scores
         with hook() if hook else contextlib.nullcontext():
             scores = quality.run_training(ds, params)
-        results[key] = {"description": description, **scores,
-                        "params": {k: v for k, v in params.flat().items()}}
-        print(f"{name:18s} " + " ".join(f"{m} {scores[m]:.3f}" for m in quality.METRICS)
-              + f" cpu {scores['cpu_seconds']:.0f}s | trunk "
-              + " ".join(f"{m} {scores['trunk_' + m]:.3f}" for m in quality.METRICS), flush=True)
+        results["_baselines"] = {
+            b: {m: scores[f"{m}_{b}"] for m in quality.METRICS} for b in quality.BASELINES
+        }
+        results[key] = {"description": description, **scores, "params": params.flat()}
+        figures = " ".join(f"{m} {scores[m]:.3f}" for m in quality.METRICS)
+        print(f"{name:18s} {figures} cpu {scores['cpu_seconds']:.0f}s", flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=1) + "\n")
     print(markdown(results, args.epochs, args.seed))

@@ -37,22 +37,21 @@ from .versions import code_version, observed_version
 GROUP = "deepcluster"
 
 
-def _observe_data(artifacts: ArtifactStore) -> ObserveResult:
-    version, source = observed_version(artifacts.dvc_file, artifacts.data_dir)
-    return ObserveResult(
-        data_version=DataVersion(version),
-        metadata={"path": MetadataValue.path(artifacts.data_dir), "data_version_source": source},
-    )
-
-
-with warnings.catch_warnings():  # observable source assets are beta: say so once, in docs
+with warnings.catch_warnings():  # observable source assets are beta: said once, in the docs
     warnings.simplefilter("ignore", BetaWarning)
-    raw_images = observable_source_asset(
-        _observe_data,
-        name="raw_images",
-        group_name=GROUP,
-        description="The image folder, as pinned by data.dvc.",
+
+    @observable_source_asset(
+        group_name=GROUP, description="The image folder, as pinned by data.dvc."
     )
+    def raw_images(artifacts: ArtifactStore) -> ObserveResult:
+        version, source = observed_version(artifacts.dvc_file, artifacts.data_dir)
+        return ObserveResult(
+            data_version=DataVersion(version),
+            metadata={
+                "path": MetadataValue.path(artifacts.data_dir),
+                "data_version_source": source,
+            },
+        )
 
 
 def _schema(frame: pl.DataFrame) -> TableSchema:

@@ -27,7 +27,7 @@ _TYPES = {
     "bool": bool,
     "IntOrAuto": str,  # "auto" or a whole number, checked by deepcluster.config
     "tuple[float, float]": list[float],
-    "tuple[int, ...]": list[int],
+    "tuple[float, ...]": list[float],
 }
 
 

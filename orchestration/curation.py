@@ -34,7 +34,7 @@ from dagster import (
 )
 from pydantic import Field
 
-from deepcluster import curate, data, dedup, drift, inbox, plots
+from deepcluster import curate, dedup, drift, inbox, pipeline, tracking
 from deepcluster.errors import UserError
 
 from . import metadata as md
@@ -95,7 +95,7 @@ def _sheets(sheets_dir: Path, shown: int) -> MetadataValue:
 @asset(
     group_name=GROUP,
     deps=[cluster_assignments],
-    code_version=code_version(curate, dedup, plots),
+    code_version=code_version("curate"),
     kinds={"faiss", "polars"},
 )
 def curated_subset(
@@ -105,23 +105,18 @@ def curated_subset(
     after removing exact and near duplicates; a contact sheet per cluster."""
     art = artifacts.layout
     with user_errors_fail_plainly():
-        result = curate.curate_step(art, curate.Settings(**config.model_dump()))
-    run_id = curate.log_curation(art, result)
-    out = curate.CurationPaths(art.root)
+        result = pipeline.curate(art, curate.Settings(**config.model_dump()))
+    run_id = tracking.run_for(art)
     return MaterializeResult(
         metadata={
             "dagster/row_count": result.subset.height,
             **{k: v for k, v in result.summary.items() if isinstance(v, (int, float, str))},
-            "first_rows": MetadataValue.md(
-                md.markdown_table(result.subset.head(10).to_dicts(), _SUBSET_COLUMNS)
-            ),
-            "duplicates": MetadataValue.md(
-                md.markdown_table(result.duplicates.head(10).to_dicts(), _DUPLICATE_COLUMNS)
-            ),
-            "contact_sheets": _sheets(out.sheets, SHEETS_SHOWN),
+            "first_rows": md.table(result.subset.head(10).to_dicts(), _SUBSET_COLUMNS),
+            "duplicates": md.table(result.duplicates.head(10).to_dicts(), _DUPLICATE_COLUMNS),
+            "contact_sheets": _sheets(art.contact_sheets, SHEETS_SHOWN),
             "mlflow_run_id": run_id,
             "mlflow_run": MetadataValue.url(mlflow.run_url(run_id)),
-            "path": MetadataValue.path(str(out.subset)),
+            "path": MetadataValue.path(str(art.curated_subset)),
         }
     )
 
@@ -133,7 +128,7 @@ def curated_subset(
     group_name=GROUP,
     deps=[registered_model],
     partitions_def=inbox_batches,
-    code_version=code_version(inbox, data),
+    code_version=code_version("assign"),
     kinds={"mlflow", "polars"},
 )
 def new_images(
@@ -145,10 +140,11 @@ def new_images(
     """One inbox batch: validated as at ingest, embedded and assigned to the learned clusters by
     the champion; artifacts/inbox/<batch>/assignments.parquet."""
     batch = context.partition_key
-    out = inbox.BatchPaths(artifacts.layout.root, batch)
+    art = artifacts.layout
     with user_errors_fail_plainly():
-        loaded = inbox.load_registered(inbox_store.model_uri)
-        result = inbox.assign_batch(Path(inbox_store.folder) / batch, out, loaded)
+        loaded, result = pipeline.assign_batch(
+            art, Path(inbox_store.folder) / batch, batch, inbox_store.model_uri
+        )
     context.log.info(f"batch {batch}: {result.table.height} images assigned by {loaded.uri}")
     sizes = result.table.group_by("cluster").len().sort("len", descending=True).head(5)
     return MaterializeResult(
@@ -157,10 +153,8 @@ def new_images(
             "rejected": result.rejected.height,
             "model_uri": loaded.uri,
             "model_version": loaded.version or "unversioned",
-            "largest_clusters": MetadataValue.md(
-                md.markdown_table(sizes.to_dicts(), {"cluster": "cluster", "len": "images"})
-            ),
-            "path": MetadataValue.path(str(out.assignments)),
+            "largest_clusters": md.table(sizes.to_dicts(), {"cluster": "cluster", "len": "images"}),
+            "path": MetadataValue.path(str(art.batch_assignments(batch))),
         }
     )
 

@@ -6,7 +6,6 @@ Dagster itself. Each epoch goes back as a log line and a custom message; the end
 message with the MLflow run id. A user error is reported as such, so Dagster does not retry it.
 """
 
-import signal
 import sys
 from dataclasses import asdict
 
@@ -14,17 +13,10 @@ from dagster_pipes import open_dagster_pipes
 
 from deepcluster import pipeline
 from deepcluster.config import params_from_dict
-from deepcluster.errors import UserError
+from deepcluster.errors import UserError, stop_on_signals
 from deepcluster.paths import Artifacts
 from deepcluster.train import describe
 
-
-
-def _stop_on_sigterm() -> None:
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, handler)
 
 
 def _train(extras: dict, on_epoch) -> pipeline.TrainSummary:
@@ -41,7 +33,7 @@ def _train(extras: dict, on_epoch) -> pipeline.TrainSummary:
 
 
 def main() -> int:
-    _stop_on_sigterm()
+    stop_on_signals()  # Dagster stops the process group with SIGTERM
     with open_dagster_pipes() as pipes:
         extras = dict(pipes.extras)
         epochs = extras["params"]["train"]["epochs"]

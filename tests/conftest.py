@@ -20,9 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # Small, quick settings for tests on two CPU cores; the pipeline code is the same as the demo's.
 FAST = {
     "data": {"resolution": 16},
-    "cluster": {"k": 30, "pca_dim": 16},
-    "train": {"epochs": 2, "batch_size": 32, "hflip": False, "crop_scale": [0.7, 1.0]},
+    "cluster": {"k": 30, "pca_dim": 16, "heads": [1.0, 2.0]},
+    "train": {"epochs": 2, "batch_size": 32},
+    "augment": {"crop_scale": [0.7, 1.0], "local_crops": 2},
     "eval": {"probe_epochs": 200},
+    "compute": {"device": "cpu"},
 }
 
 
@@ -49,6 +51,14 @@ def fast_params(**sections):
     return params_from_dict(raw)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def mlflow_store(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Every training is an MLflow run: the suite's go to a store of its own, never the repo's."""
+    uri = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    return uri
+
+
 @pytest.fixture(scope="session")
 def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("digits")
@@ -60,7 +70,7 @@ def digits_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def ingested(digits_folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Artifacts:
     """Digits ingested at the test resolution; tests copy it before writing anything."""
     art = Artifacts(tmp_path_factory.mktemp("ingested"))
-    pipeline.ingest(digits_folder, fast_params(), art, progress=False)
+    pipeline.ingest(digits_folder, fast_params(), art, show=False)
     return art
 
 
@@ -88,3 +98,30 @@ def digits_subset(digits_folder: Path, tmp_path_factory: pytest.TempPathFactory)
         for image in sorted(label_dir.iterdir())[:PER_CLASS]:
             shutil.copy2(image, folder / label_dir.name / image.name)
     return folder
+
+
+def build_artifacts(art: Artifacts, images: Path, params, trained: bool = True) -> Artifacts:
+    """ingest -> train -> features -> cluster -> evaluate in `art`, as `deepcluster run` does.
+
+    `trained=False` publishes the network training would start from (same seed and input
+    statistics) instead: a real, worse model."""
+    import torch
+
+    from deepcluster import checkpoint
+    from deepcluster.models import build_model
+    from deepcluster.train import data_statistics, head_sizes
+
+    pipeline.ingest(images, params, art, show=False)
+    if trained:
+        pipeline.train(params, art, show=False)
+    else:
+        manifest, cache = pipeline.ingested(art)
+        resolved, _ = pipeline.training_params(params, art, manifest, cache)
+        torch.manual_seed(resolved.train.seed)
+        model = build_model(resolved.model, head_sizes(resolved))
+        model.normalize.set(*data_statistics(cache))
+        checkpoint.export_model(model, resolved, art.model)
+    pipeline.features(art, params, show=False)
+    pipeline.cluster(art, params)
+    pipeline.evaluate_step(art, params, show=False)
+    return art

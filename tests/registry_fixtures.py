@@ -9,32 +9,16 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
-from deepcluster import pipeline, tracking
-from deepcluster.models import build_model
 from deepcluster.paths import Artifacts
-from deepcluster.train import export_model
-from tests.conftest import fast_params
+from tests.conftest import build_artifacts, fast_params
 
 PARAMS = fast_params(eval={"probe_epochs": 30})
 
 
 def build(art: Artifacts, images: Path, epochs: int) -> Artifacts:
-    """ingest -> train (tracked) -> features -> cluster -> evaluate (logged) in `art`."""
-    pipeline.ingest(images, PARAMS, art, progress=False)
-    run_id = tracking.training_run(art, PARAMS, images)
-    with tracking.run_status(run_id):
-        if epochs:
-            pipeline.train_step(PARAMS, art, tracking.EpochLogger(run_id), progress=False)
-        else:  # the network training starts from: same seed, same construction
-            torch.manual_seed(PARAMS.train.seed)
-            export_model(build_model(PARAMS.model, PARAMS.cluster.k), PARAMS, art.model)
-    pipeline.features_step(PARAMS, art, progress=False)
-    pipeline.cluster_step(PARAMS, art)
-    metrics = pipeline.evaluate_step(PARAMS, art, progress=False)
-    tracking.log_evaluation(run_id, metrics, art.eval_dir)
-    return art
+    """The pipeline's steps in `art`; with `epochs` 0, the untrained network as the model."""
+    return build_artifacts(art, images, PARAMS, trained=bool(epochs))
 
 
 def with_metrics(art: Artifacts, folder: Path, **figures) -> Artifacts:

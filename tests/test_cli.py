@@ -19,9 +19,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_run_goes_from_an_image_folder_to_metrics(tmp_path: Path, digits_folder: Path) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(FAST))
-    result = deepcluster("run", str(digits_folder), "--quiet", "-S", "train.epochs=1", cwd=tmp_path)
+    result = deepcluster("run", str(digits_folder), "-S", "train.epochs=1", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "knn_top1" in result.stdout
+    # not a terminal: one line per epoch and per probe, no bar updates (carriage returns)
+    assert "epoch 1/1" in result.stderr and "evaluate trained:" in result.stderr
+    assert "\r" not in result.stderr
 
     art = tmp_path / "artifacts"
     table = pl.read_parquet(art / "cluster" / "assignments.parquet")
@@ -50,10 +53,24 @@ def test_run_goes_from_an_image_folder_to_metrics(tmp_path: Path, digits_folder:
 
 def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(FAST))
+    (tmp_path / "a-file").write_text("not a folder")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     cases = [
         (["ingest", "no/such/folder"], "error: data folder not found: no/such/folder"),
         (["train", "-S", "train.lr=-3"], "error: train.lr = -3: must be > 0"),
+        (["train", "-S", "train.lr=inf"], "error: train.lr = 'inf': must be a number"),
+        (["train", "-S", "train.lr=.inf"], "error: train.lr = inf: must be > 0 and at most 100"),
+        (["train", "-S", "train.lr=[1"], "error: --set 'train.lr=[1': '[1' is not a valid value"),
+        (["train", "-S", "model.embed_dim=100000000"], "model.embed_dim = 100000000: must be"),
+        (["train", "-S", "train.seed=-1"], "error: train.seed = -1: must be 0..4294967295"),
+        (["train", "-S", "eval.grid_images=0"], "error: eval.grid_images = 0: must be 1..1000"),
+        (["train", "-S", "train.lr=1", "-S", "train.lr=2"], "error: --set train.lr: given twice"),
         (["train", "--params", "missing.yaml"], "error: missing.yaml: parameter file not found"),
+        (["train", "--params", "list.yaml"], "the top level must be a mapping of sections"),
+        (["train", "--params", "binary.yaml"], "not a text file (expected YAML)"),
+        (["train", "-a", "a-file"], "error: --artifacts a-file: exists and is not a folder"),
+        (["ingest", "-a", "/proc/deepcluster"], "error: cannot use /proc/deepcluster"),
         (["features"], "run `deepcluster train` first"),
         (["sample-data", "cifar", "x"], "error: unknown sample set 'cifar'"),
     ]
@@ -66,7 +83,8 @@ def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
 
 
 def test_help_everywhere(tmp_path: Path) -> None:
-    for command in ("", "sample-data", "ingest", "train", "features", "cluster", "evaluate", "run"):
+    commands = ("", "sample-data", "ingest", "train", "features", "cluster", "evaluate", "run")
+    for command in (*commands, "register", "predict", "curate"):
         result = deepcluster(*([command] if command else []), "--help", cwd=tmp_path)
         assert result.returncode == 0 and "Usage" in result.stdout, command
 
@@ -81,3 +99,46 @@ def test_import_ssl_is_still_the_standard_library() -> None:
     path, ok = result.stdout.split()
     stdlib = Path(sysconfig.get_paths()["stdlib"]).resolve()
     assert Path(path).resolve() == stdlib / "ssl.py" and ok == "True"
+
+
+def test_auto_values_are_resolved_printed_and_recorded(tmp_path: Path, digits_folder: Path) -> None:
+    """No params.yaml and no flags: the built-in defaults, `auto` resolved from the images."""
+    result = deepcluster("ingest", str(digits_folder), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "auto: data.resolution = 16 (median shorter side 8 px" in result.stderr
+    assert "1797 images ingested at 16 px" in result.stdout
+
+
+def test_sigterm_stops_training_keeps_the_model_and_kills_the_run(
+    tmp_path: Path, digits_folder: Path
+) -> None:
+    import os
+    import signal
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(FAST))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the project's store
+    assert deepcluster("ingest", str(digits_folder), cwd=tmp_path, env=env).returncode == 0
+    assert deepcluster("train", "-S", "train.epochs=1", cwd=tmp_path, env=env).returncode == 0
+    model = (tmp_path / "artifacts/train/model.pt").read_bytes()
+
+    env["PYTHONPATH"] = str(ROOT / "ssl")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "deepcluster.cli", "train", "-S", "train.epochs=50", "--fresh"],
+        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+    )
+    while not process.stderr.readline().startswith("epoch 1/50"):  # the first finished epoch
+        assert process.poll() is None, "training ended before its first epoch"
+    process.send_signal(signal.SIGTERM)
+    began = time.monotonic()
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 130 and time.monotonic() - began < 30
+    assert "stopped (signal SIGTERM)" in rest and "Traceback" not in rest
+    assert (tmp_path / "artifacts/train/model.pt").read_bytes() == model  # the last good model
+    staged = tmp_path / "artifacts/.staging/train"
+    assert (staged / "checkpoint.pt").exists()
+    run_id = json.loads((staged / "mlflow_run.json").read_text())["run_id"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "KILLED"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deepcluster.config import ParamError, Params, load_params, params_from_dict
+from deepcluster.config import ParamError, Params, load_params, params_from_dict, parse_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -25,17 +25,32 @@ def test_repo_params_file_is_valid_and_complete() -> None:
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"train": {"lr": -1}}, "train.lr = -1: must be > 0"),
+        ({"train": {"lr": -1}}, "train.lr = -1: must be > 0 and at most 100"),
+        ({"train": {"lr": float("inf")}}, "train.lr = inf: must be > 0 and at most 100"),
+        ({"train": {"lr": float("nan")}}, "train.lr = nan: must be > 0 and at most 100"),
+        ({"model": {"embed_dim": 100000000}}, "model.embed_dim = 100000000: must be 2..16384"),
+        ({"model": {"method": "swav"}}, "model.method = 'swav': must be one of deepcluster"),
+        ({"train": {"seed": -1}}, "train.seed = -1: must be 0..4294967295"),
+        ({"train": {"seed": 2**40}}, "train.seed = 1099511627776: must be 0..4294967295"),
+        ({"eval": {"grid_images": 0}}, "eval.grid_images = 0: must be 1..1000"),
+        ({"eval": {"grid_clusters": -3}}, "eval.grid_clusters = -3: must be 1..1000"),
+        ({"cluster": {"k": "many"}}, "cluster.k = 'many': must be a whole number or auto"),
+        ({"cluster": {"heads": []}}, "cluster.heads = []: must be a non-empty list of numbers"),
+        ({"augment": {"blur": 2}}, "augment.blur = 2: must be a probability in [0, 1]"),
         ({"train": {"lr": "fast"}}, "train.lr = 'fast': must be a number"),
-        ({"train": {"device": "tpu"}}, "train.device = 'tpu': must be one of auto, cpu, cuda"),
+        ({"compute": {"device": "tpu"}}, "compute.device = 'tpu': must be one of auto, cpu, cuda"),
+        ({"train": {"device": "cpu"}}, "train.device: unknown key; allowed: epochs"),
         ({"model": {"arch": "vit"}}, "model.arch = 'vit': must be one of"),
-        ({"cluster": {"k": 1}}, "cluster.k = 1: must be >= 2"),
+        ({"cluster": {"k": 1}}, "cluster.k = 1: must be 2..1000000 or auto"),
         ({"cluster": {"kk": 3}}, "cluster.kk: unknown key; allowed: k, pca_dim"),
         ({"clustre": {}}, "clustre: unknown section"),
-        ({"train": {"crop_scale": [0.9, 0.2]}}, "train.crop_scale = [0.9, 0.2]"),
+        ({"augment": {"crop_scale": [0.9, 0.2]}}, "augment.crop_scale = [0.9, 0.2]"),
         ({"train": {"epochs": 2.5}}, "train.epochs = 2.5: must be a whole number"),
-        ({"train": {"hflip": "yes"}}, "train.hflip = 'yes': must be true or false"),
-        ({"cluster": {"pca_dim": 512}}, "cluster.pca_dim = 512: must not exceed model.embed_dim"),
+        ({"augment": {"hflip": "yes"}}, "augment.hflip = 'yes': must be true or false"),
+        (
+            {"cluster": {"pca_dim": 512}},
+            "cluster.pca_dim = 512: must not exceed model.embed_dim",
+        ),
     ],
 )
 def test_bad_values_are_named(raw: dict, message: str) -> None:
@@ -55,3 +70,45 @@ def test_overrides_and_missing_file(tmp_path: Path) -> None:
     path.write_text("train: [1, 2\n")
     with pytest.raises(ParamError, match="not valid YAML"):
         load_params(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"- 1\n- 2\n", "the top level must be a mapping of sections, got list"),
+        (b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not a text file"),
+        (b"train:\n  lr: 0.1\n  lr: 0.2\n", "lr: written twice in the parameter file"),
+        (b"train: {lr: 0.1}\ntrain: {lr: 0.2}\n", "train: written twice"),
+    ],
+)
+def test_unusable_parameter_files_are_named(tmp_path: Path, content: bytes, message: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ParamError, match=message):
+        load_params(path)
+
+
+def test_overrides_are_parsed_strictly() -> None:
+    assert parse_overrides(["train.lr=0.5", "cluster.heads=[1, 2]"]) == {
+        "train.lr": 0.5,
+        "cluster.heads": [1, 2],
+    }
+    with pytest.raises(ParamError, match=r"--set 'train.lr=\[1': '\[1' is not a valid value"):
+        parse_overrides(["train.lr=[1"])
+    with pytest.raises(ParamError, match="--set train.lr: given twice"):
+        parse_overrides(["train.lr=1", "train.lr=2"])
+    with pytest.raises(ParamError, match="write it as section.key=value"):
+        parse_overrides(["lr=1"])
+
+
+def test_library_defaults_equal_params_yaml() -> None:
+    """One set of defaults: the dataclasses' and the repo's params.yaml agree exactly."""
+    assert load_params(None).to_dict() == load_params(ROOT / "params.yaml").to_dict()
+
+
+def test_auto_values_are_listed_until_resolved() -> None:
+    params = load_params(None)
+    assert set(params.auto_keys()) == {
+        "data.resolution", "cluster.k", "cluster.pca_dim", "train.batch_size", "train.epochs"
+    }
+    assert params.compute.device == "auto"  # a machine setting, not one of the resolved values

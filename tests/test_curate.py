@@ -19,10 +19,10 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from deepcluster import cli_curate, pipeline, tracking
+from deepcluster import checkpoint, pipeline, tracking
+from deepcluster.models import build_model
 from deepcluster.cluster import cluster_features
 from deepcluster.curate import (
-    CurationPaths,
     Pool,
     Settings,
     class_coverage,
@@ -39,7 +39,7 @@ from deepcluster.paths import Artifacts
 from orchestration.curation import curated_subset
 from orchestration.resources import ArtifactStore, MlflowTracking
 
-from .conftest import fast_params
+from .conftest import fast_params, run_cli
 
 PARAMS = fast_params()  # k = 30 clusters at 16 px
 BUDGET = 150  # 5 per cluster: more than the 4 bins
@@ -67,10 +67,13 @@ def planted(digits_subset: Path, tmp_path_factory: pytest.TempPathFactory):
         "near": [plant(folder, src, "near_copy.png", 16) for src in firsts[3:]],
     }
     art = Artifacts(tmp / "artifacts")
-    pipeline.ingest(folder, PARAMS, art, progress=False)
+    pipeline.ingest(folder, PARAMS, art, show=False)
     art.features.parent.mkdir(parents=True)
     np.save(art.features, pixel_features(load_cache(art.cache)))
-    pipeline.cluster_step(PARAMS, art)
+    _, cache = pipeline.ingested(art)
+    resolved, _ = pipeline.training_params(PARAMS, art, *pipeline.ingested(art))
+    checkpoint.export_model(build_model(resolved.model, [30]), resolved, art.model)  # its params
+    pipeline.cluster(art, PARAMS)
     return art, pairs
 
 
@@ -97,7 +100,7 @@ def test_equal_frequency_bins_follow_the_distance() -> None:
 
 def test_subset_respects_the_budget_and_covers_every_cluster_and_bin(planted, curated) -> None:
     art, _ = planted
-    subset = pl.read_parquet(CurationPaths(art.root).subset)
+    subset = pl.read_parquet(art.curated_subset)
     assert subset.equals(curated.subset)
     assert subset.height == BUDGET and subset["path"].n_unique() == BUDGET
     assert subset.columns[:4] == ["path", "row", "cluster", "bin"] and "reason" in subset.columns
@@ -108,7 +111,7 @@ def test_subset_respects_the_budget_and_covers_every_cluster_and_bin(planted, cu
         expected = min(4, sizes[cluster] - _dropped_in(curated, cluster))
         assert sorted(set(group["bin"])) == list(range(expected)), f"cluster {cluster}"
     assert subset["reason"].str.contains("distance bin").all()
-    sheets = sorted(CurationPaths(art.root).sheets.glob("cluster_*.png"))
+    sheets = sorted(art.contact_sheets.glob("cluster_*.png"))
     assert len(sheets) == PARAMS.cluster.k
 
 
@@ -118,7 +121,7 @@ def _dropped_in(result, cluster: int) -> int:
 
 def test_planted_duplicates_are_dropped_and_recorded_with_their_twin(planted, curated) -> None:
     art, pairs = planted
-    dups = pl.read_parquet(CurationPaths(art.root).duplicates)
+    dups = pl.read_parquet(art.curate_duplicates)
     assert dups.height == 6  # only the planted ones: no real digit is dropped
     for kind, planted_pairs in pairs.items():
         for copy, original in planted_pairs:
@@ -217,15 +220,16 @@ def test_missing_inputs_name_the_step_to_run(tmp_path: Path) -> None:
         curate_step(Artifacts(tmp_path), Settings(budget=5))
 
 
-def test_the_command_function_prints_a_summary(planted, capsys, tmp_path: Path) -> None:
+def test_the_curate_command_prints_a_summary(planted, tmp_path: Path) -> None:
     art, _ = planted
     copy = Artifacts(tmp_path / "artifacts")
     shutil.copytree(art.root, copy.root)
-    summary = cli_curate.curate(copy.root, budget=40, track=False)
-    out = capsys.readouterr().out
-    assert summary["chosen"] == 40
+    done = run_cli("curate", "--budget", "40", "--artifacts", str(copy.root), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    out = done.stdout
     assert "40 of 300 images chosen (bins, budget 40); 30 of 30 clusters covered" in out
     assert "dropped 3 exact and 3 near duplicates" in out
+    assert len(pl.read_parquet(copy.curated_subset)) == 40
 
 
 @pytest.fixture
@@ -244,7 +248,7 @@ def test_the_dagster_asset_shows_contact_sheets_and_logs_to_mlflow(
     copy = Artifacts(tmp_path / "artifacts")
     shutil.copytree(art.root, copy.root)
     run_id = MlflowClient().create_run(tracking.experiment_id()).info.run_id
-    tracking.record_run(copy, run_id)  # the training run the model would have
+    tracking.record_run(copy.run_file, run_id)  # the training run the model would have
     resources = {
         "artifacts": ArtifactStore(root=str(copy.root)),
         "mlflow": MlflowTracking(tracking_uri=mlflow_store),
@@ -258,7 +262,8 @@ def test_the_dagster_asset_shows_contact_sheets_and_logs_to_mlflow(
     meta = {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
     assert meta["dagster/row_count"] == 60 and meta["method"] == "hierarchical"
     assert meta["contact_sheets"].count("](data:image/png;base64,") == 12
-    assert "exact_copy.png" in meta["duplicates"] and meta["mlflow_run_id"] == run_id
+    dropped = [record.data["dropped"] for record in meta["duplicates"].records]
+    assert "1/exact_copy.png" in dropped and meta["mlflow_run_id"] == run_id
     client = MlflowClient()
     assert client.get_run(run_id).data.metrics["curate/chosen"] == 60
     logged = {f.path for f in client.list_artifacts(run_id, "curate")}

@@ -24,7 +24,7 @@ from dagster import (
 )
 from PIL import Image
 
-from deepcluster import cli_curate, drift, inbox, pipeline, registry, tracking
+from deepcluster import drift, inbox, pipeline, registry, tracking
 from deepcluster.errors import UserError
 from deepcluster.paths import Artifacts
 from orchestration.curation import (
@@ -38,23 +38,16 @@ from orchestration.curation import (
 )
 from orchestration.resources import ArtifactStore, MlflowTracking
 
-from .conftest import PER_CLASS, fast_params
+from .conftest import PER_CLASS, build_artifacts, fast_params
 
 PARAMS = fast_params(eval={"probe_epochs": 30})
 BATCH_PER_CLASS = 15  # images 30..44 of each digit: never seen in training
 
 
 def train_and_register(images: Path, art: Artifacts) -> registry.Registration:
-    """ingest -> train (tracked) -> features -> cluster -> evaluate -> register, as the CLI does."""
-    pipeline.ingest(images, PARAMS, art, progress=False)
-    run_id = tracking.training_run(art, PARAMS, images)
-    with tracking.run_status(run_id):
-        pipeline.train_step(PARAMS, art, tracking.EpochLogger(run_id), progress=False)
-    pipeline.features_step(PARAMS, art, progress=False)
-    pipeline.cluster_step(PARAMS, art)
-    metrics = pipeline.evaluate_step(PARAMS, art, progress=False)
-    tracking.log_evaluation(run_id, metrics, art.eval_dir)
-    return registry.register_model(art)
+    """ingest -> train -> features -> cluster -> evaluate -> register, as the CLI does."""
+    build_artifacts(art, images, PARAMS)
+    return pipeline.register(art)
 
 
 def write_batch(folder: Path, sources: list[Path], invert: bool) -> Path:
@@ -145,16 +138,15 @@ def test_the_sensor_adds_a_partition_per_batch_and_requests_its_run(sensed) -> N
 def test_each_batch_is_assigned_by_the_champion(world, sensed) -> None:
     art, reg = world["art"], world["registration"]
     for batch, run in sensed["runs"].items():
-        out = inbox.BatchPaths(art.root, batch)
-        info = json.loads(out.info.read_text())
+        info = json.loads(art.batch_info(batch).read_text())
         assert info["model_version"] == reg.version == "1" and reg.promoted
         assert info["model_uri"] == "models:/deepcluster/1" and info["images"] == 150
-        table = pl.read_parquet(out.assignments)
+        table = pl.read_parquet(art.batch_assignments(batch))
         assert table.columns == ["path", "sha256", "cluster", "distance", "embedding"]
         assert len(table["embedding"][0]) == PARAMS.model.embed_dim
         [event] = run.get_asset_materialization_events()
         assert event.partition == batch
-    heldback = pl.read_parquet(inbox.BatchPaths(art.root, "heldback").assignments)
+    heldback = pl.read_parquet(art.batch_assignments("heldback"))
     predicted, _ = registry.predict_files(reg.model_uri, [world["inbox"] / "heldback"])
     assert heldback["cluster"].to_list() == predicted["cluster"].to_list()
 
@@ -228,11 +220,10 @@ def test_a_batch_without_usable_images_fails_plainly(world, tmp_path) -> None:
 
 def test_predict_prints_the_same_drift_figures(world, sensed, capsys) -> None:
     art = world["art"]
-    table = pl.read_parquet(inbox.BatchPaths(art.root, "inverted").assignments)
-    report = cli_curate.print_drift(table, art.root, "models:/deepcluster@champion")
-    out = capsys.readouterr().out
+    table = pl.read_parquet(art.batch_assignments("inverted"))
+    report, lines = drift.predicted_drift(table, art, "models:/deepcluster@champion")
     assert report == drift.batch_drift(art, "inverted")
-    assert f"drift: images: {report.images}" in out and "drift: DRIFTED, a reason to retrain" in out
+    assert f"images: {report.images}" in lines and lines[-1].startswith("DRIFTED, a reason to retrain")
 
 
 def test_drift_is_refused_against_another_training(world, tmp_path) -> None:

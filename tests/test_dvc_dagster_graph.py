@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dagster import AssetKey
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_ASSETS = {
@@ -22,6 +23,7 @@ STAGE_ASSETS = {
     "cluster": ["cluster_assignments"],
     "evaluate": ["eval_report"],
     "register": ["registered_model"],
+    "curate": ["curated_subset"],
 }
 
 
@@ -83,3 +85,23 @@ def test_every_stage_has_its_assets_and_the_same_order() -> None:
             )
     if missing:
         pytest.xfail(f"Dagster assets not wired yet: {', '.join(missing)}")
+
+
+def test_stage_deps_and_code_versions_come_from_one_module_table() -> None:
+    """dvc.yaml's library deps of each stage are the step's modules in STEP_MODULES, and each
+    asset's Dagster code version is the hash of the same modules."""
+    from deepcluster.pipeline import STEP_MODULES, module_paths
+    from orchestration.definitions import defs
+    from orchestration.versions import code_version
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    for stage, spec in stages.items():
+        listed = sorted(d for d in spec["deps"] if d.startswith("ssl/"))
+        assert listed == sorted(module_paths(stage)), stage
+        for name in module_paths(stage):
+            assert (ROOT / name).is_file(), name
+    graph = defs.resolve_asset_graph()
+    for stage, assets in STAGE_ASSETS.items():
+        if stage in STEP_MODULES:
+            for asset in assets:
+                assert graph.get(AssetKey(asset)).code_version == code_version(stage), asset

@@ -21,14 +21,41 @@ from deepcluster.models import Sobel, build_model, check_resolution
     ],
 )
 def test_every_arch_embeds_and_classifies(arch: str, side: int, sobel: bool) -> None:
-    params = ModelParams(arch=arch, sobel=sobel, embed_dim=64)
-    model = build_model(params, num_classes=7).eval()
-    x = torch.randn(2, 3, side, side)
+    params = ModelParams(method="deepcluster", arch=arch, sobel=sobel, embed_dim=64)
+    model = build_model(params, 7).eval()
+    x = torch.rand(2, 3, side, side)
     with torch.no_grad():
         assert model.embed(x).shape == (2, 64)
         assert model(x).shape == (2, 7)
-    model.reset_head(11)
-    assert model.head.out_features == 11
+    model.reset_heads([11])
+    assert model.head_sizes == [11]
+
+
+def test_v2_scores_unit_embeddings_against_fixed_unit_prototypes() -> None:
+    model = build_model(ModelParams(method="deepcluster-v2", embed_dim=16), [5, 9]).eval()
+    centroids = [torch.randn(5, 16) * 3, torch.randn(9, 16)]
+    model.set_prototypes(centroids)
+    assert model.head_sizes == [5, 9]
+    for head in model.heads:
+        assert not head.weight.requires_grad and head.bias is None
+        torch.testing.assert_close(head.weight.norm(dim=1), torch.ones(len(head.weight)))
+    with torch.no_grad():
+        z = model.embed(torch.rand(4, 3, 16, 16))
+        torch.testing.assert_close(z.norm(dim=1), torch.ones(4))
+        scores = model.logits(z)
+    assert [s.shape for s in scores] == [(4, 5), (4, 9)]
+    assert all(s.abs().max() <= 1 + 1e-5 for s in scores)  # cosine similarities
+
+
+def test_input_statistics_travel_with_the_weights() -> None:
+    model = build_model(ModelParams(), [3])
+    model.normalize.set(torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 0.5, 0.5]))
+    copy = build_model(ModelParams(), [3])
+    copy.reset_heads(model.head_sizes)
+    copy.load_state_dict(model.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(copy.normalize(x), (x - copy.normalize.mean) / 0.5)
+    torch.testing.assert_close(copy.normalize.mean.flatten(), torch.tensor([0.1, 0.2, 0.3]))
 
 
 def test_initial_body_does_not_depend_on_k() -> None:
@@ -36,7 +63,7 @@ def test_initial_body_does_not_depend_on_k() -> None:
     outs = []
     for k in (10, 100):
         torch.manual_seed(0)
-        outs.append(build_model(ModelParams(), k).eval().embed(x))
+        outs.append(build_model(ModelParams(), [k]).eval().embed(x))
     torch.testing.assert_close(outs[0], outs[1])
 
 
@@ -72,3 +99,30 @@ def test_random_crops_stay_inside_and_respect_the_scale_range() -> None:
     assert 0.45 < flipped < 0.55
     no_flip = aug.crop_flip_params(256, (0.3, 0.8), False, g)
     assert (no_flip[:, 0, 0] > 0).all()
+
+
+def test_crops_resample_to_any_size() -> None:
+    """v2's local crops: the same affine crop, resampled to a smaller square."""
+    x = torch.rand(3, 3, 28, 28)
+    identity = torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]).expand(3, 2, 3)
+    small = aug.augment(x, identity, size=14)
+    assert small.shape == (3, 3, 14, 14)
+    torch.testing.assert_close(small.mean(), x.mean(), atol=0.02, rtol=0)
+
+
+def test_photometric_augmentation_leaves_grey_images_grey() -> None:
+    from deepcluster.config import AugmentParams
+
+    params = AugmentParams(jitter=0.8, grayscale=1.0, blur=1.0, solarize=1.0)
+    grey = torch.rand(8, 1, 16, 16).expand(8, 3, 16, 16).contiguous()
+    torch.manual_seed(0)
+    out = aug.photometric(params, colour=False, side=16)(grey)
+    assert out.shape == grey.shape and not torch.equal(out, grey)
+    torch.testing.assert_close(out[:, 0], out[:, 1])  # no hue or saturation on grey data
+    torch.testing.assert_close(out[:, 1], out[:, 2])
+    assert 0 <= out.min() and out.max() <= 1
+    colour = aug.photometric(params, colour=True, side=16)
+    names = [type(step).__name__ for step in colour]
+    assert "RandomGrayscale" in names and "RandomGrayscale" not in [
+        type(step).__name__ for step in aug.photometric(params, colour=False, side=16)
+    ]

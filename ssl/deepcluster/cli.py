@@ -7,14 +7,13 @@ after the step has marked its MLflow run KILLED and left its last checkpoint to 
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from .errors import UserError
+from .errors import Stopped, UserError, stop_on_signals
 
 app = typer.Typer(
     add_completion=False,
@@ -204,6 +203,33 @@ def register(
 
 
 @app.command()
+def curate(
+    artifacts: ArtifactsOpt = Path("artifacts"),
+    budget: Annotated[int, typer.Option(help="Images to choose.")] = 200,
+    method: Annotated[
+        str, typer.Option(help="bins (DeepCluster++) or hierarchical (Vo et al. 2024).")
+    ] = "bins",
+    bins: Annotated[int, typer.Option(help="Equal-frequency distance bins per cluster.")] = 4,
+    eps: Annotated[float, typer.Option(help="Near duplicates: cosine similarity above 1 - eps.")] = 5e-4,
+    parents: Annotated[int | None, typer.Option(help="hierarchical: parent groups.")] = None,
+    seed: Annotated[int, typer.Option(help="Random draws within bins and clusters.")] = 0,
+) -> None:
+    """Choose a diverse subset for labelling: every cluster, typical to unusual, no duplicates."""
+    from . import pipeline
+    from .curate import Settings
+
+    art = _artifacts(artifacts)
+    result = pipeline.curate(art, Settings(budget, method, bins, eps, parents, seed))
+    s = result.summary
+    typer.echo(
+        f"{s['chosen']} of {s['candidates']} images chosen ({s['method']}, budget {s['budget']}); "
+        f"{s['clusters_covered']} of {s['clusters']} clusters covered; dropped "
+        f"{s['exact_duplicates']} exact and {s['near_duplicates']} near duplicates"
+    )
+    typer.echo(f"subset {art.curated_subset}; contact sheets in {art.contact_sheets}/")
+
+
+@app.command()
 def predict(
     paths: Annotated[
         list[Path], typer.Argument(help="Image files and folders (searched recursively).")
@@ -212,6 +238,10 @@ def predict(
     out: Annotated[
         Path | None, typer.Option(help="Write assignments to .parquet (with embeddings) or .csv.")
     ] = None,
+    drift: Annotated[
+        bool, typer.Option("--drift", help="Compare the images with the training clusters.")
+    ] = False,
+    artifacts: ArtifactsOpt = Path("artifacts"),
 ) -> None:
     """Assign images to the learned clusters with a registered model."""
     from . import registry, tracking
@@ -220,6 +250,12 @@ def predict(
     table, rejected = registry.predict_files(model, paths)
     for row in rejected.iter_rows(named=True):
         typer.echo(f"skipped {row['path']}: {row['reason']}", err=True)
+    if drift:  # on stderr when stdout carries the table
+        from .drift import predicted_drift
+
+        _, lines = predicted_drift(table, _artifacts(artifacts), model)
+        for line in lines:
+            typer.echo(f"drift: {line}", err=out is None)
     if out is None:
         typer.echo(table.select("path", "cluster", "distance").write_csv(separator="\t"), nl=False)
         return
@@ -240,18 +276,8 @@ def _summary(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def _stop_on_sigterm() -> None:
-    """SIGTERM (a scheduler, `kill`, Dagster's terminate) stops like Ctrl-C: the step unwinds,
-    marks its MLflow run KILLED and keeps its last checkpoint."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-    signal.signal(signal.SIGTERM, handler)
-
-
 def main() -> None:
-    _stop_on_sigterm()
+    stop_on_signals()  # Ctrl-C and SIGTERM (a scheduler, `kill`) stop the same way
     try:
         app()
     except UserError as err:
@@ -261,9 +287,8 @@ def main() -> None:
         where = f" {err.filename}" if err.filename else ""
         typer.echo(f"error: cannot use{where}: {err.strerror or err}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt as err:
-        why = str(err) or "interrupted"
-        typer.echo(f"stopped ({why}): the last epoch checkpoint is kept; run the command again "
+    except Stopped as err:
+        typer.echo(f"stopped ({err}): the last epoch checkpoint is kept; run the command again "
                    "to resume", err=True)
         sys.exit(130)
 

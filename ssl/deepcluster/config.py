@@ -53,7 +53,7 @@ class ClusterParams:
     pca_dim: IntOrAuto = AUTO  # v1: PCA-whitening dimension before k-means
     kmeans_iters: int = 20
     kmeans_redo: int = 1
-    heads: tuple[int, ...] = (1, 2, 4)  # v2: one prototype head per entry, entry x k prototypes
+    heads: tuple[float, ...] = (1.0, 2.0, 4.0)  # v2: one prototype head per entry, of entry x k
 
 
 @dataclass(frozen=True)
@@ -154,10 +154,10 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ParamError(f"{where} = {value!r}: must be a whole number or auto")
-    if kind == "tuple[int, ...]":
+    if kind == "tuple[float, ...]":
         if isinstance(value, (list, tuple)) and value:
-            return tuple(_coerce(where, v, "int") for v in value)
-        raise ParamError(f"{where} = {value!r}: must be a non-empty list of whole numbers")
+            return tuple(_coerce(where, v, "float") for v in value)
+        raise ParamError(f"{where} = {value!r}: must be a non-empty list of numbers")
     if kind == "tuple[float, float]":
         if isinstance(value, (list, tuple)) and len(value) == 2:
             return tuple(_coerce(where, v, "float") for v in value)
@@ -222,7 +222,7 @@ def validate(p: Params) -> Params:
     _range("cluster.kmeans_iters", c.kmeans_iters, 1, 10_000)
     _range("cluster.kmeans_redo", c.kmeans_redo, 1, 1_000)
     for scale in c.heads:
-        _range("cluster.heads", scale, 1, 1_000)
+        _require(0 < scale <= 1_000, "cluster.heads", list(c.heads), "each must be in (0, 1000]")
     _require(len(c.heads) <= 16, "cluster.heads", list(c.heads), "at most 16 heads")
     t = p.train
     _range("train.epochs", t.epochs, 1, 100_000, auto=True)

@@ -13,7 +13,8 @@ holds, what a group cannot use going to the others), so a large cluster never ta
   parent) then get no more than a few clusters of another.
 
 Near and exact duplicates are removed first (`dedup`). `curate_step` is the one implementation the
-CLI, a DVC stage and the Dagster asset call; it writes under `CurationPaths`.
+CLI, a DVC stage and the Dagster asset call (through `pipeline.curate`); it writes under
+`Artifacts.curate_dir`.
 """
 
 from __future__ import annotations
@@ -33,34 +34,6 @@ from .paths import Artifacts
 
 METHODS = ("bins", "hierarchical")
 SHEET_COLUMNS = 8
-
-
-@dataclass(frozen=True)
-class CurationPaths:
-    """Where `curate_step` writes, under the artifacts root (belongs in `paths.Artifacts`)."""
-
-    root: Path = Path("artifacts")
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.root) / "curate"
-
-    @property
-    def subset(self) -> Path:
-        return self.dir / "subset.parquet"
-
-    @property
-    def duplicates(self) -> Path:
-        return self.dir / "duplicates.parquet"
-
-    @property
-    def summary(self) -> Path:
-        return self.dir / "summary.json"
-
-    @property
-    def sheets(self) -> Path:
-        """One contact sheet per cluster: the images chosen from it."""
-        return self.dir / "sheets"
 
 
 @dataclass(frozen=True)
@@ -295,8 +268,9 @@ def _summary(pool: Pool, s: Settings, dups: Duplicates, rows, subset: pl.DataFra
 
 def load_pool(art: Artifacts) -> Pool:
     """The pipeline's files: assignments table, features, centroids and the image cache."""
+    from .cluster import load_clustering
     from .data import load_cache
-    from .pipeline import load_clustering, require
+    from .paths import require
 
     table = pl.read_parquet(require(art.assignments, "cluster"))
     features = np.load(require(art.features, "features"), mmap_mode="r")
@@ -323,12 +297,11 @@ def curate_step(art: Artifacts, settings: Settings) -> Curation:
     """Curate the pipeline's images and write subset, duplicates, summary and contact sheets."""
     pool = load_pool(art)
     result = curate(pool, settings)
-    out = CurationPaths(art.root)
-    for frame, path in ((result.subset, out.subset), (result.duplicates, out.duplicates)):
+    for frame, path in ((result.subset, art.curated_subset), (result.duplicates, art.curate_duplicates)):
         with atomic_path(path) as tmp:
             frame.write_parquet(tmp)
-    contact_sheets(pool.pixels, result.subset, out.sheets, np.bincount(pool.clusters))
-    write_json(out.summary, result.summary)
+    contact_sheets(pool.pixels, result.subset, art.contact_sheets, np.bincount(pool.clusters))
+    write_json(art.curate_summary, result.summary)
     return result
 
 
@@ -368,5 +341,5 @@ def log_curation(art: Artifacts, result: Curation) -> str:
     metrics = [Metric(f"curate/{k}", float(v), now, 0) for k, v in numbers.items()]
     client = MlflowClient()
     client.log_batch(run_id, metrics=metrics)
-    client.log_artifacts(run_id, str(CurationPaths(art.root).dir), artifact_path="curate")
+    client.log_artifacts(run_id, str(art.curate_dir), artifact_path="curate")
     return run_id

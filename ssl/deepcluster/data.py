@@ -17,7 +17,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import sys
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -271,7 +270,10 @@ def read_manifest(path: Path) -> pl.DataFrame:
         raise IngestError(f"manifest not found: {path} (run the scan first)")
     manifest = pl.read_parquet(path)
     if dict(manifest.schema) != MANIFEST_SCHEMA:
-        raise IngestError(f"{path} is not an image manifest: columns {dict(manifest.schema)}")
+        raise IngestError(
+            f"{path} is not an image manifest of this version (columns {list(manifest.columns)}): "
+            "run `deepcluster ingest` again"
+        )
     return manifest
 
 

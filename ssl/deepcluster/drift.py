@@ -23,7 +23,7 @@ import numpy as np
 import polars as pl
 
 from .errors import ParamError, UserError
-from .inbox import BatchPaths, fingerprint
+from .inbox import fingerprint
 from .paths import Artifacts
 
 FAR_QUANTILE = 0.99
@@ -43,7 +43,8 @@ class Reference:
 
 
 def reference_from(art: Artifacts) -> Reference:
-    from .pipeline import load_clustering, require
+    from .cluster import load_clustering
+    from .paths import require
 
     table = pl.read_parquet(require(art.assignments, "cluster"))
     _, centroids = load_clustering(require(art.clustering, "cluster"))
@@ -155,13 +156,13 @@ def batch_drift(art: Artifacts, batch: str) -> DriftReport:
     """Drift of an inbox batch written by `inbox.assign_batch`, against the training in `art`."""
     import json
 
-    out = BatchPaths(art.root, batch)
-    if not out.info.exists():
-        raise UserError(f"{out.info} not found: assign batch {batch!r} first")
-    info = json.loads(out.info.read_text())
+    info_path = art.batch_info(batch)
+    if not info_path.exists():
+        raise UserError(f"{info_path} not found: assign batch {batch!r} first")
+    info = json.loads(info_path.read_text())
     ref = reference_from(art)
     require_same_clustering(info["centroids_fingerprint"], ref, f"batch {batch!r}")
-    table = pl.read_parquet(out.assignments, columns=["cluster", "distance"])
+    table = pl.read_parquet(art.batch_assignments(batch), columns=["cluster", "distance"])
     return measure(table["cluster"].to_numpy(), table["distance"].to_numpy(), ref)
 
 
@@ -169,3 +170,28 @@ def check_limits(max_far_share: float, max_js: float) -> None:
     for name, value in (("max_far_share", max_far_share), ("max_js", max_js)):
         if not 0.0 <= value <= 1.0:
             raise ParamError(f"{name} = {value}: must be between 0 and 1")
+
+
+def predicted_drift(
+    table: pl.DataFrame,
+    art: Artifacts,
+    model_uri: str | None = None,
+    max_far_share: float = MAX_FAR_SHARE,
+    max_js: float = MAX_JS,
+) -> tuple[DriftReport, list[str]]:
+    """Drift of a prediction table (cluster, distance) from the training in `art`; the report
+    and its lines, the last one the verdict. With `model_uri`, the model's centroids must be
+    those in `art` (else a UserError)."""
+    ref = reference_from(art)
+    if model_uri is not None:
+        from .inbox import load_registered
+
+        require_same_clustering(load_registered(model_uri).fingerprint, ref, model_uri)
+    report = measure(table["cluster"].to_numpy(), table["distance"].to_numpy(), ref)
+    problems = report.problems(max_far_share, max_js)
+    verdict = (
+        "DRIFTED, a reason to retrain: " + "; ".join(problems)
+        if problems
+        else "no drift past the limits"
+    )
+    return report, [*report.lines(), verdict]

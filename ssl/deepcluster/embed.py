@@ -63,13 +63,28 @@ def compute_features(
     progress: bool = True,
 ) -> np.ndarray:
     """Embeddings (n, embed_dim) of every image in order, eval mode, no augmentation."""
+    return _pass(model, source, batch_size, amp, progress, backbone=False)[0]
+
+
+@torch.no_grad()
+def compute_views(
+    model: DeepClusterNet, source: ImageSource, batch_size: int, amp: bool, progress: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings, backbone features) in one pass: what k-means sees, and the conv trunk's
+    output that the kNN and linear probes read (as is usual for self-supervised features)."""
+    return _pass(model, source, batch_size, amp, progress, backbone=True)
+
+
+def _pass(model, source, batch_size, amp, progress, backbone) -> tuple[np.ndarray, ...]:
     model.eval()
     device = source.device
-    out = np.empty((len(source), model.params.embed_dim), dtype=np.float32)
+    embeds, trunks = [], []
     starts = range(0, len(source), batch_size)
     for start in bar(starts, desc="features", enabled=progress):
         idx = np.arange(start, min(start + batch_size, len(source)))
         with autocast(device, amp):
-            emb = model.embed(source.floats(idx))
-        out[start : start + len(idx)] = emb.float().cpu().numpy()
-    return out
+            trunk = model.trunk_features(source.floats(idx))
+            embeds.append(model.embed_trunk(trunk).float().cpu().numpy())
+        if backbone:
+            trunks.append(trunk.float().cpu().numpy())
+    return (np.concatenate(embeds), np.concatenate(trunks)) if backbone else (np.concatenate(embeds),)

@@ -9,6 +9,7 @@ training added.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -179,8 +180,17 @@ def _check_knn(k: int, n_train: int) -> None:
         )
 
 
+@dataclass(frozen=True)
+class Views:
+    """One feature set as the probes see it: clustered as training clusters, probed on the
+    backbone (for raw pixels both are the pixels)."""
+
+    clusters: np.ndarray
+    probes: np.ndarray
+
+
 def compare(
-    feature_sets: dict[str, np.ndarray],
+    feature_sets: dict[str, Views],
     labels: np.ndarray,
     params: Params,
     assignments: np.ndarray,
@@ -193,46 +203,61 @@ def compare(
     _check_knn(e.knn_k, len(train_idx))
     pca = training_pca(params)
     probes = {
-        "clusters": lambda f, w: clustering_scores(f, labels, pca, seed, whiten=w),
-        "knn": lambda f, w: {"knn_top1": knn_top1(f, labels, train_idx, test_idx, e.knn_k)},
-        "linear": lambda f, w: {
-            "linear_top1": linear_probe(f, labels, train_idx, test_idx, e.probe_epochs)
+        "clusters": lambda v, w: clustering_scores(v.clusters, labels, pca, seed, whiten=w),
+        "knn": lambda v, w: {"knn_top1": knn_top1(v.probes, labels, train_idx, test_idx, e.knn_k)},
+        "linear": lambda v, w: {
+            "linear_top1": linear_probe(v.probes, labels, train_idx, test_idx, e.probe_epochs)
         },
     }
     out: dict[str, float] = {}
-    with progress.bar(total=len(feature_sets) * (len(probes) + 1), desc="evaluate", enabled=show) as bar:
-        for name, feats in feature_sets.items():
+    steps = len(feature_sets) * (len(probes) + 1)
+    with progress.bar(total=steps, desc="evaluate", enabled=show) as shown:
+        for name, views in feature_sets.items():
             suffix = "" if name == "trained" else f"_{name}"
             whiten = name != "pixels"  # the pixel baseline is plain k-means on raw pixels
             for probe, run in probes.items():
-                bar.set_postfix_str(f"{name} {probe}")
-                scores = run(feats, whiten)
-                out |= {f"{key}{suffix}": value for key, value in scores.items()}
-                bar.update()
+                shown.set_postfix_str(f"{name} {probe}")
+                out |= {f"{key}{suffix}": value for key, value in run(views, whiten).items()}
+                shown.update()
             given = assignments if name == "trained" else None
-            out[f"nmi_k{suffix}"] = nmi_at_k(feats, labels, params.cluster, seed, whiten, given, pca)
-            bar.update()
+            out[f"nmi_k{suffix}"] = nmi_at_k(
+                views.clusters, labels, params.cluster, seed, whiten, given, pca
+            )
+            shown.update()
             progress.say(
                 f"evaluate {name}: NMI {out['nmi' + suffix]:.3f}, kNN {out['knn_top1' + suffix]:.3f}"
-                f", linear {out['linear_top1' + suffix]:.3f}", show,
+                f", linear {out['linear_top1' + suffix]:.3f}",
+                show,
             )
     return out
 
 
-def random_init_features(params: Params, images: np.ndarray, show: bool = True) -> np.ndarray:
-    """Embeddings under the network training started from (same seed, same input statistics)."""
+def network_views(model, images: np.ndarray, params: Params, show: bool = True) -> Views:
+    """A network's embeddings (clustered) and backbone features (probed), in one pass."""
+    from .device import resolve_device
+    from .embed import ImageSource, compute_views, eval_batch_size
+
+    device = resolve_device(params.compute.device)
+    source = ImageSource(images, device)
+    model = model.to(device)
+    embed, backbone = compute_views(model, source, eval_batch_size(params), params.compute.amp, show)
+    return Views(embed, backbone)
+
+
+def random_init_network(params: Params, images: np.ndarray):
+    """The network training started from: same seed, same input statistics, no training."""
     import torch
 
-    from .device import resolve_device
     from .models import build_model
-    from .embed import ImageSource, compute_features, eval_batch_size
     from .train import data_statistics
 
     torch.manual_seed(params.train.seed)
     model = build_model(params.model, [2])  # the heads play no part in the embedding
     if params.model.normalize == "dataset":
         model.normalize.set(*data_statistics(images))
-    device = resolve_device(params.compute.device)
-    source = ImageSource(images, device)
-    batch = eval_batch_size(params)
-    return compute_features(model.to(device), source, batch, params.compute.amp, show)
+    return model
+
+
+def pixel_views(images: np.ndarray) -> Views:
+    pixels = pixel_features(images)
+    return Views(pixels, pixels)

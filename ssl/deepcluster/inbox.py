@@ -23,6 +23,7 @@ import polars as pl
 
 from .errors import UserError
 from .io import atomic_path, write_json
+from .paths import Artifacts
 
 DEFAULT_MODEL = "models:/deepcluster@champion"
 # also a valid Dagster partition key and a safe folder name under artifacts/inbox/
@@ -31,30 +32,6 @@ BATCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 class InboxError(UserError):
     """The inbox or a batch folder cannot be used; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class BatchPaths:
-    """Where one batch's outputs go, under the artifacts root (belongs in `paths.Artifacts`)."""
-
-    root: Path
-    batch: str
-
-    @property
-    def dir(self) -> Path:
-        return Path(self.root) / "inbox" / self.batch
-
-    @property
-    def assignments(self) -> Path:
-        return self.dir / "assignments.parquet"
-
-    @property
-    def rejected(self) -> Path:
-        return self.dir / "rejected.parquet"
-
-    @property
-    def info(self) -> Path:
-        return self.dir / "batch.json"
 
 
 @dataclass(frozen=True)
@@ -145,7 +122,7 @@ class BatchResult:
     info: dict
 
 
-def assign_batch(folder: Path, out: BatchPaths, loaded: LoadedModel) -> BatchResult:
+def assign_batch(folder: Path, art: Artifacts, batch: str, loaded: LoadedModel) -> BatchResult:
     """Validate, embed and assign one batch folder; write its outputs under `out`."""
     import pandas as pd
 
@@ -161,7 +138,7 @@ def assign_batch(folder: Path, out: BatchPaths, loaded: LoadedModel) -> BatchRes
         pl.Series("embedding", list(predicted["embedding"]), dtype=pl.List(pl.Float32)),
     )
     info = {
-        "batch": out.batch,
+        "batch": batch,
         "folder": str(folder),
         "images": table.height,
         "rejected": rejected.height,
@@ -169,8 +146,8 @@ def assign_batch(folder: Path, out: BatchPaths, loaded: LoadedModel) -> BatchRes
         "model_version": loaded.version,
         "centroids_fingerprint": loaded.fingerprint,
     }
-    for frame, path in ((table, out.assignments), (rejected, out.rejected)):
+    for frame, path in ((table, art.batch_assignments(batch)), (rejected, art.batch_rejected(batch))):
         with atomic_path(path) as tmp:
             frame.write_parquet(tmp)
-    write_json(out.info, info)  # last: its presence says the batch is complete
+    write_json(art.batch_info(batch), info)  # last: its presence says the batch is complete
     return BatchResult(table, rejected, info)

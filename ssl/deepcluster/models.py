@@ -212,7 +212,11 @@ class DeepClusterNet(nn.Module):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """The features k-means sees: v1 the MLP output before its final ReLU, v2 its unit vector."""
-        z = self.mlp(self.trunk_features(x))
+        return self.embed_trunk(self.trunk_features(x))
+
+    def embed_trunk(self, trunk: torch.Tensor) -> torch.Tensor:
+        """`embed` from the trunk's output."""
+        z = self.mlp(trunk)
         return F.normalize(z, dim=1) if self.v2 else z
 
     def logits(self, z: torch.Tensor) -> list[torch.Tensor]:

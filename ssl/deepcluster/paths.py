@@ -136,6 +136,42 @@ class Artifacts:
     def grid_png(self, cluster: int) -> Path:
         return self.grids_dir / f"cluster_{cluster:04d}.png"
 
+    # curate: a subset for labelling, chosen across clusters (deepcluster.curate)
+    @property
+    def curate_dir(self) -> Path:
+        return self.root / "curate"
+
+    @property
+    def curated_subset(self) -> Path:
+        return self.curate_dir / "subset.parquet"
+
+    @property
+    def curate_duplicates(self) -> Path:
+        return self.curate_dir / "duplicates.parquet"
+
+    @property
+    def curate_summary(self) -> Path:
+        return self.curate_dir / "summary.json"
+
+    @property
+    def contact_sheets(self) -> Path:
+        """One picture per cluster: the images chosen from it."""
+        return self.curate_dir / "sheets"
+
+    # new images: one folder of outputs per incoming batch (deepcluster.inbox)
+    def batch_dir(self, batch: str) -> Path:
+        return self.root / "inbox" / batch
+
+    def batch_assignments(self, batch: str) -> Path:
+        return self.batch_dir(batch) / "assignments.parquet"
+
+    def batch_rejected(self, batch: str) -> Path:
+        return self.batch_dir(batch) / "rejected.parquet"
+
+    def batch_info(self, batch: str) -> Path:
+        """Written last: its presence says the batch is complete."""
+        return self.batch_dir(batch) / "batch.json"
+
     @property
     def registration(self) -> Path:
         return self.root / "register" / "registered.json"
@@ -144,3 +180,12 @@ class Artifacts:
     def lock(self) -> Path:
         """Held by the one process writing into this folder."""
         return self.root / ".lock"
+
+
+def require(path: Path, step: str) -> Path:
+    """An input made by an earlier step; its absence is a user error naming the step to run."""
+    from .errors import MissingArtifact
+
+    if not Path(path).exists():
+        raise MissingArtifact(f"{path} not found: run `deepcluster {step}` first")
+    return Path(path)

@@ -26,8 +26,8 @@ from .checkpoint import load, load_model, params_fingerprint, saved_params
 from .cluster import cluster_features, kmeans_health, save_clustering
 from .config import Params
 from .device import resolve_device, set_threads
-from .errors import MissingArtifact, UserError
-from .paths import Artifacts
+from .errors import UserError
+from .paths import Artifacts, require
 from .embed import ImageSource, compute_features, eval_batch_size
 from .train import EpochStats
 from .train import train as train_loop
@@ -35,7 +35,7 @@ from .train import train as train_loop
 # The library modules each step runs. Dagster's code versions and dvc.yaml's `deps` both come
 # from this table (tests/test_dvc_dagster_graph.py keeps dvc.yaml in step with it).
 STEP_MODULES: dict[str, tuple[str, ...]] = {
-    "ingest": ("pipeline", "data", "autoparams", "lineage"),
+    "ingest": ("pipeline", "data", "imagefile", "autoparams", "lineage"),
     "train": (
         "pipeline", "train", "models", "augment", "cluster", "sampler", "health", "device",
         "checkpoint", "autoparams",
@@ -43,7 +43,9 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
     "features": ("pipeline", "train", "models", "device", "checkpoint"),
     "cluster": ("pipeline", "cluster"),
     "evaluate": ("pipeline", "evaluate", "plots", "cluster", "train", "models", "device"),
-    "register": ("pipeline", "registry"),
+    "register": ("pipeline", "registry", "serving", "promotion"),
+    "curate": ("pipeline", "curate", "dedup", "plots"),
+    "assign": ("pipeline", "inbox", "data", "imagefile", "drift"),
 }  # fmt: skip
 
 
@@ -57,13 +59,6 @@ def labels_of(manifest: pl.DataFrame) -> np.ndarray | None:
     if manifest["label"].null_count() == manifest.height:
         return None
     return manifest["label"].to_numpy().astype(str)
-
-
-def require(path: Path, step: str) -> Path:
-    """An input made by an earlier step; its absence is a user error naming the step to run."""
-    if not Path(path).exists():
-        raise MissingArtifact(f"{path} not found: run `deepcluster {step}` first")
-    return Path(path)
 
 
 def resolve_params(params: Params, manifest: pl.DataFrame) -> tuple[Params, dict[str, str]]:
@@ -215,10 +210,17 @@ def _stage(art: Artifacts, params: Params, fresh: bool) -> None:
     io.remove_stale_temporaries(art.staging_dir)
     if fresh or art.checkpoint.exists() or not art.final_checkpoint.exists():
         return
-    if load(art.final_checkpoint)["fingerprint"] == params_fingerprint(params):
-        for path in (art.final_checkpoint, art.run_file):
-            if path.exists():
-                shutil.copy2(path, art.staging_dir / path.name)
+    published = load(art.final_checkpoint)
+    if published["fingerprint"] != params_fingerprint(params):
+        return  # another run: train from scratch, the published model stays until this one ends
+    if int(published["epoch"]) > int(params.train.epochs):
+        raise UserError(
+            f"{art.final_checkpoint} already holds {published['epoch']} epochs, more than "
+            f"train.epochs = {params.train.epochs}: train longer, or from scratch with --fresh"
+        )
+    for path in (art.final_checkpoint, art.run_file):
+        if path.exists():
+            shutil.copy2(path, art.staging_dir / path.name)
 
 
 def _staged_history(art: Artifacts) -> list[dict]:
@@ -299,10 +301,13 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
         metrics["nmi_stability"] = history[-1]["nmi_prev"] if history else None
         labels = labels_of(table)
         if labels is not None:
+            trained = evaluate.network_views(load_model(require(art.model, "train")), images, p, show)
             feature_sets = {
-                "trained": np.load(require(art.features, "features")),
-                "random_init": evaluate.random_init_features(p, images, show),
-                "pixels": evaluate.pixel_features(images),
+                "trained": trained,
+                "random_init": evaluate.network_views(
+                    evaluate.random_init_network(p, images), images, p, show
+                ),
+                "pixels": evaluate.pixel_views(images),
             }
             metrics |= evaluate.compare(feature_sets, labels, p, assignments, show)
         _write_pictures(p, art, images, table, history)
@@ -355,3 +360,31 @@ def _model_digest(art: Artifacts) -> str:
     for path in (art.model, art.clustering, art.metrics):
         digest.update(require(path, "evaluate").read_bytes())
     return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# curate, new images
+
+
+def curate(art: Artifacts, settings, log: bool = True):
+    """A subset for labelling (subset, duplicates, summary, contact sheets under curate/),
+    logged into the model's MLflow run."""
+    from . import curate as curation
+
+    with lock.writing(art, "curate"):
+        result = curation.curate_step(art, settings)
+    if log:
+        tracking.use_store()
+        curation.log_curation(art, result)
+    return result
+
+
+def assign_batch(art: Artifacts, folder: Path, batch: str, model_uri: str):
+    """One incoming batch folder: validated as at ingest, embedded and assigned by a registered
+    model (the champion by default); its table under inbox/<batch>/."""
+    from . import inbox
+
+    tracking.use_store(create=False)
+    loaded = inbox.load_registered(model_uri)
+    with lock.writing(art, f"assign {batch}"):
+        return loaded, inbox.assign_batch(Path(folder), art, batch, loaded)

@@ -10,6 +10,7 @@ directory. The run id is written beside the model (`Artifacts.run_file`), so the
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -32,9 +33,14 @@ from mlflow.utils.mlflow_tags import (
 from . import data, lineage
 from .checkpoint import params_fingerprint, saved_params
 from .config import Params
-from .errors import UserError
+from .errors import Stopped, UserError
 from .io import write_json
 from .paths import Artifacts
+
+# MLflow's routine INFO lines (database set-up, the metrics monitor starting and stopping) would
+# otherwise interleave with every command's own output
+for _chatty in ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic.runtime.migration"):
+    logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 EXPERIMENT = "deepcluster"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # not a GenAI experiment
@@ -178,7 +184,7 @@ def run_status(run_id: str, system_metrics: bool = False):
     monitor = _system_monitor(run_id) if system_metrics else None
     try:
         yield run_id
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
         raise
     except BaseException:

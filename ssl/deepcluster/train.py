@@ -138,7 +138,7 @@ def head_sizes(params: Params) -> list[int]:
     k = int(params.cluster.k)
     if params.model.method == "deepcluster":
         return [k]
-    return [k * scale for scale in params.cluster.heads]
+    return [max(2, round(k * scale)) for scale in params.cluster.heads]
 
 
 def cluster_epoch(
@@ -314,12 +314,13 @@ def _resume(path: Path, params: Params, model, optimizer, generator) -> LoopStat
     state = ckpt.load(path)
     if state["fingerprint"] != ckpt.params_fingerprint(params):
         raise UserError(
-            f"{path} was trained with other parameters; delete it or use another output folder"
+            f"{path} was trained with other parameters: resume it with those, or discard it "
+            "with --fresh (Dagster: resume: false)"
         )
     if int(state["epoch"]) > int(params.train.epochs):
         raise UserError(
             f"{path} already holds {state['epoch']} epochs, more than train.epochs = "
-            f"{params.train.epochs}; delete it or use another output folder"
+            f"{params.train.epochs}: train longer, or from scratch with --fresh"
         )
     model.reset_heads(state["heads"])
     model.load_state_dict(state["model"])
