@@ -8,6 +8,7 @@ instance settings (orchestration/dagster.yaml) the first time.
 import argparse
 import os
 import shutil
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -26,6 +27,9 @@ def dagster_home() -> Path:
 
 
 def materialize(args: argparse.Namespace) -> int:
+    # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: Dagster sees an interrupt, which
+    # the training step turns into a stop of its process group, never a retry
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     for name, value in (("DEEPCLUSTER_DATA", args.data), ("DEEPCLUSTER_ARTIFACTS", args.artifacts)):
         if value is not None:
             os.environ[name] = str(Path(value).resolve())

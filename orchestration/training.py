@@ -156,7 +156,7 @@ def train_epochs(
     artifacts: ArtifactStore,
     compute: ComputeResource,
     mlflow: MlflowTracking,
-) -> dict:
+) -> Output[dict]:
     attempt = context.retry_number + 1
     extras = {
         "params": {**plan["params"], "compute": compute.section()},
@@ -173,7 +173,8 @@ def train_epochs(
     if result["resumed_from"]:
         context.log.info(f"resumed at epoch {result['resumed_from']} of {result['epochs']}")
     context.log.info(f"MLflow run {result['mlflow_run_id']}: {mlflow.run_url(result['mlflow_run_id'])}")
-    return {**result, "attempt": attempt}
+    # a Pipes session makes Dagster take returned values as events: wrap the output explicitly
+    return Output({**result, "attempt": attempt})
 
 
 @op(description="Describe the published model and its run.")

@@ -30,9 +30,7 @@ CHECK_NAMES = {name for names in CHECKS_BY_ASSET.values() for name in names}
 
 def fast_run_config(**sections) -> dict:
     """Run config for the whole graph with the FAST params (plus `sections` overrides)."""
-    config = run_config_for(fast_params(**sections))
-    config["resources"]["compute"]["config"]["device"] = "cpu"
-    return config
+    return run_config_for(fast_params(**sections))
 
 
 def store_in(tmp_path: Path, data_dir: Path) -> ArtifactStore:

@@ -72,7 +72,7 @@ def test_an_edited_folder_is_not_credited_with_its_old_dvc_version(tmp_path: Pat
     folder = tmp_path / "data"
     shutil.copytree(digits_folder, folder)
     art = Artifacts(tmp_path / "artifacts")
-    pipeline.ingest(folder, fast_params(), art, progress=False)
+    pipeline.ingest(folder, fast_params(), art, show=False)
     before = lineage.data_version(art.manifest, folder)
     assert (before.source, before.md5) == ("dvc", lineage.recorded_md5(ROOT / "data.dvc")[0])
     (folder / "0" / "0000.png").write_bytes((folder / "1" / "0001.png").read_bytes())
@@ -133,3 +133,34 @@ def test_every_cli_training_is_an_mlflow_run(project: Path) -> None:
     assert second.data.tags["data_md5"] == data_md5
     experiment = client.get_experiment_by_name("deepcluster")
     assert len(client.search_runs([experiment.experiment_id])) == 2
+
+
+def test_runs_are_named_sourced_and_stored_beside_the_database(project: Path) -> None:
+    """Run from a sub-folder: the store is the project's mlflow.db, the artifacts go beside it
+    (not to ./mlruns of the working directory), the run has a readable name and a source, and
+    the experiment is a classic ML one."""
+    elsewhere = project / "notebooks"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = "1"  # a short run still gets samples
+    args = ["run", "../data", "--quiet", "-S", "train.epochs=2", "-a", "../artifacts"]
+    done = run_cli(*args, "-p", "../params.yaml", cwd=elsewhere, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (elsewhere / "mlflow.db").exists() and not (elsewhere / "mlruns").exists()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("deepcluster")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    [run] = client.search_runs([experiment.experiment_id])
+    assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
+    assert any((project / "mlartifacts").rglob("metrics.json"))  # evaluate's artifacts
+    data_md5 = lineage.recorded_md5(project / "data.dvc")[0]
+    assert run.info.run_name.startswith(f"{data_md5[:8]}-deepcluster-v2-")
+    assert run.data.tags["mlflow.source.name"] == "deepcluster train"
+    assert any(key.startswith("system/") for key in run.data.metrics)  # CPU, memory meanwhile
+
+
+def test_predict_without_a_store_says_so_at_once(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = run_cli("predict", "anything.png", cwd=tmp_path, env=env)
+    assert done.returncode == 2 and "error: no MLflow store at" in done.stderr
+    assert not (tmp_path / "mlflow.db").exists()

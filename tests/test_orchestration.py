@@ -29,8 +29,7 @@ from orchestration.assets import (
     cluster_assignments,
     eval_report,
     features,
-    image_cache,
-    image_manifest,
+    ingest,
     raw_images,
     registered_model,
 )
@@ -40,7 +39,8 @@ from orchestration.config import (
     DEFAULTS,
     ClusterConfig,
     EvalConfig,
-    IngestConfig,
+    AugmentConfig,
+    DataConfig,
     ModelConfig,
     TrainConfig,
     TrainingConfig,
@@ -49,6 +49,7 @@ from orchestration.config import (
 )
 from orchestration.curation import curated_subset
 from orchestration.definitions import defs
+from orchestration.resources import ComputeResource
 from orchestration.training import GPU_TAGS, checkpoint
 from orchestration.versions import dvc_md5, observed_version
 from tests.conftest import ROOT, fast_params
@@ -63,8 +64,7 @@ from tests.orchestration_fixtures import (
 
 ASSETS = [
     raw_images,
-    image_manifest,
-    image_cache,
+    ingest,
     checkpoint,
     features,
     cluster_assignments,
@@ -155,28 +155,30 @@ def _fields(cls) -> set[str]:
 
 
 def test_config_classes_mirror_params_yaml() -> None:
-    """Every hyperparameter is configurable; train.device and data.workers are ComputeResource's."""
-    assert set(IngestConfig.model_fields) == _fields(library_config.DataParams) - {"workers"}
+    """Every hyperparameter is configurable; the `compute` section is ComputeResource's."""
+    assert set(DataConfig.model_fields) == _fields(library_config.DataParams)
     assert set(ModelConfig.model_fields) == _fields(library_config.ModelParams)
     assert set(ClusterConfig.model_fields) == _fields(library_config.ClusterParams)
-    assert set(TrainConfig.model_fields) == _fields(library_config.TrainParams) - {"device"}
+    assert set(TrainConfig.model_fields) == _fields(library_config.TrainParams)
+    assert set(AugmentConfig.model_fields) == _fields(library_config.AugmentParams)
     assert set(EvalConfig.model_fields) == _fields(library_config.EvalParams)
-    assert ClusterConfig().k == DEFAULTS.cluster.k
-    assert TrainConfig().crop_scale == list(DEFAULTS.train.crop_scale)
+    assert ClusterConfig().k == "auto" == DEFAULTS.cluster.k  # auto values are strings here
+    assert AugmentConfig().crop_scale == list(DEFAULTS.augment.crop_scale)
 
 
 def test_run_config_carries_params_to_the_library() -> None:
     params = fast_params(train={"lr": 0.2}, cluster={"k": 12})
     config = run_config_for(params)
     training = TrainingConfig(**config["ops"]["checkpoint"]["config"])
-    built = training_params(
-        training, params.data.resolution, params.train.device, params.data.workers
-    )
+    compute = ComputeResource(**config["resources"]["compute"]["config"])
+    built = training_params(training, compute.section())
     assert built.to_dict() | {"eval": {}} == params.to_dict() | {"eval": {}}
     assert (
         EvalConfig(**config["ops"]["eval_report"]["config"]).model_dump()
         == params.to_dict()["eval"]
     )
+    auto = training_params(TrainingConfig(), compute.section())
+    assert auto.cluster.k == "auto" and auto.train.epochs == "auto"  # resolved by the train step
 
 
 # --- versions and automation ----------------------------------------------------------------------
@@ -238,25 +240,39 @@ def test_sensor_runs_the_job_when_data_dvc_changes(digits_subset: Path, tmp_path
 # --- Great Expectations suites on crafted tables --------------------------------------------------
 
 
+HEALTHY = {"largest_cluster_share_kmeans": 0.05, "empty_clusters_kmeans": 0}
+
+
 def test_collapse_check_fails_on_one_giant_cluster() -> None:
     k, n = 30, 600
     giant = np.zeros(n, dtype=np.int64)
     giant[:30] = np.arange(30)  # every cluster used, but cluster 0 holds 571 of 600 images
     table = pl.DataFrame({"cluster": giant, "distance": np.ones(n, dtype=np.float32)})
-    outcome = expectations.collapse_outcome(table, k, n, max_largest_share=0.5, max_empty_share=0.1)
+    outcome = expectations.collapse_outcome(table, k, n, HEALTHY, 0.5, 0.1)
     assert not outcome.passed
     assert outcome.failed == ["expect_column_max_to_be_between"]
     assert "**NO**" in outcome.markdown()
 
     balanced = table.with_columns(pl.Series("cluster", np.arange(n) % k))
-    assert expectations.collapse_outcome(balanced, k, n, 0.5, 0.1).passed
+    assert expectations.collapse_outcome(balanced, k, n, HEALTHY, 0.5, 0.1).passed
+
+
+def test_collapse_check_sees_what_reseeding_hides() -> None:
+    """Balanced final assignments can hide a collapse: k-means put 90% in one cluster and the
+    empty ones were re-seeded by splitting it. The check reads k-means' own figures too."""
+    k, n = 10, 100
+    table = pl.DataFrame({"cluster": np.arange(n) % k, "distance": np.ones(n)})
+    collapsed = {"largest_cluster_share_kmeans": 0.9, "empty_clusters_kmeans": 8}
+    outcome = expectations.collapse_outcome(table, k, n, collapsed, 0.5, 0.5)
+    assert not outcome.passed
+    assert [r["frame"] for r in outcome.rows if not r["passed"]] == ["kmeans_before_reseeding"] * 2
 
 
 def test_collapse_check_counts_empty_clusters() -> None:
     k, n = 10, 100
     table = pl.DataFrame({"cluster": np.arange(n) % 9, "distance": np.ones(n)})  # cluster 9 empty
-    assert expectations.collapse_outcome(table, k, n, 0.5, max_empty_share=0.1).passed
-    outcome = expectations.collapse_outcome(table, k, n, 0.5, max_empty_share=0.0)
+    assert expectations.collapse_outcome(table, k, n, HEALTHY, 0.5, max_empty_share=0.1).passed
+    outcome = expectations.collapse_outcome(table, k, n, HEALTHY, 0.5, max_empty_share=0.0)
     assert outcome.failed == ["expect_column_values_to_be_between"]
 
 
@@ -344,14 +360,19 @@ def test_metadata_people_read(whole_graph) -> None:
     assert manifest["data_version_tracked_by_dvc"] is False  # no data.dvc points at it
     trained = _metadata(result, "checkpoint")
     assert trained["epochs"] == 2 and trained["resumed_from_epoch"] == 0
-    assert (
-        "| NMI(t-1,t) |" in trained["per_epoch"] and len(trained["per_epoch"].splitlines()) == 2 + 2
-    )
+    per_epoch = trained["per_epoch"]
+    assert [r.data["epoch"] for r in per_epoch.records] == [1, 2]
+    assert "NMI(t-1,t)" in [c.name for c in per_epoch.schema.columns]
     assert trained["params"]["cluster"]["k"] == 30
     clusters = _metadata(result, "cluster_assignments")
     assert clusters["k"] == 30 and clusters["dagster/row_count"] == 300
     report = _metadata(result, "eval_report")
-    assert 0 < report["nmi"] <= 1 and "random init" in report["metrics"]
+    assert 0 < report["nmi"] <= 1
+    comparison = report["metrics"]  # the readable comparison comes first
+    assert list(report)[0] == "metrics"
+    assert [c.name for c in comparison.schema.columns] == ["metric", "trained", "random init", "raw pixels"]
+    assert [r.data["metric"] for r in comparison.records][:3] == ["nmi", "ari", "accuracy"]
+    assert report["cluster_grids"].count("](data:image/png;base64,") >= 24
     assert report["pictures"].count("](data:image/png;base64,") == 3
     assert report["mlflow_run_id"] == trained["mlflow_run_id"]
     assert report["mlflow_run"].endswith(f"/runs/{trained['mlflow_run_id']}")

