@@ -107,7 +107,7 @@ def build_artifacts(art: Artifacts, images: Path, params, trained: bool = True) 
     statistics) instead: a real, worse model."""
     import torch
 
-    from deepcluster import checkpoint
+    from deepcluster import checkpoint, lineage, tracking
     from deepcluster.models import build_model
     from deepcluster.train import data_statistics, head_sizes
 
@@ -121,6 +121,10 @@ def build_artifacts(art: Artifacts, images: Path, params, trained: bool = True) 
         model = build_model(resolved.model, head_sizes(resolved))
         model.normalize.set(*data_statistics(cache))
         checkpoint.export_model(model, resolved, art.model)
+        tracking.use_store()  # its own run, as a training would have
+        version = lineage.recorded_version(art)
+        run_id = tracking.start_training_run(resolved, version, art.manifest)
+        tracking.record_run(art.run_file, run_id)
     pipeline.features(art, params, show=False)
     pipeline.cluster(art, params)
     pipeline.evaluate_step(art, params, show=False)

@@ -144,8 +144,8 @@ def test_models_of_other_data_are_not_compared(models, tmp_path):
 def test_a_collapsed_model_is_refused(models, tmp_path):
     k = PARAMS.cluster.k
     cases = (
-        ({"largest_cluster_share_kmeans": 0.8}, "largest_cluster_share_kmeans = 0.800 > 0.5"),
-        ({"empty_clusters_kmeans": k // 2 + 1, "k": k}, f"empty_clusters_kmeans = {k // 2 + 1}"),
+        ({"largest_cluster_share_kmeans": 0.8}, r"largest cluster holds 80% of the images \(limit"),
+        ({"empty_clusters_kmeans": k // 2 + 1, "k": k}, f"k-means left {k // 2 + 1} of {k} clusters"),
     )
     for index, (figures, named) in enumerate(cases):
         collapsed = with_metrics(models["high"], tmp_path / f"collapsed{index}", **figures)

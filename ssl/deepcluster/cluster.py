@@ -64,6 +64,7 @@ def fit_whitening(features: np.ndarray, pca_dim: int) -> Whitening:
     x = np.ascontiguousarray(features, dtype=np.float32)
     dim = min(pca_dim, x.shape[1], x.shape[0])
     pca = faiss.PCAMatrix(x.shape[1], dim, -0.5)
+    pca.epsilon = 1e-6  # a direction with no variance (collapsed features) is not divided by 0
     pca.train(x)
     A = faiss.vector_to_array(pca.A).reshape(dim, x.shape[1])
     b = faiss.vector_to_array(pca.b)
