@@ -90,6 +90,10 @@ def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:
         result = train(params, ds.images, Path(tmp), ds.labels, on_epoch=on_epoch, progress=False)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     figures = score(result.model, ds, params)
+    if os.environ.get("QUALITY_SAVE_FEATURES"):  # for a look at the evaluation protocol offline
+        views = evaluate.network_views(result.model, ds.images, params, show=False)
+        np.savez(os.environ["QUALITY_SAVE_FEATURES"], embed=views.clusters, backbone=views.probes,
+                 labels=ds.labels)
     return {**figures, "cpu_seconds": cpu, "wall_seconds": wall, "epochs": len(result.history)}
 
 

@@ -24,7 +24,7 @@ from dagster import (
 )
 from PIL import Image
 
-from deepcluster import drift, inbox, pipeline, registry, tracking
+from deepcluster import drift, inbox, pipeline, registry
 from deepcluster.errors import UserError
 from deepcluster.paths import Artifacts
 from orchestration.curation import (
@@ -190,7 +190,9 @@ def test_a_folder_still_being_copied_waits_and_a_bad_name_is_skipped(world, tmp_
 
 def test_the_inbox_folder_comes_from_the_environment(monkeypatch, tmp_path) -> None:
     monkeypatch.setenv("DEEPCLUSTER_INBOX", str(tmp_path / "incoming"))
-    assert InboxStore.from_env().folder == str(tmp_path / "incoming")
+    configured = InboxStore.from_env()
+    assert configured.folder == "DEEPCLUSTER_INBOX"  # an EnvVar, resolved when a run starts
+    assert configured.process_config_and_initialize().folder == str(tmp_path / "incoming")
     monkeypatch.delenv("DEEPCLUSTER_INBOX")
     assert InboxStore.from_env().folder.endswith("/inbox")
 

@@ -25,7 +25,7 @@ from deepcluster.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = ROOT / ".dvc-venv" / "bin" / "dvc"
-STAGES = ["ingest", "train", "features", "cluster", "evaluate", "register"]
+STAGES = ["ingest", "train", "features", "cluster", "evaluate", "register", "curate"]
 # small enough for two busy CPU cores; the code path is the one `dvc repro` runs with params.yaml
 TINY = {
     "data": {"resolution": 16},
@@ -161,6 +161,8 @@ def test_a_fresh_export_matches_the_committed_data_dvc(repo: Repo) -> None:
 
 def test_repro_runs_every_stage_then_nothing(repo: Repo) -> None:
     assert stages_run(repo.first) == STAGES
+    assert "epoch 1/2" in repo.first and "epoch 2/2" in repo.first  # progress, one line each
+    assert "\r" not in repo.first  # no bar updates in a log
     assert stages_run(repo.second) == []
     assert "Data and pipelines are up to date." in repo.second
     registered = json.loads((repo.path / "artifacts/register/registered.json").read_text())
@@ -225,6 +227,17 @@ def test_a_changed_param_reruns_only_the_stages_downstream(repo: Repo) -> None:
     # same model, same NMI: a tie does not move `champion`
     assert registered["version"] == "2" and registered["aliases"] == ["candidate"]
     assert registered["champion_before"] == "1"
+
+
+def test_registering_an_unchanged_model_adds_no_version(repo: Repo) -> None:
+    before = json.loads((repo.path / "artifacts/register/registered.json").read_text())
+    output = repo.dvc("repro", "--force", "--single-item", "register")
+    assert stages_run(output) == ["register"]
+    after = json.loads((repo.path / "artifacts/register/registered.json").read_text())
+    assert after["version"] == before["version"]
+    client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
+    versions = client.search_model_versions("name = 'deepcluster'")
+    assert max(int(v.version) for v in versions) == int(before["version"])
 
 
 def test_dvc_and_the_project_keep_their_own_antlr_runtime() -> None:

@@ -52,10 +52,21 @@ def models(store: str, digits_subset: Path, tmp_path_factory: pytest.TempPathFac
 
 
 @pytest.fixture(scope="module")
-def registered(models: dict) -> dict:
-    """`deepcluster`: low, high, low again: all three branches of the rule."""
-    regs = [registry.register_model(models[n]) for n in ("low", "high", "low")]
+def registered(models: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """`deepcluster`: low, high, then low re-evaluated (other figures beside the same NMI): all
+    three branches of the rule."""
+    again = with_metrics(models["low"], tmp_path_factory.mktemp("again") / "art", knn_top1=0.5)
+    regs = [registry.register_model(art) for art in (models["low"], models["high"], again)]
     return {**models, "regs": regs}
+
+
+def test_an_identical_model_adds_no_version(registered):
+    client = MlflowClient()
+    count = len(client.search_model_versions("name = 'deepcluster'"))
+    same = registry.register_model(registered["high"])
+    assert same.version == registered["regs"][1].version and same.promoted
+    assert "already registered as version 2" in same.summary()
+    assert len(client.search_model_versions("name = 'deepcluster'")) == count
 
 
 def _metrics(art: Artifacts) -> dict:
@@ -124,7 +135,8 @@ def test_nan_never_becomes_champion_and_never_blocks_a_real_one(models, tmp_path
     assert worse.promoted and worse.reason == f"champion version {nan.version} has no usable value"
     untagged = client.create_model_version("nan", real.model_uri, run_id=real.run_id).version
     client.set_registered_model_alias("nan", "champion", untagged)
-    assert registry.register_model(models["low"], name="nan").promoted
+    rescored = with_metrics(models["low"], tmp_path / "c", knn_top1=0.1)  # not the same model
+    assert registry.register_model(rescored, name="nan").promoted
 
 
 def test_models_of_other_data_are_not_compared(models, tmp_path):

@@ -24,6 +24,7 @@ import polars as pl
 from .errors import UserError
 from .io import atomic_path, write_json
 from .paths import Artifacts
+from .serving import ALLOW_PATHS
 
 DEFAULT_MODEL = "models:/deepcluster@champion"
 # also a valid Dagster partition key and a safe folder name under artifacts/inbox/
@@ -131,7 +132,8 @@ def assign_batch(folder: Path, art: Artifacts, batch: str, loaded: LoadedModel) 
     manifest, rejected = scan_images(Path(folder))
     require_images(manifest, rejected, Path(folder))
     paths = [str(Path(folder) / p) for p in manifest["path"]]
-    predicted = loaded.model.predict(pd.DataFrame({"path": paths}))
+    # our own process reading our own inbox: files may be read (a served request may not)
+    predicted = loaded.model.predict(pd.DataFrame({"path": paths}), params={ALLOW_PATHS: True})
     table = manifest.select("path", "sha256").with_columns(
         pl.Series("cluster", predicted["cluster"].to_numpy(), dtype=pl.Int64),
         pl.Series("distance", predicted["distance"].to_numpy(), dtype=pl.Float32),

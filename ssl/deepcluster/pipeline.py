@@ -11,7 +11,6 @@ logging. Parameters follow one rule: `train` takes the experiment's parameters a
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -338,28 +337,15 @@ def _write_pictures(params: Params, art: Artifacts, images, table: pl.DataFrame,
 
 def register(art: Artifacts, metric: str = "auto", name: str = "deepcluster", tags=None):
     """A new registry version of the model (alias candidate; champion if it is better), unless
-    this very model (weights, clustering, metrics) is already registered: then the recorded
-    registration is returned and no version is added."""
+    this very model (weights, clustering, figures) is already registered: then that version is
+    reported and none is added. registered.json records the outcome."""
     from . import registry
 
     with lock.writing(art, "register"):
-        digest = _model_digest(art)
-        previous = registry.read_registration(art.registration)
         tracking.use_store()
-        if previous is not None and previous.get("model_digest") == digest:
-            if registry.version_exists(previous["name"], previous["version"]):
-                return registry.Registration.from_record(previous)
         reg = registry.register_model(art, metric=metric, name=name, tags=tags)
-        registry.write_registration(reg, art.registration, model_digest=digest)
+        registry.write_registration(reg, art.registration)
     return reg
-
-
-def _model_digest(art: Artifacts) -> str:
-    """sha256 over what a registered version holds: weights, clustering, evaluation figures."""
-    digest = hashlib.sha256()
-    for path in (art.model, art.clustering, art.metrics):
-        digest.update(require(path, "evaluate").read_bytes())
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from .errors import UserError
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_METRIC, TAG_VALUE, TAG_DATA = "promotion_metric", "promotion_value", "data_md5"
 TAG_PROMOTED, TAG_REASON = "promoted", "promotion_reason"
+TAG_DIGEST = "model_digest"  # sha256 of the registered weights, clustering and figures
 LOCK_TIMEOUT = 120.0  # seconds to wait for another registration's decision (it takes < 1 s)
 STALE_LOCK = 300.0  # a registry lock older than this was left by a process that died
 ROUNDS = 5  # decide-and-set attempts while other writers keep moving the alias

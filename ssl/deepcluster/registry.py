@@ -14,12 +14,13 @@ not registered at all.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from .promotion import (
     CANDIDATE,
     CHAMPION,
     TAG_DATA,
+    TAG_DIGEST,
     TAG_METRIC,
     TAG_PROMOTED,
     TAG_REASON,
@@ -99,10 +101,23 @@ class Registration:
         return [CANDIDATE] + ([CHAMPION] if self.promoted else [])
 
     @classmethod
-    def from_record(cls, record: dict) -> Registration:
-        """A registration as registered.json recorded it."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{key: value for key, value in record.items() if key in names})
+    def of_version(cls, client: MlflowClient, version) -> Registration:
+        """The registration an existing version records in its tags (and aliases now)."""
+        tags = version.tags
+        champion = _alias(client, version.name, CHAMPION)
+        return cls(
+            name=version.name,
+            version=str(version.version),
+            promoted=champion == str(version.version),
+            metric=tags.get(TAG_METRIC, ""),
+            value=float(tags.get(TAG_VALUE, "nan")),
+            champion_before=None,
+            champion_value=None,
+            run_id=version.run_id,
+            model_uri=f"models:/{version.name}/{version.version}",
+            reason=f"already registered as version {version.version}; no new version",
+            data_md5=tags.get(TAG_DATA),
+        )
 
     def summary(self) -> str:
         """One line: the version, its metric, what it was compared with, the verdict."""
@@ -128,12 +143,17 @@ def register_model(
     refuse_collapsed(metrics, art.metrics)
     metric = resolve_metric(metric, metrics)
     value = float(metrics[metric])
-    run_id = run_id or tracking.run_for(art)
+    digest = model_digest(art)
     client = MlflowClient()
+    existing = _version_with_digest(client, name, digest)
+    if existing is not None:  # this very model (weights, clustering, figures) is registered
+        return Registration.of_version(client, existing)
+    run_id = run_id or tracking.run_for(art)
     data_md5 = _run_tag(client, run_id, TAG_DATA)
     info = log_pyfunc(art, run_id)
     # the version's own record, written with it in one call: what promotion compares
-    own = {TAG_METRIC: metric, TAG_VALUE: repr(value), **({TAG_DATA: data_md5} if data_md5 else {})}
+    own = {TAG_METRIC: metric, TAG_VALUE: repr(value), TAG_DIGEST: digest}
+    own |= {TAG_DATA: data_md5} if data_md5 else {}
     version = str(mlflow.register_model(info.model_uri, name, tags={**(tags or {}), **own}).version)
     client.set_registered_model_alias(name, CANDIDATE, version)
     finite = value if math.isfinite(value) else None
@@ -170,21 +190,34 @@ def _run_tag(client: MlflowClient, run_id: str, key: str) -> str | None:
         return None
 
 
-def write_registration(reg: Registration, path: Path, model_digest: str | None = None) -> Path:
-    """registered.json: the version and aliases, and the digest of what was registered."""
-    return write_json(path, {**asdict(reg), "aliases": reg.aliases, "model_digest": model_digest})
+def write_registration(reg: Registration, path: Path) -> Path:
+    return write_json(path, {**asdict(reg), "aliases": reg.aliases})
 
 
-def read_registration(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
+def model_digest(art: Artifacts) -> str:
+    """sha256 over what a registered version holds: weights, clustering, evaluation figures."""
+    digest = hashlib.sha256()
+    for path in (art.model, art.clustering, art.metrics):
+        if not path.exists():
+            raise UserError(f"{path} not found: run the pipeline up to `deepcluster evaluate`")
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
-def version_exists(name: str, version: str) -> bool:
+def _version_with_digest(client: MlflowClient, name: str, digest: str):
+    """The version of `name` registered from exactly this model, if any."""
     try:
-        MlflowClient().get_model_version(name, version)
+        versions = client.search_model_versions(f"name = '{name}'")
     except MlflowException:
-        return False
-    return True
+        return None
+    return next((v for v in versions if v.tags.get(TAG_DIGEST) == digest), None)
+
+
+def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
 
 
 def resolve_metric(metric: str, metrics: dict) -> str:
