@@ -10,7 +10,6 @@ import os
 import shutil
 import signal
 import sys
-import warnings
 from pathlib import Path
 from typing import NoReturn
 
@@ -34,9 +33,8 @@ def materialize(args: argparse.Namespace) -> int:
         if value is not None:
             os.environ[name] = str(Path(value).resolve())
     home = dagster_home()
-    from dagster import BetaWarning, DagsterInstance
+    from dagster import DagsterInstance
 
-    warnings.filterwarnings("ignore", category=BetaWarning)  # observable_source_asset is beta
 
     from deepcluster.config import load_params
 
@@ -62,9 +60,42 @@ def materialize(args: argparse.Namespace) -> int:
         )
         print(f"step {failure.step_key} failed: {reason}")
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'} (instance in {home})")
+    if result.success:
+        print(_record_for_dvc(args))
     print(f"Open the UI with `DAGSTER_HOME={home} dagster dev` (or `python -m orchestration dev`),")
     print("then http://127.0.0.1:3000 -> Assets: eval_report shows the metrics and the pictures.")
     return 0 if result.success else 1
+
+
+def _record_for_dvc(args: argparse.Namespace) -> str:
+    """dvc.lock describes this run's outputs, when they are the repo's own pipeline's."""
+    from .sync import dvc_commit
+
+    if args.params or args.data or args.artifacts:
+        return "dvc.lock not updated: the run used other params, data or artifacts than dvc.yaml"
+    problem = dvc_commit()
+    return f"dvc.lock not updated: {problem}" if problem else "dvc.lock updated: dvc status is clean"
+
+
+def sync(args: argparse.Namespace) -> int:
+    """After `dvc repro`: record its outputs in the Dagster instance, so none shows as stale."""
+    for name, value in (("DEEPCLUSTER_DATA", args.data), ("DEEPCLUSTER_ARTIFACTS", args.artifacts)):
+        if value is not None:
+            os.environ[name] = str(Path(value).resolve())
+    home = dagster_home()
+    from dagster import DagsterInstance
+
+    from .definitions import defs
+    from .resources import ArtifactStore
+    from .sync import record_materialisations
+
+    store = ArtifactStore.from_env().process_config_and_initialize()
+    with DagsterInstance.get() as instance:
+        recorded = record_materialisations(
+            instance, defs, store.layout, store.dvc_file, store.data_dir
+        )
+    print(f"recorded in the Dagster instance at {home}: {', '.join(recorded) or 'nothing'}")
+    return 0
 
 
 def dev(extra: list[str]) -> NoReturn:
@@ -81,6 +112,9 @@ def main() -> int:
     run.add_argument("--params", type=Path, help="a params.yaml other than the repo's")
     run.add_argument("--data", type=Path, help="image folder (default: data/)")
     run.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
+    record = commands.add_parser("sync", help="record dvc repro's outputs as materialisations")
+    record.add_argument("--data", type=Path, help="image folder (default: data/)")
+    record.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
     commands.add_parser(
         "dev", add_help=False, help="dagster dev on the local instance (other args go to it)"
     )
@@ -89,7 +123,7 @@ def main() -> int:
         return dev(extra)
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    return materialize(args)
+    return sync(args) if args.command == "sync" else materialize(args)
 
 
 if __name__ == "__main__":

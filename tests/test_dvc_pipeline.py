@@ -25,7 +25,11 @@ from deepcluster.config import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = ROOT / ".dvc-venv" / "bin" / "dvc"
-STAGES = ["ingest", "train", "features", "cluster", "evaluate", "register", "curate"]
+DAGSTER_ASSETS = [
+    "image_manifest", "image_cache", "checkpoint", "features", "cluster_assignments",
+    "eval_report", "registered_model", "curated_subset",
+]  # fmt: skip
+STAGES = ["ingest", "train", "features", "cluster", "evaluate", "register", "curate", "dagster"]
 # small enough for two busy CPU cores; the code path is the one `dvc repro` runs with params.yaml
 TINY = {
     "data": {"resolution": 16},
@@ -80,14 +84,20 @@ class Repo:
         bin_dir = scratch / "bin"
         for folder in (self.home, bin_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        shim = bin_dir / "deepcluster"
-        shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" -m deepcluster.cli "$@"\n')
-        shim.chmod(0o755)
+        # `.venv/bin` first on PATH, as the README says: the CLI and the project's python
+        shims = {"deepcluster": '-m deepcluster.cli "$@"', "python": '"$@"'}
+        for name, args in shims.items():
+            shim = bin_dir / name
+            shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" {args}\n')
+            shim.chmod(0o755)
         self.env = {
             **os.environ,
             **GIT_IDENTITY,
             "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-            "PYTHONPATH": str(path / "ssl"),  # the clone's library, which the stages depend on
+            # the clone's library and code location, which the stages depend on
+            "PYTHONPATH": f"{path / 'ssl'}{os.pathsep}{path}",
+            "DAGSTER_HOME": str(path / ".dagster"),
+            "DEEPCLUSTER_DVC": str(DVC),  # the clone has no .dvc-venv of its own
             "DVC_NO_ANALYTICS": "1",
         }
         self.env.pop("MLFLOW_TRACKING_URI", None)  # MLflow's default: sqlite:///mlflow.db here
@@ -222,7 +232,7 @@ def test_push_then_pull_into_a_fresh_clone_restores_everything(repo: Repo) -> No
 def test_a_changed_param_reruns_only_the_stages_downstream(repo: Repo) -> None:
     # `dvc exp run -S` parses overrides with hydra (antlr 4.9): the DVC side of the antlr clash
     output = repo.dvc("exp", "run", "-S", "eval.knn_k=5")
-    assert stages_run(output) == ["evaluate", "register"]
+    assert stages_run(output) == ["evaluate", "register", "dagster"]
     registered = json.loads((repo.path / "artifacts/register/registered.json").read_text())
     # same model, same NMI: a tie does not move `champion`
     assert registered["version"] == "2" and registered["aliases"] == ["candidate"]
@@ -238,6 +248,29 @@ def test_registering_an_unchanged_model_adds_no_version(repo: Repo) -> None:
     client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     versions = client.search_model_versions("name = 'deepcluster'")
     assert max(int(v.version) for v in versions) == int(before["version"])
+
+
+def test_after_a_repro_dagster_shows_no_asset_stale(repo: Repo) -> None:
+    from dagster import AssetKey, DagsterInstance
+    from dagster._core.definitions.data_version import StaleStatus
+    from dagster._core.instance.ref import InstanceRef
+    from dagster._utils.test.data_versions import get_stale_status_resolver
+
+    from orchestration.definitions import defs
+
+    assert "recorded in the Dagster instance" in repo.first
+    ref = InstanceRef.from_dir(str(repo.path / ".dagster"))
+    with DagsterInstance.from_ref(ref) as instance:
+        resolver = get_stale_status_resolver(instance, list(defs.assets))  # Dagster's own rule
+        statuses = {name: resolver.get_status(AssetKey(name)) for name in DAGSTER_ASSETS}
+    assert statuses == dict.fromkeys(DAGSTER_ASSETS, StaleStatus.FRESH)
+
+
+def test_after_a_dagster_run_dvc_has_nothing_to_do(repo: Repo) -> None:
+    """`make demo`'s path: the whole graph through Dagster, then `dvc status`."""
+    output = repo.run(sys.executable, "-m", "orchestration", "materialize")
+    assert "dvc.lock updated: dvc status is clean" in output, output[-3000:]
+    assert "Data and pipelines are up to date." in repo.dvc("status")
 
 
 def test_dvc_and_the_project_keep_their_own_antlr_runtime() -> None:

@@ -171,7 +171,7 @@ def test_the_champion_loads_from_the_registry_and_predicts(deployed, digits_subs
     script = (
         "import json, sys, mlflow, pandas as pd\n"
         "model = mlflow.pyfunc.load_model('models:/deepcluster@champion')\n"
-        "out = model.predict(pd.DataFrame({'path': sys.argv[1:]}))\n"
+        "out = model.predict(pd.DataFrame({'path': sys.argv[1:]}), params={'allow_paths': True})\n"
         "print(json.dumps({'clusters': out['cluster'].tolist(),"
         " 'dims': [len(e) for e in out['embedding']]}))\n"
     )

@@ -7,6 +7,7 @@ after the step has marked its MLflow run KILLED and left its last checkpoint to 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -278,6 +279,8 @@ def _summary(metrics: dict) -> str:
 
 def main() -> None:
     stop_on_signals()  # Ctrl-C and SIGTERM (a scheduler, `kill`) stop the same way
+    if not sys.stderr.isatty():  # a log, CI, a DVC stage: no bars from MLflow's downloads either
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         app()
     except UserError as err:
