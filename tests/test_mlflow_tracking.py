@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -164,3 +165,23 @@ def test_predict_without_a_store_says_so_at_once(tmp_path: Path) -> None:
     done = run_cli("predict", "anything.png", cwd=tmp_path, env=env)
     assert done.returncode == 2 and "error: no MLflow store at" in done.stderr
     assert not (tmp_path / "mlflow.db").exists()
+
+def test_a_fresh_store_opened_by_two_processes_at_once(tmp_path: Path) -> None:
+    """Both processes create the tables of one new mlflow.db at the same moment: both succeed."""
+    probe = (
+        "import os, sys; from deepcluster import tracking; os.chdir(sys.argv[1]); "
+        "tracking.use_store(); print(tracking.experiment_id())"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "ssl")}
+    for attempt in range(3):
+        folder = tmp_path / f"try{attempt}"
+        folder.mkdir()
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
+        runs = [
+            subprocess.Popen([sys.executable, "-c", probe, str(folder)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for _ in range(2)
+        ]
+        outputs = [run.communicate(timeout=120) for run in runs]
+        assert [run.returncode for run in runs] == [0, 0], outputs
+        assert outputs[0][0] == outputs[1][0]  # one experiment, seen by both

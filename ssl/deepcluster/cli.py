@@ -42,6 +42,10 @@ LinksOpt = Annotated[
     bool,
     typer.Option("--follow-links", help="Follow symbolic links that leave the image folder."),
 ]
+NprocOpt = Annotated[
+    int,
+    typer.Option("--nproc", min=1, help="Training processes (torchrun): one per GPU, or CPU cores."),
+]
 FreshOpt = Annotated[
     bool, typer.Option("--fresh", help="Discard an interrupted run's checkpoint: train from scratch.")
 ]
@@ -103,13 +107,18 @@ def train(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     fresh: FreshOpt = False,
+    nproc: NprocOpt = 1,
 ) -> None:
     """Train with DeepCluster; resumes an interrupted run's checkpoint if one is there.
 
     Logged as an MLflow run (MLFLOW_TRACKING_URI, default mlflow.db at the project root).
+    `--nproc N` runs N processes under torchrun (DistributedDataParallel; gloo on the CPU,
+    NCCL on GPUs); `torchrun -m deepcluster.cli train` works as well.
     """
     from . import pipeline
 
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        _under_torchrun(nproc)
     art = _artifacts(artifacts)
     result = pipeline.train(_params(params, set_), art, fresh=fresh, show=not quiet)
     typer.echo(f"trained {len(result.history)} epochs; model at {art.model}; MLflow run {result.run_id}")
@@ -262,6 +271,20 @@ def predict(
         return
     registry.write_predictions(table, out)
     typer.echo(f"{table.height} images assigned, {rejected.height} skipped; written to {out}")
+
+
+def _under_torchrun(nproc: int) -> None:
+    """Replace this process by torchrun running the same command in `nproc` processes."""
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    os.execv(sys.executable, [*launcher, f"--nproc-per-node={nproc}", "-m", "deepcluster.cli", *args])
 
 
 def _summary(metrics: dict) -> str:

@@ -53,7 +53,7 @@ class ClusterParams:
     pca_dim: IntOrAuto = AUTO  # v1: PCA-whitening dimension before k-means
     kmeans_iters: int = 20
     kmeans_redo: int = 1
-    heads: tuple[float, ...] = (1.0, 2.0, 4.0)  # v2: one prototype head per entry, of entry x k
+    heads: tuple[float, ...] = (0.05, 0.25, 1.0)  # v2: one prototype head per entry, of entry x k
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,7 @@ class ComputeParams:
     amp: bool = True  # bfloat16 autocast where the hardware runs it fast (CUDA, AVX512-BF16, AMX)
     threads: IntOrAuto = AUTO  # torch threads; auto: the usable cores / processes sharing them
     workers: int = 0  # decoding processes at ingest; 0 = in-process (best for small images)
+    sync_bn: bool = False  # several GPUs (torchrun): batch norm over the global batch
 
 
 @dataclass(frozen=True)
@@ -246,6 +247,10 @@ def validate(p: Params) -> Params:
     _in("compute.device", p.compute.device, DEVICES)
     _range("compute.threads", p.compute.threads, 1, 1024, auto=True)
     _range("compute.workers", p.compute.workers, 0, 256)
+    _require(
+        not p.compute.sync_bn or p.compute.device != "cpu",
+        "compute.sync_bn", p.compute.sync_bn, "needs CUDA (set it with compute.device auto or cuda)",
+    )
     e = p.eval
     _range("eval.knn_k", e.knn_k, 1, 10_000)
     _require(0 < e.test_fraction < 1, "eval.test_fraction", e.test_fraction, "must be in (0, 1)")

@@ -10,6 +10,7 @@ logging. Parameters follow one rule: `train` takes the experiment's parameters a
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import autoparams, data, evaluate, io, lineage, lock, plots, progress, tracking
+from . import autoparams, data, distributed, evaluate, io, lineage, lock, plots, progress, tracking
 from .checkpoint import load, load_model, params_fingerprint, saved_params
 from .cluster import cluster_features, kmeans_health, save_clustering
 from .config import Params
@@ -175,28 +176,43 @@ def train(
     """Train in the staging folder as one MLflow run, then publish model, params and history.
 
     Resumes the staged checkpoint of an interrupted run with the same parameters (`fresh` discards
-    it). A failed or stopped run leaves the published model untouched."""
-    with lock.writing(art, "train"):
+    it). A failed or stopped run leaves the published model untouched. Under torchrun every
+    process trains; rank 0 alone holds the lock, prepares the staging folder, tracks the run and
+    publishes (the others wait for it at the start and the end)."""
+    ranks = distributed.start(resolve_device(params.compute.device))
+    try:
+        with lock.writing(art, "train") if ranks.main else contextlib.nullcontext():
+            return _train(params, art, fresh, on_epoch, show and ranks.main, stop_after,
+                          tags, source, dvc_file, ranks)  # fmt: skip
+    finally:
+        distributed.finish(ranks)
+
+
+def _train(params, art, fresh, on_epoch, show, stop_after, tags, source, dvc_file, ranks):
+    manifest, images = ingested(art)
+    resolved, notes = training_params(params, art, manifest, images)
+    run_id, callbacks, status = None, [], contextlib.nullcontext()
+    if ranks.main:
         io.recover_dir(art.train_dir)
-        manifest, images = ingested(art)
-        resolved, notes = training_params(params, art, manifest, images)
         _say_auto(notes, show)
         _stage(art, resolved, fresh)
         tracking.use_store()
-        history = _staged_history(art)
         version = lineage.recorded_version(art, dvc_file)
-        run_id = tracking.training_run(art, resolved, version, history, tags, source)
+        run_id = tracking.training_run(art, resolved, version, _staged_history(art), tags, source)
         progress.say(f"MLflow run {run_id}", show)
         callbacks = [tracking.EpochLogger(run_id)] + ([on_epoch] if on_epoch else [])
-        with tracking.run_status(run_id, system_metrics=True):
-            result = train_loop(
-                resolved, images, art.staging_dir, labels_of(manifest),
-                on_epoch=lambda stats: [callback(stats) for callback in callbacks],
-                stop_after=stop_after, progress=show,
-            )  # fmt: skip
-        published = (art.staging_dir / art.model.name).exists()
-        if published:
-            io.publish_dir(art.staging_dir, art.train_dir)
+        status = tracking.run_status(run_id, system_metrics=True)
+    distributed.barrier(ranks)  # the staged checkpoint is in place for every rank
+    with status:
+        result = train_loop(
+            resolved, images, art.staging_dir, labels_of(manifest),
+            on_epoch=lambda stats: [callback(stats) for callback in callbacks],
+            stop_after=stop_after, progress=show,
+        )  # fmt: skip
+    distributed.barrier(ranks)
+    published = ranks.main and (art.staging_dir / art.model.name).exists()
+    if published:
+        io.publish_dir(art.staging_dir, art.train_dir)
     return TrainSummary(resolved, result.history, result.resumed_from, run_id, notes, published)
 
 

@@ -9,6 +9,7 @@ directory. The run id is written beside the model (`Artifacts.run_file`), so the
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -77,13 +78,31 @@ def use_store(create: bool = True) -> str:
     """Point MLflow at the store; with create=False a missing local database is a user error
     (instead of an empty new one that then has no registered model)."""
     uri = store_uri()
-    if not create and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).exists():
+    database = Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+    if database is not None and not create and not database.exists():
         raise UserError(
-            f"no MLflow store at {uri[len('sqlite:///'):]}: run the pipeline first, run this "
+            f"no MLflow store at {database}: run the pipeline first, run this "
             "from the project folder, or set MLFLOW_TRACKING_URI"
         )
     mlflow.set_tracking_uri(uri)
+    if database is not None:
+        _initialise_once(uri, database)
     return uri
+
+
+_initialised: set[str] = set()
+
+
+def _initialise_once(uri: str, database: Path) -> None:
+    """Create (or migrate) a local database's tables under a lock: two processes opening a
+    fresh mlflow.db at once would both run the migrations, and one would crash."""
+    if uri in _initialised:
+        return
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        MlflowClient(uri).search_experiments(max_results=1)
+    _initialised.add(uri)
 
 
 def _artifact_location(uri: str) -> str | None:

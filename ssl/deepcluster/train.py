@@ -26,9 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import augment as aug
 from . import checkpoint as ckpt
+from . import distributed as dist
 from . import health as guard
 from .cluster import Clustering, cluster_features, nmi
 from .config import Params
@@ -109,7 +111,11 @@ class LoopState:
     lr_scale: float = 1.0  # lowered by the cluster-health guard after a collapse
 
 
-def _save_checkpoint(path: Path, model, optimizer, generator, state: LoopState, params) -> None:
+def _save_checkpoint(path: Path, model, optimizer, generator, state: LoopState, params, ranks) -> None:
+    """Rank 0 writes it; every rank's random state goes in, so each resumes its own stream."""
+    rng_states = dist.all_gather_objects(torch.get_rng_state(), ranks)
+    if not ranks.main:
+        return
     ckpt.save(
         {
             "model": model.state_dict(),
@@ -117,7 +123,7 @@ def _save_checkpoint(path: Path, model, optimizer, generator, state: LoopState, 
             "optimizer": optimizer.state_dict(),
             "epoch": state.epoch,
             "generator": generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "torch_rng": rng_states,
             "assignments": torch.from_numpy(state.assignments),
             "memory": state.memory,
             "lr_scale": state.lr_scale,
@@ -141,6 +147,14 @@ def head_sizes(params: Params) -> list[int]:
     return [max(2, round(k * scale)) for scale in params.cluster.heads]
 
 
+def all_features(model, source: ImageSource, params: Params, progress: bool, ranks) -> np.ndarray:
+    """Embeddings of every image: each rank embeds its shard, every rank gets them all."""
+    rows = dist.shard(len(source), ranks)
+    part = ImageSource(source.images[rows[0] : rows[-1] + 1], source.device) if ranks.active else source
+    local = compute_features(model, part, eval_batch_size(params), params.compute.amp, progress)
+    return dist.gather_rows(local, len(source), ranks)
+
+
 def cluster_epoch(
     model: DeepClusterNet,
     source: ImageSource,
@@ -148,48 +162,88 @@ def cluster_epoch(
     state: LoopState,
     seed: int,
     progress: bool,
+    ranks: dist.Ranks = dist.Ranks(),
 ) -> list[Clustering]:
-    """This epoch's pseudo-labels, one clustering per head; v2 also sets the prototypes."""
-    c, amp = params.cluster, params.compute.amp
+    """This epoch's pseudo-labels, one clustering per head; v2 also sets the prototypes.
+
+    Rank 0 clusters; every rank receives the same clusterings."""
+    c = params.cluster
     use_gpu = source.device.type == "cuda"
     if not model.v2:
-        feats = compute_features(model, source, eval_batch_size(params), amp, progress)
-        clustering = cluster_features(
-            feats, int(c.k), int(c.pca_dim), c.kmeans_iters, c.kmeans_redo, seed, use_gpu
-        )
-        model.reset_heads([clustering.k])
-        return [clustering]
+        feats = all_features(model, source, params, progress, ranks)
+        clusterings = None
+        if ranks.main:
+            clusterings = [
+                cluster_features(
+                    feats, int(c.k), int(c.pca_dim), c.kmeans_iters, c.kmeans_redo, seed, use_gpu
+                )
+            ]
+        clusterings = dist.broadcast(clusterings, ranks)
+        model.reset_heads([clusterings[0].k])
+        return clusterings
     if state.memory is None:  # first epoch: the untrained network's view of every image
-        feats = compute_features(model, source, eval_batch_size(params), amp, progress)
+        feats = all_features(model, source, params, progress, ranks)
         state.memory = torch.from_numpy(feats).expand(GLOBAL_CROPS, -1, -1).clone()
-    clusterings = [
-        cluster_features(
-            state.memory[h % GLOBAL_CROPS].numpy(),
-            k,
-            None,
-            c.kmeans_iters,
-            c.kmeans_redo,
-            seed + 7919 * h,  # a different start for each head
-            use_gpu,
-            spherical=True,
-        )
-        for h, k in enumerate(head_sizes(params))
-    ]
+    clusterings = None
+    if ranks.main:
+        clusterings = [
+            cluster_features(
+                state.memory[h % GLOBAL_CROPS].numpy(),
+                k,
+                None,
+                c.kmeans_iters,
+                c.kmeans_redo,
+                seed + 7919 * h,  # a different start for each head
+                use_gpu,
+                spherical=True,
+            )
+            for h, k in enumerate(head_sizes(params))
+        ]
+    clusterings = dist.broadcast(clusterings, ranks)
     model.set_prototypes([torch.from_numpy(cl.centroids) for cl in clusterings])
     return clusterings
 
 
-class EpochTrainer:
-    """One pass of SGD over pseudo-labels; `stop` is polled between batches."""
+class TrainingStep(nn.Module):
+    """The forward pass of one training step in one call, as DistributedDataParallel needs it:
+    v1 the head's logits; v2 the global crops' embeddings and every view's scores per head."""
 
-    def __init__(self, model, optimizer, source, params, generator, photometric) -> None:
+    def __init__(self, net: DeepClusterNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, global_crops: torch.Tensor, local_crops: torch.Tensor | None = None):
+        if not self.net.v2:
+            return None, [self.net(global_crops)]
+        z = self.net.embed(global_crops)
+        views = [z] if local_crops is None else [z, self.net.embed(local_crops)]
+        return z, [torch.cat(per_head) for per_head in zip(*map(self.net.logits, views))]
+
+
+class EpochTrainer:
+    """One pass of SGD over pseudo-labels. Every rank draws the same order and crops for the
+    whole batch and trains on its share; with several ranks, DistributedDataParallel averages
+    the gradients, so the optimisation is the one-process run's."""
+
+    def __init__(self, model, optimizer, source, params, generator, photometric, ranks) -> None:
         self.model, self.optimizer, self.source = model, optimizer, source
         self.params, self.generator, self.photometric = params, generator, photometric
+        self.ranks = ranks
         self.per_epoch = steps_per_epoch(params, len(source))
 
+    def _forward(self) -> nn.Module:
+        """The step's module, rebuilt each epoch: the heads change with every clustering."""
+        step = TrainingStep(self.model)
+        if not self.ranks.active:
+            return step
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.source.device.index] if self.source.device.type == "cuda" else None
+        return DistributedDataParallel(step, device_ids=ids)
+
     def run(self, clusterings: list[Clustering], state: LoopState, progress: bool) -> tuple:
-        """Returns (mean loss, last learning rate)."""
-        t, model = self.params.train, self.model
+        """Returns (mean loss over all ranks, last learning rate)."""
+        t, model, ranks = self.params.train, self.model, self.ranks
         if model.v2:
             order = torch.randperm(len(self.source), generator=self.generator).numpy()
             labels = [torch.from_numpy(cl.assignments) for cl in clusterings]
@@ -198,16 +252,18 @@ class EpochTrainer:
                 clusterings[0].assignments, len(self.source), self.generator
             )
             labels = [torch.from_numpy(first)]
+        forward = self._forward()
         head_opt = None
         if not model.v2:  # v1: a new linear head every epoch, trained with its own optimiser
             head_opt = torch.optim.SGD(model.heads.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        touched = torch.zeros(len(self.source), dtype=torch.bool)
         model.train()
         total, seen, lr = 0.0, 0, 0.0
         starts = range(0, len(order), int(t.batch_size))
-        shown = bar(starts, desc="train", enabled=progress)
+        shown = bar(starts, desc="train", enabled=progress and ranks.main)
         for i, start in enumerate(shown):
-            idx = order[start : start + int(t.batch_size)]
-            if len(idx) < 2:  # batch norm needs two samples
+            batch = order[start : start + int(t.batch_size)]
+            if len(batch) < 2 * ranks.world:  # batch norm needs two samples on every rank
                 continue
             step = state.epoch * self.per_epoch + i
             lr = step_lr(self.params, step, self.per_epoch) * state.lr_scale
@@ -217,13 +273,18 @@ class EpochTrainer:
                 for group in head_opt.param_groups:
                     group["lr"] = self.head_lr(lr, state)
             # v1 labels follow the draw order; v2 labels are looked up by image index
-            targets = [lab[start : start + len(idx)] for lab in labels] if not model.v2 else [
-                lab[torch.from_numpy(idx)] for lab in labels
+            targets = [lab[start : start + len(batch)] for lab in labels] if not model.v2 else [
+                lab[torch.from_numpy(batch)] for lab in labels
             ]
-            loss = self._step(idx, targets, state, head_opt)
-            total += loss * len(idx)
-            seen += len(idx)
+            mine = slice(ranks.rank, None, ranks.world)
+            loss = self._step(batch, mine, [y[mine] for y in targets], state, head_opt, forward)
+            touched[torch.from_numpy(batch[mine])] = True
+            total += loss * len(batch[mine])
+            seen += len(batch[mine])
             shown.set_postfix(loss=f"{total / seen:.3f}")
+        if model.v2:
+            state.memory = dist.merge_rows(state.memory, touched, ranks)
+        total, seen = dist.sum_scalars([total, float(seen)], ranks)
         return total / max(seen, 1), lr
 
     def head_lr(self, trunk_lr: float, state: LoopState) -> float:
@@ -231,35 +292,39 @@ class EpochTrainer:
         decays (following the trunk, it could not learn the last epochs' labels)."""
         return self.params.train.lr * state.lr_scale
 
-    def _crops(self, x: torch.Tensor, count: int, scale, size: int) -> torch.Tensor:
-        """`count` random crops of every image, stacked crop-major: (count * B, 3, size, size)."""
+    def _crops(self, x: torch.Tensor, count: int, scale, size: int, batch: int, mine: slice):
+        """`count` random crops of this rank's images, stacked crop-major. The crops are drawn
+        for the whole batch of `batch` images, so every rank draws the same and keeps its own."""
         a = self.params.augment
-        theta = aug.crop_flip_params(count * len(x), scale, a.hflip, self.generator)
+        theta = aug.crop_flip_params(count * batch, scale, a.hflip, self.generator)
+        theta = theta.view(count, batch, 2, 3)[:, mine].reshape(-1, 2, 3)
         crops = aug.augment(x.repeat(count, 1, 1, 1), theta, size)
         crops = self.photometric(crops)
         return crops.contiguous(memory_format=memory_format(self.source.device))
 
-    def _step(self, idx, targets, state: LoopState, head_opt) -> float:
+    def _step(self, batch, mine, targets, state: LoopState, head_opt, forward) -> float:
         t, a, model = self.params.train, self.params.augment, self.model
         device = self.source.device
+        idx = batch[mine]
         x = self.source.floats(idx)
         targets = [y.to(device) for y in targets]
+        side = x.shape[-1]
         with autocast(device, self.params.compute.amp):
             if model.v2:
-                z = model.embed(self._crops(x, GLOBAL_CROPS, a.crop_scale, x.shape[-1]))
-                views = [z]
+                global_crops = self._crops(x, GLOBAL_CROPS, a.crop_scale, side, len(batch), mine)
+                local_crops = None
                 if a.local_crops:
-                    side = max(8, round(x.shape[-1] * a.local_size))
-                    local = self._crops(x, a.local_crops, a.local_scale, side)
-                    views.append(model.embed(local))
+                    small = max(8, round(side * a.local_size))
+                    local_crops = self._crops(x, a.local_crops, a.local_scale, small, len(batch), mine)
+                z, logits = forward(global_crops, local_crops)
                 n_views = GLOBAL_CROPS + a.local_crops
-                logits = [torch.cat(per_head) for per_head in zip(*map(model.logits, views))]
                 loss = sum(
                     F.cross_entropy(s.float() / t.temperature, y.repeat(n_views))
                     for s, y in zip(logits, targets, strict=True)
                 ) / len(logits)
             else:
-                loss = F.cross_entropy(model(self._crops(x, 1, a.crop_scale, x.shape[-1])), targets[0])
+                _, (logits,) = forward(self._crops(x, 1, a.crop_scale, side, len(batch), mine))
+                loss = F.cross_entropy(logits, targets[0])
         self.optimizer.zero_grad(set_to_none=True)
         if head_opt is not None:
             head_opt.zero_grad(set_to_none=True)
@@ -297,20 +362,25 @@ def data_statistics(images: np.ndarray, sample: int = 2048) -> tuple[torch.Tenso
     return torch.from_numpy(rows.mean(axis=(0, 2, 3))), torch.from_numpy(rows.std(axis=(0, 2, 3)))
 
 
-def _build(params: Params, images: np.ndarray, device: torch.device):
+def _build(params: Params, images: np.ndarray, device: torch.device, ranks: dist.Ranks):
     """Model, trunk optimizer and generator for a fresh run of `params`."""
     t = params.train
-    torch.manual_seed(t.seed)
+    torch.manual_seed(t.seed)  # the same initial network on every rank
     model = build_model(params.model, head_sizes(params))
     if params.model.normalize == "dataset":
         model.normalize.set(*data_statistics(images))
+    if params.compute.sync_bn and ranks.active:
+        if device.type != "cuda":
+            raise UserError("compute.sync_bn = true: synchronised batch norm needs CUDA")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(device, memory_format=memory_format(device))
+    torch.manual_seed(t.seed + 1_000_003 * ranks.rank)  # each rank's own photometric draws
     body = [p for n, p in model.named_parameters() if not n.startswith("heads.")]
     optimizer = torch.optim.SGD(body, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
     return model, optimizer, torch.Generator().manual_seed(t.seed)
 
 
-def _resume(path: Path, params: Params, model, optimizer, generator) -> LoopState:
+def _resume(path: Path, params: Params, model, optimizer, generator, ranks) -> LoopState:
     state = ckpt.load(path)
     if state["fingerprint"] != ckpt.params_fingerprint(params):
         raise UserError(
@@ -326,7 +396,12 @@ def _resume(path: Path, params: Params, model, optimizer, generator) -> LoopStat
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
+    rng = state["torch_rng"]
+    if len(rng) != ranks.world:
+        raise UserError(
+            f"{path} was trained by {len(rng)} processes: resume it with --nproc {len(rng)}"
+        )
+    torch.set_rng_state(rng[ranks.rank])
     return LoopState(
         epoch=int(state["epoch"]),
         history=[EpochStats(**h) for h in state["history"]],
@@ -355,29 +430,31 @@ def train(
         raise ValueError(f"unresolved auto parameters: {', '.join(params.auto_keys())}")
     t = params.train
     check_resolution(params.model.arch, images.shape[-1])
-    device = resolve_device(params.compute.device)
+    ranks = dist.start(resolve_device(params.compute.device))
+    device = dist.device_for(resolve_device(params.compute.device), ranks)
     set_threads(params.compute.threads)
     out_dir.mkdir(parents=True, exist_ok=True)
-    model, optimizer, generator = _build(params, images, device)
+    model, optimizer, generator = _build(params, images, device, ranks)
     ckpt_path = out_dir / CHECKPOINT
     state = LoopState()
     if ckpt_path.exists():
-        state = _resume(ckpt_path, params, model, optimizer, generator)
+        state = _resume(ckpt_path, params, model, optimizer, generator, ranks)
     start_epoch = state.epoch
     source = ImageSource(images, device)
     photometric = aug.photometric(params.augment, _is_colour(images), images.shape[-1])
-    trainer = EpochTrainer(model, optimizer, source, params, generator, photometric)
+    trainer = EpochTrainer(model, optimizer, source, params, generator, photometric, ranks)
     last_epoch = t.epochs if stop_after is None else min(t.epochs, stop_after)
+    show = progress and ranks.main
     for epoch in range(start_epoch, last_epoch):
         began = time.perf_counter()
-        clusterings = cluster_epoch(model, source, params, state, t.seed + epoch, progress)
+        clusterings = cluster_epoch(model, source, params, state, t.seed + epoch, show, ranks)
         health = ClusterHealth.of(clusterings[0], state.assignments)
         action = guard.react(health, state)
         if action is not None:  # collapsed: cluster again from other seeds, train more gently
             reseed = t.seed + 104729 * (epoch + 1)
-            clusterings = cluster_epoch(model, source, params, state, reseed, progress)
+            clusterings = cluster_epoch(model, source, params, state, reseed, show, ranks)
             health = ClusterHealth.of(clusterings[0], state.assignments)
-        loss, lr = trainer.run(clusterings, state, progress)
+        loss, lr = trainer.run(clusterings, state, show)
         ids = clusterings[0].assignments
         state.epoch = epoch + 1
         stats = EpochStats(
@@ -394,13 +471,14 @@ def train(
         )
         state.history.append(stats)
         state.assignments = ids
-        _save_checkpoint(ckpt_path, model, optimizer, generator, state, params)
-        write_json(out_dir / HISTORY, [asdict(h) for h in state.history])
-        if on_epoch is not None:
-            on_epoch(stats)
-        say(describe(stats, t.epochs), progress)
+        _save_checkpoint(ckpt_path, model, optimizer, generator, state, params, ranks)
+        if ranks.main:
+            write_json(out_dir / HISTORY, [asdict(h) for h in state.history])
+            if on_epoch is not None:
+                on_epoch(stats)
+        say(describe(stats, t.epochs), show)
 
-    if last_epoch == t.epochs:
+    if last_epoch == t.epochs and ranks.main:
         ckpt.export_model(model, params, out_dir / MODEL)
     assert state.assignments is not None, "no epoch ran and no checkpoint was found"
     return TrainResult(model.eval(), state.history, state.assignments, start_epoch)

@@ -1,0 +1,99 @@
+"""`deepcluster train --nproc 2`: two processes under torchrun (gloo on the CPU) train one model,
+resume after a kill exactly as an uninterrupted two-process run ends, and learn what the
+one-process run learns."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from deepcluster import checkpoint, pipeline
+from deepcluster.paths import Artifacts
+
+from .conftest import FAST, ROOT, fast_params
+
+EPOCHS = 3
+
+
+def _train(folder: Path, *args: str, wait: bool = True):
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "ssl")}
+    command = [sys.executable, "-m", "deepcluster.cli", "train", "--nproc", "2", *args]
+    if not wait:
+        return subprocess.Popen(command, cwd=folder, env=env, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def folders(ingested: Artifacts, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three projects on the ingested digits: one process, two processes, two stopped."""
+    out = {}
+    for name in ("one", "two", "stopped"):
+        folder = tmp_path_factory.mktemp(name)
+        (folder / "params.yaml").write_text(
+            yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": EPOCHS}})
+        )
+        shutil.copytree(ingested.root, folder / "artifacts")
+        out[name] = folder
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_processes(folders: dict[str, Path]) -> dict:
+    done = _train(folders["two"])
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = checkpoint.load(folders["two"] / "artifacts/train/checkpoint.pt")
+    return {"stderr": done.stderr, "state": state}
+
+
+def test_two_processes_train_one_model(two_processes: dict) -> None:
+    lines = two_processes["stderr"].splitlines()
+    assert sum(line.startswith(f"epoch {EPOCHS}/{EPOCHS}") for line in lines) == 1  # rank 0 speaks
+    state = two_processes["state"]
+    assert state["epoch"] == EPOCHS and len(state["torch_rng"]) == 2  # each rank's random state
+
+
+def test_a_killed_two_process_run_resumes_to_the_same_model(folders, two_processes) -> None:
+    folder = folders["stopped"]
+    process = _train(folder, wait=False)
+    while not process.stderr.readline().startswith("epoch 1/"):
+        assert process.poll() is None, "training ended before its first epoch"
+    os.killpg(process.pid, signal.SIGTERM)  # as a scheduler stops a job: the whole group
+    process.communicate(timeout=120)
+    assert process.returncode != 0 and not (folder / "artifacts/train/model.pt").exists()
+    assert (folder / "artifacts/.staging/train/checkpoint.pt").exists()
+
+    resumed = _train(folder)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = two_processes["state"]
+    b = checkpoint.load(folder / "artifacts/train/checkpoint.pt")
+    np.testing.assert_array_equal(a["assignments"], b["assignments"])
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=0, atol=0, msg=name)
+
+
+def test_two_processes_learn_and_agree_with_one(folders, two_processes) -> None:
+    """The same optimisation split over two processes: its clusters beat the untrained
+    network's against the labels, and agree with the one-process run's."""
+    from deepcluster.cluster import nmi
+
+    params = fast_params(train={"epochs": EPOCHS})
+    two = Artifacts(folders["two"] / "artifacts")
+    pipeline.features(two, params, show=False)
+    pipeline.cluster(two, params)
+    m = pipeline.evaluate_step(two, params, show=False)
+    assert m["nmi"] > m["nmi_random_init"] + 0.05 and m["ari"] > m["ari_random_init"] + 0.05, m
+
+    one = Artifacts(folders["one"] / "artifacts")
+    pipeline.train(params, one, show=False)
+    one_ids = checkpoint.load(one.final_checkpoint)["assignments"].numpy()
+    assert nmi(one_ids, two_processes["state"]["assignments"].numpy()) > 0.5
