@@ -1,21 +1,21 @@
-"""Training-epoch throughput: our decode-once, batched-on-device epoch vs a conventional one.
+"""A whole DeepCluster epoch: ours against the conventional design at its best, side by side.
 
-OURS is the real code path: `train_one_epoch` over `ImageSource(load_cache(...))`, i.e. images are
-decoded once into a uint8 cache and each batch is cropped/flipped by one affine resample on the
-training device. CONVENTIONAL is the usual PyTorch recipe: a `Dataset` that opens every file with
-PIL and runs torchvision's RandomResizedCrop / RandomHorizontalFlip / ToImage / ToDtype / Normalize
-per sample, behind a `DataLoader` with worker processes, built anew each epoch because the
-pseudo-labels change (as the reference DeepCluster does).
+    PYTHONPATH=ssl .venv/bin/python benchmarks/epoch_throughput.py --setting paper      # AlexNet+Sobel, 224 px
+    PYTHONPATH=ssl .venv/bin/python benchmarks/epoch_throughput.py --setting small      # smallconv, 28 px
 
-Why it is fair: both sides start from the same weights (same seed), train on the same pseudo-labels
-(one clustering of the untrained model's features, computed once and shared), draw the same number
-of images per epoch with `uniform_over_clusters`, and use the same batch size, SGD settings (body with
-momentum, fresh linear head every epoch), autocast/memory format, crop scale, flip setting, output
-resolution and normalisation. Only the way pixels reach the model differs. Epochs are interleaved
-(ours, conventional, ours, ...) so both sides share the machine's noise; the medians are reported.
-The "data only" rows run the same input pipelines with no model, to show where the time goes.
+An epoch is everything the algorithm does once per clustering: embed every image, PCA-whiten,
+L2-normalise and k-means them, draw images uniformly over clusters, train one pass on the
+pseudo-labels with a fresh head, save a checkpoint. Both sides run DeepCluster (v1) with the same
+initial weights, k, batch size, SGD settings, crops and flips, on the same image files.
 
-    PYTHONPATH=ssl .venv/bin/python benchmarks/epoch_throughput.py --resolution 32 --repeats 3
+OURS is the library's own loop (`train.train`, one epoch per call, resuming its checkpoint):
+images decoded once into a uint8 cache, crops and flips as one batched resample, bf16 autocast
+where the CPU has fast bf16, channels_last. CONVENTIONAL is the reference DeepCluster's design at
+its best: a DataLoader of PIL-decoded files with torchvision.transforms.v2 per sample, persistent
+workers (the sampler's indices are swapped each epoch), the worker count tuned on this machine,
+fp32 NCHW as the reference trains. The same clustering code serves both (its cost against raw
+faiss is the `kmeans` line). Sides alternate epoch by epoch so both see the machine's noise; the
+medians are reported. The last line is `speedup X.XX`: conventional epoch time / ours.
 """
 
 from __future__ import annotations
@@ -25,289 +25,273 @@ import contextlib
 import copy
 import io
 import json
-import os
-import platform
-import resource
 import statistics
 import struct
+import subprocess
 import tempfile
 import time
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
 
-from deepcluster import augment as aug
-from deepcluster.cluster import Clustering, cluster_features
+from deepcluster.cluster import cluster_features
 from deepcluster.config import Params, params_from_dict
 from deepcluster.data import build_cache, load_cache, scan_images
-from deepcluster.device import autocast, memory_format, resolve_device
-from deepcluster.models import DeepClusterNet, build_model
+from deepcluster.device import bf16_enabled, set_threads
+from deepcluster.embed import ImageSource, compute_features
+from deepcluster.models import build_model
 from deepcluster.sample import export_digits
 from deepcluster.sampler import uniform_over_clusters
-from deepcluster.train import ImageSource, compute_features, train_one_epoch
+from deepcluster.train import data_statistics, train
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "epoch_throughput.json"
+SETTINGS = {
+    "paper": {"model": {"arch": "alexnet", "sobel": True}, "data": {"resolution": 224},
+              "train": {"batch_size": 64}, "augment": {"hflip": True, "crop_scale": [0.08, 1.0]}},
+    "small": {"model": {"arch": "smallconv"}, "data": {"resolution": 28},
+              "train": {"batch_size": 128}, "augment": {"crop_scale": [0.3, 1.0]}},
+}  # fmt: skip
 
 
-def make_dataset(root: Path, n_images: int | None) -> None:
-    """Export the digits; replicate them into extra folders until there are `n_images` files.
-
-    The ingest scan drops byte-identical files as duplicates, so each copy gets a PNG text chunk
-    naming it: different bytes, same pixels.
-    """
+def make_dataset(root: Path, n_images: int) -> None:
+    """The digits as PNG files, replicated (same pixels, different bytes) up to `n_images`."""
     export_digits(root / "digits")
     originals = sorted((root / "digits").rglob("*.png"))
-    for i in range(max(0, (n_images or 0) - len(originals))):
+    for i in range(max(0, n_images - len(originals))):
         src = originals[i % len(originals)]
         dst = root / f"copy{i // len(originals) + 1}" / src.parent.name / src.name
         dst.parent.mkdir(parents=True, exist_ok=True)
         data, text = src.read_bytes(), f"copy\0{i}".encode()
         chunk = struct.pack(">I", len(text)) + b"tEXt" + text
         chunk += struct.pack(">I", zlib.crc32(b"tEXt" + text))
-        dst.write_bytes(data[:33] + chunk + data[33:])  # after signature (8) + IHDR (25)
+        dst.write_bytes(data[:33] + chunk + data[33:])  # after the signature and IHDR
 
 
-class FileDataset(Dataset):
-    """The conventional dataset: open, decode and augment one image per call, on the CPU."""
+def bench_params(setting: str, k: int) -> Params:
+    raw = copy.deepcopy(SETTINGS[setting])
+    raw["model"]["method"] = "deepcluster"  # the reference algorithm, on both sides
+    raw["cluster"] = {"k": k, "pca_dim": 64}
+    raw["train"] |= {"epochs": 1000, "schedule": "constant", "warmup_epochs": 0}
+    raw["augment"] |= {"jitter": 0.0, "blur": 0.0, "solarize": 0.0}  # the paper's augmentation
+    return params_from_dict(raw)
 
-    def __init__(self, paths: list[Path], labels: np.ndarray, transform) -> None:
-        self.paths, self.labels, self.transform = paths, labels, transform
+
+# ---------------------------------------------------------------------------------------------
+# The conventional side
+
+
+class Files(Dataset):
+    def __init__(self, paths: list[Path], transform) -> None:
+        self.paths, self.transform = paths, transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         with Image.open(self.paths[i]) as image:
-            return self.transform(image.convert("RGB")), int(self.labels[i])
+            return self.transform(image.convert("RGB")), i
 
 
-def conventional_transform(params: Params) -> v2.Compose:
-    t = params.train
-    steps = [v2.RandomResizedCrop(params.data.resolution, scale=t.crop_scale, antialias=True)]
-    steps += [v2.RandomHorizontalFlip()] if t.hflip else []
-    steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(aug.MEAN, aug.STD)]
-    return v2.Compose(steps)
+class Swappable(Sampler):
+    """The epoch's draw; its indices change between epochs while the workers persist."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
-@dataclass
-class Bench:
-    params: Params
-    device: torch.device
-    source: ImageSource  # ours: the decoded uint8 cache
-    dataset: FileDataset  # conventional: the image files, in the same (manifest) order
-    clustering: Clustering  # the pseudo-labels both sides train on
-    model: DeepClusterNet  # untrained; each side trains its own copy
-    workers: int
+class Conventional:
+    """The reference design: two DataLoaders (plain for features, augmented for training)."""
+
+    def __init__(self, params: Params, paths: list[Path], workers: int, images: np.ndarray):
+        self.params, self.workers = params, workers
+        side = params.data.resolution
+        plain = v2.Compose([v2.Resize(side), v2.CenterCrop(side), v2.ToImage(),
+                            v2.ToDtype(torch.float32, scale=True)])  # fmt: skip
+        a = params.augment
+        crop = [v2.RandomResizedCrop(side, scale=tuple(a.crop_scale), antialias=True)]
+        flip = [v2.RandomHorizontalFlip()] if a.hflip else []
+        tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True)]
+        self.sampler = Swappable()
+        options = {"batch_size": params.train.batch_size, "num_workers": workers,
+                   "persistent_workers": workers > 0}  # fmt: skip
+        self.plain = DataLoader(Files(paths, plain), shuffle=False, **options)
+        self.augmented = DataLoader(Files(paths, v2.Compose(crop + flip + tensor)),
+                                    sampler=self.sampler, **options)  # fmt: skip
+        torch.manual_seed(params.train.seed)
+        self.model = build_model(params.model, [params.cluster.k])
+        self.model.normalize.set(*data_statistics(images))
+        t = params.train
+        body = [p for n, p in self.model.named_parameters() if not n.startswith("heads.")]
+        self.opt = torch.optim.SGD(body, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        self.gen = torch.Generator().manual_seed(t.seed)
+
+    @torch.no_grad()
+    def features(self) -> np.ndarray:
+        self.model.eval()
+        return np.concatenate([self.model.embed(x).numpy() for x, _ in self.plain])
+
+    def epoch(self, checkpoint: Path) -> None:
+        p, t = self.params, self.params.train
+        c = cluster_features(self.features(), p.cluster.k, p.cluster.pca_dim, seed=t.seed)
+        indices, _ = uniform_over_clusters(c.assignments, len(c.assignments), self.gen)
+        self.sampler.indices = indices.tolist()
+        labels = torch.from_numpy(c.assignments)
+        self.model.reset_heads([c.k])
+        head = torch.optim.SGD(self.model.heads.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        self.model.train()
+        for x, i in self.augmented:
+            if len(x) < 2:
+                continue
+            loss = F.cross_entropy(self.model(x), labels[i])
+            self.opt.zero_grad(set_to_none=True)
+            head.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            head.step()
+        torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict()}, checkpoint)
 
 
-def prepare(args: argparse.Namespace, work: Path) -> Bench:
-    """Data, cache, params, initial weights and the one shared clustering."""
-    # the library's defaults, not params.yaml: the pipeline's tuning must not move these figures
-    train = {"batch_size": args.batch_size, "device": args.device}
-    params = params_from_dict({"data": {"resolution": args.resolution}, "train": train})
-    device = resolve_device(params.train.device)
-    make_dataset(work, args.images)
-    with contextlib.redirect_stderr(io.StringIO()):  # silence the ingest progress bars
-        manifest, _ = scan_images(work)
-        cache = build_cache(work, manifest, args.resolution, work / "cache.npy")
-    source = ImageSource(load_cache(cache), device)
-    torch.manual_seed(params.train.seed)
-    model = build_model(params.model, params.cluster.k).to(
-        device, memory_format=memory_format(device)
-    )
-    t, c = params.train, params.cluster
-    feats = compute_features(model, source, t.batch_size, t.amp, progress=False)
-    clustering = cluster_features(
-        feats, c.k, c.pca_dim, c.kmeans_iters, c.kmeans_redo, t.seed, device.type == "cuda"
-    )
-    paths = [work / p for p in manifest["path"]]  # manifest order == cache row order
-    dataset = FileDataset(paths, clustering.assignments, conventional_transform(params))
-    return Bench(params, device, source, dataset, clustering, model, args.workers)
+def tune_workers(params: Params, paths: list[Path], images: np.ndarray, batches: int) -> dict:
+    """Seconds for `batches` augmented training steps with 0..3 workers; the fastest wins."""
+    seconds = {}
+    for workers in (0, 1, 2, 3):
+        side = Conventional(params, paths, workers, images)
+        side.sampler.indices = list(range(min(len(paths), batches * params.train.batch_size)))
+        began = time.perf_counter()
+        for x, i in side.augmented:
+            loss = F.cross_entropy(side.model(x), torch.zeros(len(i), dtype=torch.long))
+            loss.backward()
+        seconds[workers] = time.perf_counter() - began
+    return seconds
 
 
-def new_side(b: Bench) -> tuple:
-    """A copy of the initial weights with the training optimizer, and its own RNG."""
-    t = b.params.train
-    model = copy.deepcopy(b.model)
-    body = [p for n, p in model.named_parameters() if not n.startswith("head.")]
-    opt = torch.optim.SGD(body, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    return model, opt, torch.Generator().manual_seed(t.seed)
+# ---------------------------------------------------------------------------------------------
+# Measuring
 
 
-def ours_epoch(b: Bench, side: tuple) -> None:
-    model, opt, gen = side
-    lr = b.params.train.lr  # a constant rate, as on the conventional side
-    train_one_epoch(model, opt, b.source, b.clustering, b.params, gen, lr=lr, progress=False)
+def gemm_peak(dtype: torch.dtype, size: int = 2048) -> float:
+    """FLOP/s of a large matrix product on this machine (the peak MFU is measured against)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    began, n = time.perf_counter(), 0
+    while time.perf_counter() - began < 2.0:
+        a @ b
+        n += 1
+    return 2 * size**3 * n / (time.perf_counter() - began)
 
 
-def ours_data_only(b: Bench, side: tuple) -> None:
-    """The input half of `train_one_epoch`: gather uint8 rows, normalise, batched crop/flip."""
-    t, gen = b.params.train, side[2]
-    indices, labels = uniform_over_clusters(b.clustering.assignments, len(b.source), gen)
-    for start in range(0, len(indices), t.batch_size):
-        idx = indices[start : start + t.batch_size]
-        theta = aug.crop_flip_params(len(idx), t.crop_scale, t.hflip, gen)
-        x = aug.normalize(b.source.batch(idx)).contiguous(memory_format=memory_format(b.device))
-        aug.augment(x, theta)
-        torch.from_numpy(labels[start : start + len(idx)]).to(b.device)
+def training_flops(params: Params, images: int) -> float:
+    """Multiply-adds x 2 of one epoch's network work: features pass (forward) and training
+    pass (forward + backward = 3 forwards), counted with torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_model(params.model, [params.cluster.k])
+    x = torch.rand(2, 3, params.data.resolution, params.data.resolution)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    per_image = counter.get_total_flops() / 2
+    return per_image * images * (1 + 3)
 
 
-def conventional_batches(b: Bench, gen: torch.Generator):
-    """(x, y) on the device from a DataLoader over the same kind of uniform-over-clusters draw."""
-    indices, _ = uniform_over_clusters(b.clustering.assignments, len(b.dataset), gen)
-    loader = DataLoader(  # built anew each epoch, like the reference DeepCluster's
-        b.dataset,
-        batch_size=b.params.train.batch_size,
-        sampler=indices.tolist(),
-        num_workers=b.workers,
-        pin_memory=b.device.type == "cuda",
-    )
-    for x, y in loader:
-        x = x.to(b.device, non_blocking=True).contiguous(memory_format=memory_format(b.device))
-        yield x, y.to(b.device, non_blocking=True)
+def kmeans_line(params: Params, feats: np.ndarray) -> tuple[float, float]:
+    """Seconds of our clustering step and of raw faiss (PCA + k-means) on the same features."""
+    c, seed = params.cluster, params.train.seed
+    began = time.perf_counter()
+    cluster_features(feats, c.k, c.pca_dim, c.kmeans_iters, c.kmeans_redo, seed)
+    ours = time.perf_counter() - began
+    began = time.perf_counter()
+    pca = faiss.PCAMatrix(feats.shape[1], c.pca_dim, -0.5)
+    pca.train(feats)
+    x = pca.apply(feats)
+    faiss.normalize_L2(x)
+    kmeans = faiss.Kmeans(x.shape[1], c.k, niter=c.kmeans_iters, seed=seed)
+    kmeans.cp.max_points_per_centroid = 10_000_000
+    kmeans.train(x)
+    kmeans.index.search(x, 1)
+    return ours, time.perf_counter() - began
 
 
-def conventional_epoch(b: Bench, side: tuple) -> None:
-    """The same step as `train_one_epoch`: fresh head, cross-entropy, body SGD + head SGD."""
-    (model, opt, gen), t = side, b.params.train
-    model.reset_head(b.clustering.k)
-    head_opt = torch.optim.SGD(model.head.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    model.train()
-    for x, y in conventional_batches(b, gen):
-        if len(x) < 2:  # batch norm needs two samples (ours skips these too)
-            continue
-        with autocast(b.device, t.amp):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        head_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        head_opt.step()
-        float(loss.detach())  # ours reads the loss every step too (a device sync on CUDA)
-
-
-def conventional_data_only(b: Bench, side: tuple) -> None:
-    for _ in conventional_batches(b, side[2]):
-        pass
-
-
-def measure(b: Bench, repeats: int) -> dict[str, dict[str, list[float]]]:
-    """Wall and CPU seconds per epoch of each job: a warm-up round, then `repeats` interleaved."""
-    ours, conventional = new_side(b), new_side(b)
-    jobs = {
-        "ours": (ours_epoch, ours),
-        "conventional": (conventional_epoch, conventional),
-        "ours, data only": (ours_data_only, ours),
-        "conventional, data only": (conventional_data_only, conventional),
-    }
-    times: dict[str, dict[str, list[float]]] = {"wall": {}, "cpu": {}}
-    for round_ in range(repeats + 1):
-        for name, (job, side) in jobs.items():
-            sync()
-            wall, cpu = time.perf_counter(), cpu_seconds()
-            job(b, side)
-            sync()
-            if round_ > 0:
-                times["wall"].setdefault(name, []).append(time.perf_counter() - wall)
-                times["cpu"].setdefault(name, []).append(cpu_seconds() - cpu)
-    return times
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process plus its finished children (the DataLoader workers, joined at the
-    end of each epoch). Unlike wall time it barely moves when other programs share the machine."""
-    me, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def machine_cpu_seconds() -> float:
-    """CPU seconds used by every program on the machine (Linux), to see what else was running."""
-    stat = Path("/proc/stat")
-    if not stat.is_file():
-        return 0.0
-    ticks = [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # all but idle, iowait
-
-
-def clocks() -> np.ndarray:
-    """Wall seconds, our CPU seconds, the whole machine's CPU seconds."""
-    return np.array([time.perf_counter(), cpu_seconds(), machine_cpu_seconds()])
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def report(args: argparse.Namespace, b: Bench, times: dict, busy: float) -> None:
-    """Print the table and ratios; merge this configuration's entry into the JSON results."""
-    n, t = len(b.dataset), b.params.train
-    med = {kind: {k: statistics.median(v) for k, v in d.items()} for kind, d in times.items()}
-    ratios = {
-        f"{kind}{part}": m[f"conventional{part}"] / m[f"ours{part}"]
-        for kind, m in med.items()
-        for part in ("", ", data only")
-    }
-    cuda = b.device.type == "cuda"
-    device = torch.cuda.get_device_name(b.device) if cuda else f"cpu ({platform.machine()})"
-    print(
-        f"{n} images at {args.resolution}px, batch {t.batch_size}, {b.params.model.arch}, "
-        f"k={b.clustering.k}, crop_scale={t.crop_scale}, hflip={t.hflip}, {device}, "
-        f"{os.cpu_count()} CPUs, torch {torch.__version__}; conventional DataLoader num_workers="
-        f"{b.workers}; median of {args.repeats} epochs after a warm-up; "
-        f"other programs used {busy:.0%} of the CPUs meanwhile\n"
-    )
-    print(f"{'':25}{'wall s':>8}{'images/s':>10}{'CPU s':>8}   wall s of each epoch")
-    for name, wall in med["wall"].items():
-        each = " ".join(f"{s:.2f}" for s in times["wall"][name])
-        print(f"{name:25}{wall:>8.2f}{n / wall:>10.0f}{med['cpu'][name]:>8.2f}   {each}")
-    print(
-        f"\nours is {ratios['wall']:.1f}x faster per epoch (conventional/ours wall time; "
-        f"data pipeline alone {ratios['wall, data only']:.1f}x); "
-        f"CPU time ratio {ratios['cpu']:.1f}x (data alone {ratios['cpu, data only']:.1f}x)"
-    )
-    if busy > 0.1:
-        print("warning: other programs were using the CPUs; these timings are not representative")
-    machine = {"cpu_count": os.cpu_count(), "device": device, "torch": torch.__version__,
-               "torchvision": torchvision.__version__, "others_cpu_share": busy}  # fmt: skip
-    config = {"images": n, "resolution": args.resolution, "batch_size": t.batch_size,
-              "arch": b.params.model.arch, "device": b.device.type, "workers": b.workers}  # fmt: skip
-    entry = {**config, "repeats": args.repeats, "seconds": times, "median_seconds": med,
-             "ratio_conventional_over_ours": ratios, "params": b.params.to_dict(),
-             "machine": machine}  # fmt: skip
-    key = ",".join(f"{k}={v}" for k, v in config.items())  # one entry per configuration
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
-    RESULTS.write_text(json.dumps({**saved, key: entry}, indent=2) + "\n")
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--images", type=int, default=None, help="replicate the 1,797 digits up to N")
-    p.add_argument("--resolution", type=int, default=32)
-    p.add_argument("--batch-size", type=int, default=Params().train.batch_size)
+    p.add_argument("--setting", choices=SETTINGS, default="paper")
+    p.add_argument("--images", type=int, default=1797)
+    p.add_argument("--k", type=int, default=100)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--workers", type=int, default=2, help="conventional DataLoader num_workers")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: auto)")
     args = p.parse_args()
-    with tempfile.TemporaryDirectory(prefix="epoch-throughput-") as work:
-        bench = prepare(args, Path(work))
-        start = clocks()
-        times = measure(bench, args.repeats)
-        wall, own, machine = clocks() - start
-        report(args, bench, times, max(0.0, machine - own) / (wall * (os.cpu_count() or 1)))
+    params = bench_params(args.setting, args.k)
+    threads = set_threads(args.threads or "auto")
+    print(f"{args.setting}: {params.model.arch}, sobel {params.model.sobel}, "
+          f"{params.data.resolution} px, batch {params.train.batch_size}, k {args.k}, "
+          f"{args.images} images, {threads} torch threads; bf16 on ours: "
+          f"{bf16_enabled(torch.device('cpu'), True)}", flush=True)  # fmt: skip
+    print(f"before: {uptime()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="epoch-") as tmp:
+        work = Path(tmp)
+        make_dataset(work / "images", args.images)
+        with contextlib.redirect_stderr(io.StringIO()):
+            manifest, _ = scan_images(work / "images")
+            build_cache(work / "images", manifest, params.data.resolution, work / "cache.npy")
+        images = load_cache(work / "cache.npy")
+        paths = [work / "images" / path for path in manifest["path"]]
+        tuning = tune_workers(params, paths, images, batches=8)
+        workers = min(tuning, key=tuning.get)
+        print("conventional workers tuned: " + ", ".join(
+            f"{w}: {s:.1f}s" for w, s in tuning.items()) + f" -> {workers}", flush=True)
+        conventional = Conventional(params, paths, workers, images)
+        times: dict[str, list[float]] = {"ours": [], "conventional": []}
+        for epoch in range(args.repeats + 1):  # the first round warms both up
+            began = time.perf_counter()
+            train(params, images, work / "ours", stop_after=epoch + 1, progress=False)
+            ours = time.perf_counter() - began
+            began = time.perf_counter()
+            conventional.epoch(work / "conventional.pt")
+            theirs = time.perf_counter() - began
+            print(f"epoch {epoch}: ours {ours:.1f}s, conventional {theirs:.1f}s", flush=True)
+            if epoch:
+                times["ours"].append(ours)
+                times["conventional"].append(theirs)
+        source = ImageSource(images, torch.device("cpu"))
+        feats = compute_features(conventional.model, source, 256, amp=False, progress=False)
+        ours_kmeans, raw_kmeans = kmeans_line(params, feats)
+    med = {side: statistics.median(values) for side, values in times.items()}
+    flops = training_flops(params, args.images)
+    peaks = {"bf16": gemm_peak(torch.bfloat16), "fp32": gemm_peak(torch.float32)}
+    ours_peak = peaks["bf16"] if bf16_enabled(torch.device("cpu"), True) else peaks["fp32"]
+    mfu = {"ours": flops / med["ours"] / ours_peak, "conventional": flops / med["conventional"] / peaks["fp32"]}
+    print(f"\n{'':14}{'epoch s':>9}{'images/s':>10}{'MFU':>7}")
+    for side in ("ours", "conventional"):
+        print(f"{side:14}{med[side]:>9.1f}{args.images / med[side]:>10.1f}{mfu[side]:>7.1%}")
+    print(f"GEMM peak: bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s, fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s"
+          f" (MFU: network FLOPs of the epoch / epoch time / the side's precision's peak)")
+    print(f"kmeans: ours {ours_kmeans:.2f}s vs raw faiss {raw_kmeans:.2f}s = "
+          f"{ours_kmeans / raw_kmeans:.2f}x")
+    print(f"after: {uptime()}")
+    entry = {"setting": args.setting, "images": args.images, "k": args.k, "threads": threads,
+             "workers": workers, "tuning": tuning, "seconds": times, "median": med, "mfu": mfu,
+             "gemm_peak": peaks, "kmeans": [ours_kmeans, raw_kmeans], "uptime": uptime()}  # fmt: skip
+    saved = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    RESULTS.write_text(json.dumps({**saved, args.setting: entry}, indent=1) + "\n")
+    print(f"speedup {med['conventional'] / med['ours']:.2f}")
 
 
 if __name__ == "__main__":

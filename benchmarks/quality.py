@@ -98,7 +98,7 @@ def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:
 
 
 def machine_line() -> str:
-    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     return f"{os.cpu_count()} CPUs; uptime: {load}"
 
 

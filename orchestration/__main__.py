@@ -35,7 +35,6 @@ def materialize(args: argparse.Namespace) -> int:
     home = dagster_home()
     from dagster import DagsterInstance
 
-
     from deepcluster.config import load_params
 
     from .config import run_config_for

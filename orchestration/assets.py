@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 from dagster import (
     AssetExecutionContext,
-    BetaWarning,
     AssetSpec,
+    BetaWarning,
     DataVersion,
     MaterializeResult,
     MetadataValue,

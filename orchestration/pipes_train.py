@@ -6,6 +6,9 @@ Dagster itself. Each epoch goes back as a log line and a custom message; the end
 message with the MLflow run id. A user error is reported as such, so Dagster does not retry it.
 """
 
+import ctypes
+import os
+import signal
 import sys
 from dataclasses import asdict
 
@@ -13,10 +16,18 @@ from dagster_pipes import open_dagster_pipes
 
 from deepcluster import pipeline
 from deepcluster.config import params_from_dict
-from deepcluster.errors import UserError, stop_on_signals
+from deepcluster.errors import Stopped, UserError, stop_on_signals
 from deepcluster.paths import Artifacts
 from deepcluster.train import describe
 
+
+def _die_with_parent() -> None:
+    """SIGTERM when the Dagster process dies, even by SIGKILL (a force-terminated run), so no
+    training outlives its run. Set here, not by the parent (a fork of a threaded process)."""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() == 1:  # the parent died before the line above
+        raise Stopped("the Dagster process is gone")
 
 
 def _train(extras: dict, on_epoch) -> pipeline.TrainSummary:
@@ -34,6 +45,7 @@ def _train(extras: dict, on_epoch) -> pipeline.TrainSummary:
 
 def main() -> int:
     stop_on_signals()  # Dagster stops the process group with SIGTERM
+    _die_with_parent()
     with open_dagster_pipes() as pipes:
         extras = dict(pipes.extras)
         epochs = extras["params"]["train"]["epochs"]

@@ -8,7 +8,6 @@ MLflow run back. Only real failures are retried, and a retry resumes the staged 
 terminating the Dagster run stops the training's whole process group and is never retried.
 """
 
-import ctypes
 import os
 import signal
 import subprocess
@@ -85,12 +84,6 @@ def prepare_training(
     }
 
 
-def _die_with_parent() -> None:
-    """In the child: receive SIGTERM when the Dagster process dies, even by SIGKILL."""
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def training_command(nproc: int) -> list[str]:
     if nproc > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
@@ -123,7 +116,6 @@ def run_training(context: OpExecutionContext, extras: dict, nproc: int) -> list[
             cwd=ROOT,
             env={**os.environ, **session.get_bootstrap_env_vars()},
             start_new_session=True,  # its own process group, stopped as one
-            preexec_fn=_die_with_parent,
         )
         try:
             code = process.wait()

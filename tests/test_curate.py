@@ -20,7 +20,6 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from deepcluster import checkpoint, pipeline, tracking
-from deepcluster.models import build_model
 from deepcluster.cluster import cluster_features
 from deepcluster.curate import (
     Pool,
@@ -35,6 +34,7 @@ from deepcluster.data import load_cache
 from deepcluster.dedup import DEFAULT_EPS
 from deepcluster.errors import MissingArtifact, ParamError
 from deepcluster.evaluate import pixel_features
+from deepcluster.models import build_model
 from deepcluster.paths import Artifacts
 from orchestration.curation import curated_subset
 from orchestration.resources import ArtifactStore, MlflowTracking
@@ -70,7 +70,6 @@ def planted(digits_subset: Path, tmp_path_factory: pytest.TempPathFactory):
     pipeline.ingest(folder, PARAMS, art, show=False)
     art.features.parent.mkdir(parents=True)
     np.save(art.features, pixel_features(load_cache(art.cache)))
-    _, cache = pipeline.ingested(art)
     resolved, _ = pipeline.training_params(PARAMS, art, *pipeline.ingested(art))
     checkpoint.export_model(build_model(resolved.model, [30]), resolved, art.model)  # its params
     pipeline.cluster(art, PARAMS)

@@ -37,10 +37,10 @@ from orchestration.automation import data_version_sensor
 from orchestration.checks import CHECKS
 from orchestration.config import (
     DEFAULTS,
-    ClusterConfig,
-    EvalConfig,
     AugmentConfig,
+    ClusterConfig,
     DataConfig,
+    EvalConfig,
     ModelConfig,
     TrainConfig,
     TrainingConfig,
@@ -369,7 +369,7 @@ def test_metadata_people_read(whole_graph) -> None:
     report = _metadata(result, "eval_report")
     assert 0 < report["nmi"] <= 1
     comparison = report["metrics"]  # the readable comparison comes first
-    assert list(report)[0] == "metrics"
+    assert next(iter(report)) == "metrics"
     assert [c.name for c in comparison.schema.columns] == ["metric", "trained", "random init", "raw pixels"]
     assert [r.data["metric"] for r in comparison.records][:3] == ["nmi", "ari", "accuracy"]
     assert report["cluster_grids"].count("](data:image/png;base64,") >= 24

@@ -116,9 +116,9 @@ def test_a_failed_or_stopped_run_leaves_the_published_model(workspace: Artifacts
 
 
 def test_a_second_writer_is_refused(workspace: Artifacts) -> None:
-    with lock.writing(workspace, "train"):
-        with pytest.raises(lock.Busy, match=r"being written by `deepcluster train` \(pid \d+"):
-            pipeline.train(fast_params(train={"epochs": 1}), workspace, show=False)
+    busy = pytest.raises(lock.Busy, match=r"being written by `deepcluster train` \(pid \d+")
+    with lock.writing(workspace, "train"), busy:
+        pipeline.train(fast_params(train={"epochs": 1}), workspace, show=False)
     assert not workspace.model.exists()
 
 

@@ -38,6 +38,9 @@ class Ranks:
         return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
 
 
+ONE = Ranks()  # a run of one process
+
+
 def start(device: torch.device) -> Ranks:
     """Join the process group when launched by torchrun; returns this process's ranks."""
     ranks = Ranks.from_env()

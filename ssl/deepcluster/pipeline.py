@@ -26,9 +26,9 @@ from .checkpoint import load, load_model, params_fingerprint, saved_params
 from .cluster import cluster_features, kmeans_health, save_clustering
 from .config import Params
 from .device import resolve_device, set_threads
+from .embed import ImageSource, compute_features, eval_batch_size
 from .errors import UserError
 from .paths import Artifacts, require
-from .embed import ImageSource, compute_features, eval_batch_size
 from .train import EpochStats
 from .train import train as train_loop
 
@@ -198,7 +198,9 @@ def _train(params, art, fresh, on_epoch, show, stop_after, tags, source, dvc_fil
         _stage(art, resolved, fresh)
         tracking.use_store()
         version = lineage.recorded_version(art, dvc_file)
-        run_id = tracking.training_run(art, resolved, version, _staged_history(art), tags, source)
+        auto = {f"auto/{key}": note for key, note in notes.items()}  # what `auto` became, and why
+        run_tags = {**(tags or {}), **auto}
+        run_id = tracking.training_run(art, resolved, version, _staged_history(art), run_tags, source)
         progress.say(f"MLflow run {run_id}", show)
         callbacks = [tracking.EpochLogger(run_id)] + ([on_epoch] if on_epoch else [])
         status = tracking.run_status(run_id, system_metrics=True)

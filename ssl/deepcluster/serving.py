@@ -76,8 +76,8 @@ class DeepClusterModel(mlflow.pyfunc.PythonModel):
     """Images -> embedding -> PCA-whitening + L2 -> nearest learned centroid."""
 
     def load_context(self, context) -> None:
-        from .cluster import Whitening
         from .checkpoint import load_model
+        from .cluster import Whitening
 
         ImageLimits.from_env()  # a bad limit stops a server at start, with its one line
         weights = Path(context.artifacts["model"])

@@ -35,11 +35,11 @@ from . import health as guard
 from .cluster import Clustering, cluster_features, nmi
 from .config import Params
 from .device import autocast, memory_format, resolve_device, set_threads
+from .embed import ImageSource, compute_features, eval_batch_size
 from .errors import UserError
 from .health import ClusterHealth
 from .io import write_json
 from .models import DeepClusterNet, build_model, check_resolution
-from .embed import ImageSource, compute_features, eval_batch_size
 from .progress import bar, say
 from .sampler import uniform_over_clusters
 
@@ -162,7 +162,7 @@ def cluster_epoch(
     state: LoopState,
     seed: int,
     progress: bool,
-    ranks: dist.Ranks = dist.Ranks(),
+    ranks: dist.Ranks = dist.ONE,
 ) -> list[Clustering]:
     """This epoch's pseudo-labels, one clustering per head; v2 also sets the prototypes.
 
