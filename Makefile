@@ -58,7 +58,7 @@ demo: data
 	@echo 'Also:    $(BIN)/deepcluster run data   or   PATH="$$PWD/$(BIN):$$PATH" $(DVC) repro'
 
 dagster: install
-	$(BIN)/python -m orchestration dev  # dagster dev on .dagster/, with the one-slot GPU pool
+	$(BIN)/python -m orchestration dev  # dg dev on .dagster/, with the one-slot GPU pool
 
 # the registry's champion over HTTP; `mlflow models serve` starts uvicorn from PATH
 MODEL ?= models:/deepcluster@champion

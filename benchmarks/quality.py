@@ -2,6 +2,7 @@
 
     PYTHONPATH=ssl .venv/bin/python benchmarks/quality.py          # digits, mnist5k; v1, v2; 3 seeds
     PYTHONPATH=ssl .venv/bin/python benchmarks/quality.py --sets digits --seeds 0
+    PYTHONPATH=ssl .venv/bin/python benchmarks/quality.py --table a.json b.json   # merge runs
 
 Every run goes through the library's own steps: the sample is exported and ingested with `auto`
 parameters, `train` runs in a temporary folder, and the trained network is scored by
@@ -151,7 +152,14 @@ def main() -> int:
     parser.add_argument("-S", "--set", dest="overrides", action="append", default=[],
                         help="extra parameter override, section.key=value")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/quality.json")
+    parser.add_argument("--table", nargs="+", type=Path, metavar="JSON",
+                        help="print one table from earlier results (e.g. runs split over processes)")
     args = parser.parse_args()
+    if args.table:
+        runs = [json.loads(path.read_text()) for path in args.table]
+        print(table([row for run in runs for row in run["rows"]]))
+        print("\n".join(run["machine"] for run in runs))
+        return 0
     extra = {k: yaml.safe_load(v) for k, _, v in (o.partition("=") for o in args.overrides)}
     print(machine_line(), flush=True)
     rows = [run_row(n, m, args.seeds, extra) for n in args.sets for m in args.methods]

@@ -61,7 +61,7 @@ def materialize(args: argparse.Namespace) -> int:
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'} (instance in {home})")
     if result.success:
         print(_record_for_dvc(args))
-    print(f"Open the UI with `DAGSTER_HOME={home} dagster dev` (or `python -m orchestration dev`),")
+    print(f"Open the UI with `python -m orchestration dev` (`dg dev` with DAGSTER_HOME={home}),")
     print("then http://127.0.0.1:3000 -> Assets: eval_report shows the metrics and the pictures.")
     return 0 if result.success else 1
 
@@ -98,10 +98,15 @@ def sync(args: argparse.Namespace) -> int:
 
 
 def dev(extra: list[str]) -> NoReturn:
-    dagster_home()
-    dagster = Path(sys.executable).with_name("dagster")
-    os.chdir(ROOT)  # workspace.yaml is found from here
-    os.execv(dagster, [str(dagster), "dev", *extra])
+    """`dg dev` on this project ([tool.dg] in pyproject.toml), with DAGSTER_HOME set so the UI
+    shows the same instance as `materialize` rather than a temporary one."""
+    home = dagster_home()
+    bin_dir = Path(sys.executable).parent
+    os.environ["VIRTUAL_ENV"] = str(bin_dir.parent)  # dg warns unless the project venv is active
+    os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
+    os.chdir(home)  # from anywhere; --target-path names the project
+    argv = [str(bin_dir / "dg"), "dev", "--target-path", str(ROOT), *extra]
+    os.execv(bin_dir / "dg", argv)
 
 
 def main() -> int:
@@ -115,7 +120,7 @@ def main() -> int:
     record.add_argument("--data", type=Path, help="image folder (default: data/)")
     record.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
     commands.add_parser(
-        "dev", add_help=False, help="dagster dev on the local instance (other args go to it)"
+        "dev", add_help=False, help="dg dev on the local instance (other args go to it)"
     )
     args, extra = parser.parse_known_args()
     if args.command == "dev":

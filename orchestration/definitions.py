@@ -1,4 +1,4 @@
-"""The code location: `dagster dev` from the repo root loads `defs` (see workspace.yaml)."""
+"""The code location: `dg dev` loads `defs` ([tool.dg] in pyproject.toml)."""
 
 import os
 

@@ -61,6 +61,7 @@ class ComputeResource(ConfigurableResource):
     threads: str = Field(str(DEFAULTS.compute.threads), description="torch threads, or auto")
     workers: int = Field(DEFAULTS.compute.workers, description="decoding processes at ingest")
     nproc: int = Field(1, description="training processes (torchrun, one per GPU or core group)")
+    sync_bn: bool = Field(DEFAULTS.compute.sync_bn, description="batch norm over the global batch")
 
     @classmethod
     def from_env(cls) -> "ComputeResource":
@@ -69,7 +70,13 @@ class ComputeResource(ConfigurableResource):
     def section(self) -> dict[str, Any]:
         """The `compute` section of Params."""
         threads = int(self.threads) if self.threads.isdigit() else self.threads
-        return {"device": self.device, "amp": self.amp, "threads": threads, "workers": self.workers}
+        return {
+            "device": self.device,
+            "amp": self.amp,
+            "threads": threads,
+            "workers": self.workers,
+            "sync_bn": self.sync_bn,
+        }
 
 
 class MlflowTracking(ConfigurableResource):

@@ -52,7 +52,7 @@ from orchestration.definitions import defs
 from orchestration.resources import ComputeResource
 from orchestration.training import GPU_TAGS, checkpoint
 from orchestration.versions import dvc_md5, observed_version
-from tests.conftest import ROOT, fast_params
+from tests.conftest import fast_params
 from tests.orchestration_fixtures import (
     CHECK_NAMES,
     MATERIALISED,
@@ -94,31 +94,6 @@ def test_definitions_load_and_validate() -> None:
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(MATERIALISED)
     assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == CHECK_NAMES
     assert defs.resolve_sensor_def("data_version_sensor").job_name == "deepcluster_job"
-
-
-def test_bare_dagster_dev_and_dagster_home_share_one_history(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A bare `dagster dev` from the root (no DAGSTER_HOME: a temporary home configured by the
-    root dagster.yaml) sees the runs of `python -m orchestration` (DAGSTER_HOME=.dagster)."""
-    from dagster import DagsterInstance, asset
-    from dagster._core.instance.ref import InstanceRef
-
-    monkeypatch.chdir(tmp_path)  # the root dagster.yaml's relative paths resolve from here
-    shutil.copy(ROOT / "dagster.yaml", tmp_path)
-    home = tmp_path / ".dagster"
-    home.mkdir()
-    shutil.copy(ROOT / "orchestration" / "dagster.yaml", home)
-
-    @asset
-    def probe() -> None: ...
-
-    with DagsterInstance.from_ref(InstanceRef.from_dir(str(home))) as explicit:
-        run_id = materialize([probe], instance=explicit).run_id
-    bare_ref = InstanceRef.from_dir(str(tmp_path / ".tmp_dagster_home_x"), config_dir=str(tmp_path))
-    with DagsterInstance.from_ref(bare_ref) as bare:
-        assert [run.run_id for run in bare.get_runs()] == [run_id]
-        assert bare.event_log_storage.get_concurrency_info("gpu").limit == 1
 
 
 def test_training_op_is_a_retried_gpu_step() -> None:

@@ -1,4 +1,4 @@
-"""`dagster dev` as a user starts it: launch the whole job through GraphQL, as the UI does, and read
+"""`python -m orchestration dev` as a user starts it: launch the whole job through GraphQL, as the UI does, and read
 the materialisations and check results back through the same API."""
 
 import os
@@ -112,7 +112,8 @@ def wait_for_run(gql: GraphQL, run_id: str, log: Path, timeout: float) -> str:
 
 @pytest.fixture
 def dagster_dev(digits_subset: Path, tmp_path: Path):
-    """`dagster dev` from the repo root on a free port, with its instance and outputs in tmp_path."""
+    """`python -m orchestration dev` (`dg dev` on DAGSTER_HOME) on a free port, with its instance
+    and outputs in tmp_path."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     shutil.copy(ROOT / "orchestration" / "dagster.yaml", home / "dagster.yaml")
@@ -129,11 +130,10 @@ def dagster_dev(digits_subset: Path, tmp_path: Path):
     }
     port = free_port()
     log = tmp_path / "dagster_dev.log"
-    dagster = Path(sys.executable).with_name("dagster")
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [str(dagster), "dev", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
+            [sys.executable, "-m", "orchestration", "dev", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,  # any folder: the command finds the project itself
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -191,3 +191,5 @@ def test_whole_job_through_graphql(dagster_dev) -> None:
             assert executions[0]["status"] == "SUCCEEDED", executions[0]
             assert executions[0]["evaluation"]["success"] is True
     assert (tmp_path / "artifacts" / "eval" / "metrics.json").is_file()
+    said = log.read_text()
+    assert "will not be used" not in said and "temporary directory" not in said, said[:3000]

@@ -1,0 +1,92 @@
+"""`auto` parameters resolve to sensible values on real folders of small, MNIST-sized and
+photo-sized images (scanned by the ingest step itself)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from deepcluster import data, pipeline
+from deepcluster.config import load_params
+from deepcluster.paths import Artifacts
+from tests.conftest import ROOT
+
+
+def folder_of(tmp_path: Path, count: int, side: tuple[int, int]) -> Path:
+    """`count` random RGB PNGs of `side` (w, h) in two class folders."""
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        folder = tmp_path / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, (side[1], side[0], 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+    return tmp_path
+
+
+def resolved_for(folder: Path, count: int) -> tuple[dict, dict[str, str]]:
+    """The repo's params.yaml resolved against the folder's manifest, scaled to `count` images
+    (the rules read only the image count and sizes, so a manifest repeated stands for more)."""
+    manifest, _ = data.scan_images(folder, workers=0)
+    repeats = -(-count // manifest.height)
+    manifest = manifest.sample(count, with_replacement=True, seed=0) if repeats > 1 else manifest
+    params, notes = pipeline.resolve_params(load_params(ROOT / "params.yaml"), manifest)
+    return params.to_dict(), notes
+
+
+@pytest.mark.parametrize(
+    ("side", "count", "expected"),
+    [
+        # the bundled digits: 8 px upsampled to smallconv's 16, ~100 epochs over 1,797 images
+        ((8, 8), 1797, {"resolution": 16, "k": 72, "pca_dim": 16, "batch_size": 32, "epochs": 100}),
+        # MNIST-5k
+        (
+            (28, 28),
+            5000,
+            {"resolution": 28, "k": 200, "pca_dim": 64, "batch_size": 128, "epochs": 40},
+        ),
+        # a folder of photos: reduced to smallconv's 64 px; k grows, epochs shrink to the floor
+        (
+            (200, 150),
+            100_000,
+            {"resolution": 64, "k": 4000, "pca_dim": 128, "batch_size": 256, "epochs": 10},
+        ),
+    ],
+)
+def test_auto_values_fit_the_folder(tmp_path: Path, side, count, expected) -> None:
+    folder = folder_of(tmp_path, 12, side)
+    raw, notes = resolved_for(folder, count)
+    got = {
+        "resolution": raw["data"]["resolution"],
+        "k": raw["cluster"]["k"],
+        "pca_dim": raw["cluster"]["pca_dim"],
+        "batch_size": raw["train"]["batch_size"],
+        "epochs": raw["train"]["epochs"],
+    }
+    assert got == expected
+    # every auto value says why it is what it is
+    assert set(notes) == {
+        "data.resolution",
+        "cluster.k",
+        "cluster.pca_dim",
+        "train.batch_size",
+        "train.epochs",
+    }
+    assert f"median shorter side {min(side)} px" in notes["data.resolution"]
+
+
+def test_a_large_image_folder_is_ingested_at_the_resolved_side(tmp_path: Path) -> None:
+    folder = folder_of(tmp_path / "photos", 6, (200, 150))
+    art = Artifacts(tmp_path / "artifacts")
+    summary = pipeline.ingest(folder, load_params(ROOT / "params.yaml"), art, show=False)
+    assert summary.resolution == 64
+    assert pipeline.ingested(art)[1].shape[1:] == (3, 64, 64)
+
+
+def test_explicit_values_are_kept(tmp_path: Path) -> None:
+    folder = folder_of(tmp_path, 4, (28, 28))
+    manifest, _ = data.scan_images(folder, workers=0)
+    explicit = load_params(ROOT / "params.yaml", {"cluster.k": 30, "train.epochs": 3})
+    params, notes = pipeline.resolve_params(explicit, manifest)
+    assert params.cluster.k == 30 and params.train.epochs == 3
+    assert "cluster.k" not in notes and "train.epochs" not in notes
