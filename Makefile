@@ -12,7 +12,7 @@ DVC_STAMP := $(DVC_VENV)/.installed
 DVC_PACKAGES := 'dvc>=3.67,<4' 'dvc-s3>=3.3,<4'
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install services-deps data demo dagster serve test lint clean
+.PHONY: install services-deps data demo dagster serve test test-fast lint clean
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
 # The services extra (PostgreSQL, S3 and Kubernetes clients, moto) is for deploy/ and its tests.
@@ -69,6 +69,11 @@ serve: install
 test: install services-deps
 	$(BIN)/ruff check ssl orchestration tests benchmarks deploy
 	$(BIN)/python -m pytest
+
+# the unit tests (no `slow` marker: no training for minutes, no servers), for a quick loop
+test-fast: install
+	$(BIN)/ruff check ssl orchestration tests benchmarks deploy
+	$(BIN)/python -m pytest -m "not slow" -q
 
 lint: install
 	$(BIN)/ruff check ssl orchestration tests benchmarks deploy

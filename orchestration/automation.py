@@ -19,13 +19,13 @@ from .versions import dvc_md5
 # new_images is left out: its runs are one inbox batch each (a partition), see curation.py.
 deepcluster_job = define_asset_job(
     "deepcluster_job",
-    selection=AssetSelection.all() - AssetSelection.keys("new_images"),
+    selection=AssetSelection.all() - AssetSelection.assets("new_images"),
     description="Every asset and check, from the image folder to the evaluation report.",
 )
 
 # Records raw_images' data version (DVC md5), from which Dagster tells which assets are stale.
 observe_data_job = define_asset_job(
-    "observe_data", selection=AssetSelection.keys("raw_images"), description="Observe data/."
+    "observe_data", selection=AssetSelection.assets("raw_images"), description="Observe data/."
 )
 
 

@@ -9,10 +9,13 @@ import sysconfig
 from pathlib import Path
 
 import polars as pl
+import pytest
 import yaml
 
 from .conftest import FAST
 from .conftest import run_cli as deepcluster
+
+pytestmark = pytest.mark.slow  # the CLI in subprocesses
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -127,7 +130,10 @@ def test_sigterm_stops_training_keeps_the_model_and_kills_the_run(
     env["PYTHONPATH"] = str(ROOT / "ssl")
     process = subprocess.Popen(
         [sys.executable, "-m", "deepcluster.cli", "train", "-S", "train.epochs=50", "--fresh"],
-        cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True,
+        cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     while not process.stderr.readline().startswith("epoch 1/50"):  # the first finished epoch
         assert process.poll() is None, "training ended before its first epoch"

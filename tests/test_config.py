@@ -109,6 +109,10 @@ def test_library_defaults_equal_params_yaml() -> None:
 def test_auto_values_are_listed_until_resolved() -> None:
     params = load_params(None)
     assert set(params.auto_keys()) == {
-        "data.resolution", "cluster.k", "cluster.pca_dim", "train.batch_size", "train.epochs"
+        "data.resolution",
+        "cluster.k",
+        "cluster.pca_dim",
+        "train.batch_size",
+        "train.epochs",
     }
     assert params.compute.device == "auto"  # a machine setting, not one of the resolved values

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from orchestration.definitions import defs
+
+pytestmark = pytest.mark.slow  # dg loads the code location in a subprocess
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -21,6 +21,8 @@ from deepcluster.paths import Artifacts
 
 from .conftest import FAST, ROOT, fast_params
 
+pytestmark = pytest.mark.slow  # torchrun processes training together
+
 EPOCHS = 3
 
 
@@ -28,8 +30,9 @@ def _train(folder: Path, *args: str, wait: bool = True):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "ssl")}
     command = [sys.executable, "-m", "deepcluster.cli", "train", "--nproc", "2", *args]
     if not wait:
-        return subprocess.Popen(command, cwd=folder, env=env, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        return subprocess.Popen(
+            command, cwd=folder, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+        )
     return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, check=False)
 
 

@@ -225,7 +225,9 @@ def test_predict_prints_the_same_drift_figures(world, sensed, capsys) -> None:
     table = pl.read_parquet(art.batch_assignments("inverted"))
     report, lines = drift.predicted_drift(table, art, "models:/deepcluster@champion")
     assert report == drift.batch_drift(art, "inverted")
-    assert f"images: {report.images}" in lines and lines[-1].startswith("DRIFTED, a reason to retrain")
+    assert f"images: {report.images}" in lines and lines[-1].startswith(
+        "DRIFTED, a reason to retrain"
+    )
 
 
 def test_drift_is_refused_against_another_training(world, tmp_path) -> None:

@@ -14,6 +14,8 @@ import pytest
 import yaml
 from dagster import AssetKey
 
+pytestmark = pytest.mark.slow  # loads the Dagster graph and the DVC pipeline
+
 ROOT = Path(__file__).resolve().parents[1]
 STAGE_ASSETS = {
     "data.dvc": ["raw_images"],

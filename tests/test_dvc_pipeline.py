@@ -23,6 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from deepcluster.config import load_params
 
+pytestmark = pytest.mark.slow  # dvc repro in a temporary clone
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = ROOT / ".dvc-venv" / "bin" / "dvc"
 DAGSTER_ASSETS = [

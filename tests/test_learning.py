@@ -23,6 +23,8 @@ from deepcluster.sample import export_images, load_mnist5k
 
 from .conftest import ROOT
 
+pytestmark = pytest.mark.slow  # trains two networks for minutes
+
 PER_CLASS = 300
 EPOCHS = 20
 PROBES = {  # method -> (probe, margin over both baselines)

@@ -24,6 +24,8 @@ from deepcluster.paths import Artifacts
 from .conftest import FAST, fast_params, run_cli
 from .test_dvc_pipeline import GIT_IDENTITY, require_dvc
 
+pytestmark = pytest.mark.slow  # real MLflow stores and CLI runs
+
 ROOT = Path(__file__).resolve().parents[1]
 DVC = ROOT / ".dvc-venv" / "bin" / "dvc"
 
@@ -166,6 +168,7 @@ def test_predict_without_a_store_says_so_at_once(tmp_path: Path) -> None:
     assert done.returncode == 2 and "error: no MLflow store at" in done.stderr
     assert not (tmp_path / "mlflow.db").exists()
 
+
 def test_a_fresh_store_opened_by_two_processes_at_once(tmp_path: Path) -> None:
     """Both processes create the tables of one new mlflow.db at the same moment: both succeed."""
     probe = (
@@ -178,8 +181,13 @@ def test_a_fresh_store_opened_by_two_processes_at_once(tmp_path: Path) -> None:
         folder.mkdir()
         env["MLFLOW_TRACKING_URI"] = f"sqlite:///{folder / 'mlflow.db'}"
         runs = [
-            subprocess.Popen([sys.executable, "-c", probe, str(folder)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", probe, str(folder)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for _ in range(2)
         ]
         outputs = [run.communicate(timeout=120) for run in runs]

@@ -62,6 +62,8 @@ from tests.orchestration_fixtures import (
     store_in,
 )
 
+pytestmark = pytest.mark.slow  # whole Dagster graph in a real instance
+
 ASSETS = [
     raw_images,
     ingest,
@@ -345,7 +347,12 @@ def test_metadata_people_read(whole_graph) -> None:
     assert 0 < report["nmi"] <= 1
     comparison = report["metrics"]  # the readable comparison comes first
     assert next(iter(report)) == "metrics"
-    assert [c.name for c in comparison.schema.columns] == ["metric", "trained", "random init", "raw pixels"]
+    assert [c.name for c in comparison.schema.columns] == [
+        "metric",
+        "trained",
+        "random init",
+        "raw pixels",
+    ]
     assert [r.data["metric"] for r in comparison.records][:3] == ["nmi", "ari", "accuracy"]
     assert report["cluster_grids"].count("](data:image/png;base64,") >= 24
     assert report["pictures"].count("](data:image/png;base64,") == 3

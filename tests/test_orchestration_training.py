@@ -26,6 +26,8 @@ from tests.orchestration_fixtures import (
     resources_in,
 )
 
+pytestmark = pytest.mark.slow  # Pipes subprocesses train
+
 STEP = "checkpoint.train_epochs"
 
 
@@ -138,8 +140,18 @@ def test_sigterm_stops_a_materialisation_without_retry(digits_subset: Path, tmp_
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
     params = tmp_path / "params.yaml"
-    command = [sys.executable, "-m", "orchestration", "materialize", "--params", str(params),
-               "--data", str(digits_subset), "--artifacts", str(tmp_path / "artifacts")]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestration",
+        "materialize",
+        "--params",
+        str(params),
+        "--data",
+        str(digits_subset),
+        "--artifacts",
+        str(tmp_path / "artifacts"),
+    ]
 
     params.write_text(yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": 1}}))
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -147,8 +159,14 @@ def test_sigterm_stops_a_materialisation_without_retry(digits_subset: Path, tmp_
     model = (tmp_path / "artifacts/train/model.pt").read_bytes()
 
     params.write_text(yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": 60}}))
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, start_new_session=True)
+    process = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     output = []
     while True:  # the training process reports its first epoch
         line = process.stdout.readline()
@@ -168,8 +186,11 @@ def test_sigterm_stops_a_materialisation_without_retry(digits_subset: Path, tmp_
     assert "STEP_UP_FOR_RETRY" not in text and "epoch 2/60" not in text
     assert "training stopped: the Dagster run was terminated" in text
     time.sleep(1)
-    assert not [pid for pid in family if psutil.pid_exists(pid)
-                and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not [
+        pid
+        for pid in family
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
     assert (tmp_path / "artifacts/train/model.pt").read_bytes() == model
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("deepcluster")

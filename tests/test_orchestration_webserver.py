@@ -16,6 +16,8 @@ import requests
 from tests.conftest import ROOT
 from tests.orchestration_fixtures import CHECKS_BY_ASSET, MATERIALISED, fast_run_config
 
+pytestmark = pytest.mark.slow  # a live dg dev
+
 LAUNCH = """
 mutation Launch($params: ExecutionParams!) {
   launchPipelineExecution(executionParams: $params) {
@@ -132,7 +134,16 @@ def dagster_dev(digits_subset: Path, tmp_path: Path):
     log = tmp_path / "dagster_dev.log"
     with open(log, "wb") as out:
         server = subprocess.Popen(
-            [sys.executable, "-m", "orchestration", "dev", "--host", "127.0.0.1", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "orchestration",
+                "dev",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
             cwd=tmp_path,  # any folder: the command finds the project itself
             env=env,
             stdout=out,

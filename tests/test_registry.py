@@ -31,6 +31,8 @@ from deepcluster.serving import EXPECTED_INPUT, InputError
 from .conftest import run_cli
 from .registry_fixtures import PARAMS, build, store, with_metrics
 
+pytestmark = pytest.mark.slow  # trains and registers models
+
 __all__ = ["store"]  # a fixture, used through `models`
 
 
@@ -157,7 +159,10 @@ def test_a_collapsed_model_is_refused(models, tmp_path):
     k = PARAMS.cluster.k
     cases = (
         ({"largest_cluster_share_kmeans": 0.8}, r"largest cluster holds 80% of the images \(limit"),
-        ({"empty_clusters_kmeans": k // 2 + 1, "k": k}, f"k-means left {k // 2 + 1} of {k} clusters"),
+        (
+            {"empty_clusters_kmeans": k // 2 + 1, "k": k},
+            f"k-means left {k // 2 + 1} of {k} clusters",
+        ),
     )
     for index, (figures, named) in enumerate(cases):
         collapsed = with_metrics(models["high"], tmp_path / f"collapsed{index}", **figures)

@@ -22,6 +22,8 @@ from tests.conftest import ROOT, fast_params
 from tests.orchestration_fixtures import CHECK_NAMES, MATERIALISED
 from tests.test_dvc_pipeline import Repo, copy_working_tree, require_dvc, tree_digest
 
+pytestmark = pytest.mark.slow  # PostgreSQL, S3 and MLflow servers
+
 BUCKET = "deepcluster"
 MLFLOW_ARTIFACTS = "mlartifacts"  # prefix in the bucket, as in deploy/compose.yaml
 DVC_PREFIX = "dvc"

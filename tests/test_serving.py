@@ -30,6 +30,8 @@ from deepcluster.paths import Artifacts
 
 from .registry_fixtures import PARAMS, build, store
 
+pytestmark = pytest.mark.slow  # mlflow models serve
+
 __all__ = ["store"]  # a fixture, used through `model`
 
 ROOT = Path(__file__).resolve().parents[1]

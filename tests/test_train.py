@@ -68,7 +68,9 @@ def test_a_staged_run_of_other_params_is_not_resumed(workspace: Artifacts) -> No
     pipeline.train(fast_params(train={"epochs": 2}), workspace, stop_after=1, show=False)
     with pytest.raises(UserError, match="trained with other parameters.*--fresh"):
         pipeline.train(fast_params(train={"epochs": 2, "lr": 0.2}), workspace, show=False)
-    fresh = pipeline.train(fast_params(train={"epochs": 1, "lr": 0.2}), workspace, fresh=True, show=False)
+    fresh = pipeline.train(
+        fast_params(train={"epochs": 1, "lr": 0.2}), workspace, fresh=True, show=False
+    )
     assert fresh.resumed_from == 0 and fresh.published
 
 
