@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import sysconfig
@@ -28,6 +29,7 @@ def test_run_goes_from_an_image_folder_to_metrics(tmp_path: Path, digits_folder:
     # not a terminal: one line per epoch and per probe, no bar updates (carriage returns)
     assert "epoch 1/1" in result.stderr and "evaluate trained:" in result.stderr
     assert "\r" not in result.stderr
+    assert re.search(r"time: ingest \d+ s, train \d+ s, .* evaluation \d+% of training", result.stdout)
 
     art = tmp_path / "artifacts"
     table = pl.read_parquet(art / "cluster" / "assignments.parquet")

@@ -7,8 +7,10 @@ after the step has marked its MLflow run KILLED and left its last checkpoint to 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -184,13 +186,40 @@ def run(
     from . import pipeline
 
     art, p, show = _artifacts(artifacts), _params(params, set_), not quiet
-    typer.echo(pipeline.ingest(data_dir, p, art, show=show, follow_links=follow_links).line(art))
-    pipeline.train(p, art, show=show)
-    pipeline.features(art, p, show=show)
-    pipeline.cluster(art, p)
-    metrics = pipeline.evaluate_step(art, p, show=show)
+    timer = StepTimer()
+    with timer("ingest"):
+        summary = pipeline.ingest(data_dir, p, art, show=show, follow_links=follow_links)
+    typer.echo(summary.line(art))
+    with timer("train"):
+        pipeline.train(p, art, show=show)
+    with timer("features"):
+        pipeline.features(art, p, show=show)
+    with timer("cluster"):
+        pipeline.cluster(art, p)
+    with timer("evaluate"):
+        metrics = pipeline.evaluate_step(art, p, show=show)
     typer.echo(_summary(metrics))
+    typer.echo(timer.line())
     typer.echo(f"results in {art.root}/: metrics {art.metrics}, clusters {art.assignments}")
+
+
+class StepTimer:
+    """Wall and CPU seconds per step of `run`, so a user sees where the time went."""
+
+    def __init__(self) -> None:
+        self.spent: dict[str, tuple[float, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, step: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        yield
+        self.spent[step] = (time.perf_counter() - wall, time.process_time() - cpu)
+
+    def line(self) -> str:
+        steps = ", ".join(f"{name} {wall:.0f} s" for name, (wall, _) in self.spent.items())
+        cpu = sum(c for _, c in self.spent.values())
+        share = self.spent["evaluate"][0] / max(self.spent["train"][0], 1e-9)
+        return f"time: {steps} ({cpu:.0f} CPU-s in all; evaluation {share:.0%} of training)"
 
 
 @app.command()
