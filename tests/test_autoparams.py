@@ -83,6 +83,16 @@ def test_a_large_image_folder_is_ingested_at_the_resolved_side(tmp_path: Path) -
     assert pipeline.ingested(art)[1].shape[1:] == (3, 64, 64)
 
 
+@pytest.mark.parametrize(("count", "expected"), [(1797, 33), (5000, 12), (100_000, 10)])
+def test_v1_trains_fewer_epochs_than_v2(tmp_path: Path, count: int, expected: int) -> None:
+    manifest, _ = data.scan_images(folder_of(tmp_path, 4, (28, 28)), workers=0)
+    manifest = manifest.sample(count, with_replacement=True, seed=0)
+    v1 = load_params(ROOT / "params.yaml", {"model.method": "deepcluster"})
+    params, notes = pipeline.resolve_params(v1, manifest)
+    assert params.train.epochs == expected
+    assert "60,000 images seen (deepcluster)" in notes["train.epochs"]
+
+
 def test_explicit_values_are_kept(tmp_path: Path) -> None:
     folder = folder_of(tmp_path, 4, (28, 28))
     manifest, _ = data.scan_images(folder, workers=0)
