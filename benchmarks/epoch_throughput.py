@@ -62,9 +62,12 @@ SETTINGS = {
 
 
 def make_dataset(root: Path, n_images: int) -> None:
-    """The digits as PNG files, replicated (same pixels, different bytes) up to `n_images`."""
+    """`n_images` digits as PNG files: the first ones, or all of them replicated (same pixels,
+    different bytes) up to that number."""
     export_digits(root / "digits")
     originals = sorted((root / "digits").rglob("*.png"))
+    for extra in originals[n_images:]:  # fewer than the 1,797 digits asked for
+        extra.unlink()
     for i in range(max(0, n_images - len(originals))):
         src = originals[i % len(originals)]
         dst = root / f"copy{i // len(originals) + 1}" / src.parent.name / src.name

@@ -117,13 +117,14 @@ def train(
     `--nproc N` runs N processes under torchrun (DistributedDataParallel; gloo on the CPU,
     NCCL on GPUs); `torchrun -m deepcluster.cli train` works as well.
     """
-    from . import pipeline
+    from . import distributed, pipeline
 
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _under_torchrun(nproc)
     art = _artifacts(artifacts)
     result = pipeline.train(_params(params, set_), art, fresh=fresh, show=not quiet)
-    typer.echo(f"trained {len(result.history)} epochs; model at {art.model}; MLflow run {result.run_id}")
+    if distributed.Ranks.from_env().main:  # one summary, from the rank that owns the MLflow run
+        typer.echo(f"trained {len(result.history)} epochs; model at {art.model}; MLflow run {result.run_id}")
 
 
 @app.command()
