@@ -219,6 +219,7 @@ def test_missing_inputs_name_the_step_to_run(tmp_path: Path) -> None:
         curate_step(Artifacts(tmp_path), Settings(budget=5))
 
 
+@pytest.mark.slow
 def test_the_curate_command_prints_a_summary(planted, tmp_path: Path) -> None:
     art, _ = planted
     copy = Artifacts(tmp_path / "artifacts")
@@ -240,6 +241,7 @@ def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return uri
 
 
+@pytest.mark.slow
 def test_the_dagster_asset_shows_contact_sheets_and_logs_to_mlflow(
     planted, mlflow_store: str, tmp_path: Path
 ) -> None:

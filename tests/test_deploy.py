@@ -340,6 +340,7 @@ def helm_env() -> dict[str, str]:
     return {e["name"]: e["value"] for e in user_deployment()["env"]}
 
 
+@pytest.mark.slow
 def test_helm_env_is_read_by_the_code_and_names_a_real_executor() -> None:
     env = helm_env()
     assert not unread(env), unread(env)

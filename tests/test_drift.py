@@ -125,6 +125,7 @@ def sensed(world):
         yield {"first": first, "second": second, "runs": runs, "partitions": partitions}
 
 
+@pytest.mark.slow
 def test_the_sensor_adds_a_partition_per_batch_and_requests_its_run(sensed) -> None:
     first = sensed["first"]
     assert [r.partition_key for r in first.run_requests] == ["heldback", "inverted"]

@@ -59,6 +59,7 @@ def tiny_disk(tmp_path: Path):
         subprocess.run(["umount", str(mount)], check=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_ingest_is_one_line_and_leaves_no_partial_file(
     tiny_disk: Path, digits_subset: Path
 ) -> None:

@@ -30,6 +30,7 @@ def _copy_ingest(art: Artifacts, other: Artifacts) -> None:
     shutil.copytree(art.cache.parent, other.cache.parent)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_resumed_run_matches_uninterrupted_run(workspace: Artifacts, tmp_path, method) -> None:
     params = fast_params(model={"method": method}, train={"epochs": 3})
@@ -53,6 +54,7 @@ def test_resumed_run_matches_uninterrupted_run(workspace: Artifacts, tmp_path, m
     assert [h.loss for h in resumed.history] == pytest.approx([h.loss for h in whole.history])
 
 
+@pytest.mark.slow
 def test_same_seed_same_assignments_other_seed_differs(workspace: Artifacts, tmp_path) -> None:
     runs = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
@@ -64,6 +66,7 @@ def test_same_seed_same_assignments_other_seed_differs(workspace: Artifacts, tmp
     assert not np.array_equal(runs[0], runs[2])
 
 
+@pytest.mark.slow
 def test_a_staged_run_of_other_params_is_not_resumed(workspace: Artifacts) -> None:
     pipeline.train(fast_params(train={"epochs": 2}), workspace, stop_after=1, show=False)
     with pytest.raises(UserError, match="trained with other parameters.*--fresh"):
@@ -74,6 +77,7 @@ def test_a_staged_run_of_other_params_is_not_resumed(workspace: Artifacts) -> No
     assert fresh.resumed_from == 0 and fresh.published
 
 
+@pytest.mark.slow
 def test_constant_schedule_extends_a_finished_run_cosine_starts_anew(workspace: Artifacts) -> None:
     constant = {"schedule": "constant"}
     pipeline.train(fast_params(train={"epochs": 1, **constant}), workspace, show=False)
@@ -86,6 +90,7 @@ def test_constant_schedule_extends_a_finished_run_cosine_starts_anew(workspace: 
     assert cosine.resumed_from == 0 and len(cosine.history) == 3
 
 
+@pytest.mark.slow
 def test_a_failed_or_stopped_run_leaves_the_published_model(workspace: Artifacts) -> None:
     first = pipeline.train(fast_params(train={"epochs": 1}), workspace, show=False)
     published = {p.name: p.read_bytes() for p in workspace.train_dir.iterdir()}
@@ -153,6 +158,7 @@ def test_equal_models_export_to_equal_bytes(tmp_path) -> None:
     assert first.read_bytes() == second.read_bytes()
 
 
+@pytest.mark.slow
 def test_the_head_learns_in_every_epoch_under_cosine(workspace: Artifacts) -> None:
     """v1's head is new every epoch; at the base learning rate it still learns the last epochs'
     labels while the trunk's rate decays to zero (following the trunk, the loss rose at the end)."""
