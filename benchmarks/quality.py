@@ -91,10 +91,11 @@ def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:
         result = train(params, ds.images, Path(tmp), ds.labels, on_epoch=on_epoch, progress=False)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     figures = score(result.model, ds, params)
-    if os.environ.get("QUALITY_SAVE_FEATURES"):  # for a look at the evaluation protocol offline
+    if os.environ.get("QUALITY_SAVE_FEATURES"):  # a folder: to study the protocol offline
         views = evaluate.network_views(result.model, ds.images, params, show=False)
-        np.savez(os.environ["QUALITY_SAVE_FEATURES"], embed=views.clusters, backbone=views.probes,
-                 labels=ds.labels)
+        run = f"{ds.name}-{params.model.method}-{params.train.seed}.npz"
+        np.savez(Path(os.environ["QUALITY_SAVE_FEATURES"]) / run, embed=views.clusters,
+                 backbone=views.probes, labels=ds.labels)
     return {**figures, "cpu_seconds": cpu, "wall_seconds": wall, "epochs": len(result.history)}
 
 

@@ -19,7 +19,7 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from . import progress
+from . import autoparams, progress
 from .cluster import assign, cluster_features, kmeans, l2_normalize, nmi
 from .config import ClusterParams, Params
 from .errors import ParamError
@@ -87,21 +87,23 @@ def _cluster_ids(
     return assign(x, centroids)[0]
 
 
+def class_k_transform(k: int, features: np.ndarray) -> int:
+    """The PCA-whitening dimension for clustering into `k` groups: the auto rule training uses."""
+    return autoparams.pca_dim(k, features.shape[1])[0]
+
+
 def clustering_scores(
-    features: np.ndarray,
-    labels: np.ndarray,
-    pca_dim: int | None,
-    seed: int,
-    whiten: bool = True,
-    redo: int = 20,
+    features: np.ndarray, labels: np.ndarray, seed: int, redo: int = 20
 ) -> dict[str, float]:
     """Cluster into as many groups as there are classes (the usual protocol) and score it.
 
+    Every feature set, pixels included, is clustered the way the paper clusters: PCA-whitened to
+    the auto dimension for this k, L2-normalised, then k-means (the evidence: docs/learning.md).
     k-means restarts `redo` times and keeps the lowest objective: with k this small a single run
-    lands in a different local optimum per seed, and the score would move with it.
+    lands in a different local optimum per seed.
     """
     k = len(np.unique(labels))
-    ids = _cluster_ids(features, k, pca_dim, seed, whiten, redo)
+    ids = _cluster_ids(features, k, class_k_transform(k, features), seed, True, redo)
     return {
         "nmi": nmi(labels, ids),
         "ari": float(adjusted_rand_score(labels, ids)),
@@ -203,7 +205,7 @@ def compare(
     _check_knn(e.knn_k, len(train_idx))
     pca = training_pca(params)
     probes = {
-        "clusters": lambda v, w: clustering_scores(v.clusters, labels, pca, seed, whiten=w),
+        "clusters": lambda v, w: clustering_scores(v.clusters, labels, seed),
         "knn": lambda v, w: {"knn_top1": knn_top1(v.probes, labels, train_idx, test_idx, e.knn_k)},
         "linear": lambda v, w: {
             "linear_top1": linear_probe(v.probes, labels, train_idx, test_idx, e.probe_epochs)
