@@ -78,8 +78,8 @@ def linear_probe(
 def _cluster_ids(
     features: np.ndarray, k: int, pca_dim: int | None, seed: int, whiten: bool, redo: int
 ) -> np.ndarray:
-    """Network features go through the training transform (v1: PCA-whiten + L2, v2: L2);
-    pixels are clustered raw."""
+    """`whiten`: PCA-whiten to `pca_dim` (None: none) and L2-normalise, as training does;
+    otherwise plain k-means on the raw features."""
     if whiten:
         return cluster_features(features, k, pca_dim, iters=30, redo=redo, seed=seed).assignments
     x = np.ascontiguousarray(features, dtype=np.float32)
