@@ -39,6 +39,7 @@ def test_run_goes_from_an_image_folder_to_metrics(tmp_path: Path, digits_folder:
         "nmi",
         "ari",
         "accuracy",
+        "accuracy_embedding",
         "nmi_random_init",
         "nmi_pixels",
         "knn_top1",

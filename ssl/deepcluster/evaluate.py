@@ -227,7 +227,7 @@ def compare(
     with progress.bar(total=steps, desc="evaluate", enabled=show) as shown:
         for name, views in feature_sets.items():
             suffix = "" if name == "trained" else f"_{name}"
-            whiten = name != "pixels"  # the pixel baseline is plain k-means on raw pixels
+            whiten = name != "pixels"  # nmi_k: pixels get plain k-means at the training k
             for probe, run in probes.items():
                 shown.set_postfix_str(f"{name} {probe}")
                 out |= {f"{key}{suffix}": value for key, value in run(views).items()}
