@@ -73,10 +73,10 @@ def default_params(overrides: dict | None = None) -> Params:
     return load_params(ROOT / "params.yaml", overrides or {})
 
 
-def score(model, ds: Dataset, params: Params) -> dict[str, float]:
-    """The evaluation step's figures for a network and both baselines, in one table."""
+def score(trained: evaluate.Views, ds: Dataset, params: Params) -> dict[str, float]:
+    """The evaluation step's figures for a network's views and both baselines, in one table."""
     sets = {
-        "trained": evaluate.network_views(model, ds.images, params, show=False),
+        "trained": trained,
         "random_init": evaluate.network_views(
             evaluate.random_init_network(params, ds.images), ds.images, params, show=False
         ),
@@ -92,9 +92,9 @@ def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:
         cpu, wall = time.process_time(), time.perf_counter()
         result = train(params, ds.images, Path(tmp), ds.labels, on_epoch=on_epoch, progress=False)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    figures = score(result.model, ds, params)
+    views = evaluate.network_views(result.model, ds.images, params, show=False)
+    figures = score(views, ds, params)
     if os.environ.get("QUALITY_SAVE_FEATURES"):  # a folder: to study the protocol offline
-        views = evaluate.network_views(result.model, ds.images, params, show=False)
         run = f"{ds.name}-{params.model.method}-{params.train.seed}.npz"
         np.savez(Path(os.environ["QUALITY_SAVE_FEATURES"]) / run, embed=views.clusters,
                  backbone=views.probes, labels=ds.labels)

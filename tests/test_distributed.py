@@ -95,7 +95,7 @@ def test_two_processes_learn_and_agree_with_one(folders, two_processes) -> None:
     pipeline.features(two, params, show=False)
     pipeline.cluster(two, params)
     m = pipeline.evaluate_step(two, params, show=False)
-    assert m["nmi_k"] > m["nmi_k_random_init"] + 0.03, (m["nmi_k"], m["nmi_k_random_init"])
+    assert m["nmi_k"] > m["nmi_k_random_init"] + 0.05, (m["nmi_k"], m["nmi_k_random_init"])
 
     one = Artifacts(folders["one"] / "artifacts")
     pipeline.train(params, one, show=False)

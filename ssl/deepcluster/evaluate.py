@@ -87,11 +87,6 @@ def _cluster_ids(
     return assign(x, centroids)[0]
 
 
-def class_k_transform(k: int, features: np.ndarray) -> int:
-    """The PCA-whitening dimension for clustering into `k` groups: the auto rule training uses."""
-    return autoparams.pca_dim(k, features.shape[1])[0]
-
-
 def clustering_scores(
     features: np.ndarray, labels: np.ndarray, seed: int, redo: int = 20
 ) -> dict[str, float]:
@@ -103,7 +98,8 @@ def clustering_scores(
     lands in a different local optimum per seed.
     """
     k = len(np.unique(labels))
-    ids = _cluster_ids(features, k, class_k_transform(k, features), seed, True, redo)
+    pca_dim, _ = autoparams.pca_dim(k, features.shape[1])  # the auto rule, at this k
+    ids = _cluster_ids(features, k, pca_dim, seed, True, redo)
     return {
         "nmi": nmi(labels, ids),
         "ari": float(adjusted_rand_score(labels, ids)),
