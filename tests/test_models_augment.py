@@ -7,7 +7,7 @@ import torch
 
 from deepcluster import augment as aug
 from deepcluster.config import ModelParams
-from deepcluster.models import Sobel, build_model, check_resolution
+from deepcluster.models import Normalize, Sobel, build_model, check_resolution
 
 
 @pytest.mark.parametrize(
@@ -69,10 +69,19 @@ def test_initial_body_does_not_depend_on_k() -> None:
 
 def test_sobel_sees_edges_not_colour() -> None:
     flat = torch.full((1, 3, 8, 8), 0.7)
-    assert Sobel()(flat)[:, :, 1:-1, 1:-1].abs().max() < 1e-6
+    assert Sobel()(flat, Normalize())[:, :, 1:-1, 1:-1].abs().max() < 1e-6
     step = torch.zeros(1, 3, 8, 8)
     step[..., 4:] = 1.0
-    assert Sobel()(step).abs().max() > 0
+    assert Sobel()(step, Normalize()).abs().max() > 0
+
+
+def test_sobel_folds_the_standardisation_exactly_borders_included() -> None:
+    normalize, sobel = Normalize(), Sobel()
+    normalize.set(torch.tensor([0.2, 0.5, 0.7]), torch.tensor([0.1, 0.3, 0.05]))
+    x = torch.rand(4, 3, 12, 12)
+    grey = (normalize(x) * sobel.grey).sum(dim=1, keepdim=True)  # the paper's order, step by step
+    unfolded = torch.nn.functional.conv2d(grey, sobel.kernels, padding=1)
+    torch.testing.assert_close(sobel(x, normalize), unfolded, rtol=1e-4, atol=1e-4)
 
 
 def test_too_small_resolution_for_alexnet_is_refused() -> None:
