@@ -61,14 +61,36 @@ def identity_whitening(dim: int) -> Whitening:
 
 def fit_whitening(features: np.ndarray, pca_dim: int) -> Whitening:
     """PCA to `pca_dim` with whitening (eigen power -0.5), as in the paper."""
+    return _as_whitening(_fit_pca(features, pca_dim))
+
+
+def _fit_pca(features: np.ndarray, pca_dim: int) -> faiss.PCAMatrix:
     x = np.ascontiguousarray(features, dtype=np.float32)
     dim = min(pca_dim, x.shape[1], x.shape[0])
     pca = faiss.PCAMatrix(x.shape[1], dim, -0.5)
     pca.epsilon = 1e-6  # a direction with no variance (collapsed features) is not divided by 0
     pca.train(x)
-    A = faiss.vector_to_array(pca.A).reshape(dim, x.shape[1])
+    return pca
+
+
+def _as_whitening(pca: faiss.PCAMatrix) -> Whitening:
+    A = faiss.vector_to_array(pca.A).reshape(pca.d_out, pca.d_in)
     b = faiss.vector_to_array(pca.b)
     return Whitening(A=A.astype(np.float32), b=b.astype(np.float32))
+
+
+def _whiten(features: np.ndarray, pca_dim: int | None) -> tuple[Whitening, np.ndarray]:
+    """The whitening and the whitened, L2-normalised features, computed by faiss itself: a numpy
+    product here leaves numpy's BLAS threads spinning on the cores when k-means starts, which made
+    k-means twice as slow (benchmarks/epoch_throughput.py's kmeans line)."""
+    x = np.ascontiguousarray(features, dtype=np.float32)
+    if pca_dim is None:
+        whitening, y = identity_whitening(x.shape[1]), x.copy()
+    else:
+        pca = _fit_pca(x, pca_dim)
+        whitening, y = _as_whitening(pca), pca.apply(x)
+    faiss.normalize_L2(y)
+    return whitening, y
 
 
 def _flat_index(dim: int, use_gpu: bool) -> faiss.Index:
@@ -177,11 +199,7 @@ def cluster_features(
     """Features -> PCA-whiten (unless pca_dim is None) -> L2 -> k-means -> no empty cluster."""
     if not np.isfinite(features).all():
         raise ValueError("features contain NaN or infinity: the network diverged (lower train.lr)")
-    if pca_dim is None:
-        whitening = identity_whitening(features.shape[1])
-    else:
-        whitening = fit_whitening(features, pca_dim)
-    x = whitening.apply(features)
+    whitening, x = _whiten(features, pca_dim)
     centroids, loss = kmeans(x, k, iters, redo, seed, use_gpu, spherical)
     ids, _ = assign(x, centroids, use_gpu)
     raw_largest = float(np.bincount(ids, minlength=k).max() / len(ids))
