@@ -170,16 +170,17 @@ class Conventional:
         torch.save({"model": self.model.state_dict(), "opt": self.opt.state_dict()}, checkpoint)
 
 
-def tune_workers(params: Params, paths: list[Path], images: np.ndarray, batches: int) -> dict:
-    """Seconds for `batches` augmented training steps with 0..3 workers; the fastest wins."""
+def tune_workers(params: Params, paths: list[Path], images: np.ndarray, work: Path) -> dict:
+    """Seconds of one conventional epoch over the first 256 images with 0..3 workers, the
+    workers already started (a second epoch); the fastest count wins. A whole epoch, not a few
+    training steps: the workers compete with the training threads for the cores."""
+    n = min(len(paths), 256)
     seconds = {}
     for workers in (0, 1, 2, 3):
-        side = Conventional(params, paths, workers, images)
-        side.sampler.indices = list(range(min(len(paths), batches * params.train.batch_size)))
+        side = Conventional(params, paths[:n], workers, images[:n])
+        side.epoch(work / "tuning.pt")
         began = time.perf_counter()
-        for x, i in side.augmented:
-            loss = F.cross_entropy(side.model(x), torch.zeros(len(i), dtype=torch.long))
-            loss.backward()
+        side.epoch(work / "tuning.pt")
         seconds[workers] = time.perf_counter() - began
     return seconds
 
@@ -338,10 +339,10 @@ def main() -> None:
             build_cache(work / "images", manifest, params.data.resolution, work / "cache.npy")
         images = load_cache(work / "cache.npy")
         paths = [work / "images" / path for path in manifest["path"]]
-        tuning = tune_workers(params, paths, images, batches=8)
+        tuning = tune_workers(params, paths, images, work)
         workers = min(tuning, key=tuning.get)
         print("conventional workers tuned: " + ", ".join(
-            f"{w}: {s:.1f}s" for w, s in tuning.items()) + f" -> {workers}", flush=True)
+            f"{w}: {s:.1f}s" for w, s in tuning.items()) + f" an epoch of 256 images -> {workers}", flush=True)
         conventional = Conventional(params, paths, workers, images)
         times = alternate(params, images, work, conventional, args.repeats)
         source = ImageSource(images, torch.device("cpu"))
