@@ -80,17 +80,14 @@ def _as_whitening(pca: faiss.PCAMatrix) -> Whitening:
 
 
 def _whiten(features: np.ndarray, pca_dim: int | None) -> tuple[Whitening, np.ndarray]:
-    """The whitening and the whitened, L2-normalised features, computed by faiss itself: a numpy
-    product here leaves numpy's BLAS threads spinning on the cores when k-means starts, which made
-    k-means twice as slow (benchmarks/epoch_throughput.py's kmeans line)."""
+    """The whitening and the whitened, L2-normalised features. faiss applies the PCA: a numpy
+    product here left numpy's BLAS threads spinning on the cores when k-means started, which
+    made k-means twice as slow (benchmarks/epoch_throughput.py's kmeans line)."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     if pca_dim is None:
-        whitening, y = identity_whitening(x.shape[1]), x.copy()
-    else:
-        pca = _fit_pca(x, pca_dim)
-        whitening, y = _as_whitening(pca), pca.apply(x)
-    faiss.normalize_L2(y)
-    return whitening, y
+        return identity_whitening(x.shape[1]), l2_normalize(x)
+    pca = _fit_pca(x, pca_dim)
+    return _as_whitening(pca), l2_normalize(pca.apply(x))
 
 
 def _flat_index(dim: int, use_gpu: bool) -> faiss.Index:
