@@ -435,6 +435,20 @@ def train(
     the call after that many epochs in total (a scheduled stop; the checkpoint is there to resume).
     `on_epoch` receives each epoch's statistics (MLflow, Dagster logs).
     """
+    cpu = resolve_device(params.compute.device).type == "cpu"
+    with heap_reuse(cpu):  # on the CPU, steps reuse freed blocks instead of faulting them in
+        return _train(params, images, out_dir, labels, on_epoch, stop_after, progress)
+
+
+def _train(
+    params: Params,
+    images: np.ndarray,
+    out_dir: Path,
+    labels: np.ndarray | None,
+    on_epoch: Callable[[EpochStats], None] | None,
+    stop_after: int | None,
+    progress: bool,
+) -> TrainResult:
     if params.auto_keys():
         raise ValueError(f"unresolved auto parameters: {', '.join(params.auto_keys())}")
     t = params.train
@@ -454,39 +468,38 @@ def train(
     trainer = EpochTrainer(model, optimizer, source, params, generator, photometric, ranks)
     last_epoch = t.epochs if stop_after is None else min(t.epochs, stop_after)
     show = progress and ranks.main
-    with heap_reuse(device.type == "cpu"):  # steps reuse freed blocks instead of faulting
-        for epoch in range(start_epoch, last_epoch):
-            began = time.perf_counter()
-            clusterings = cluster_epoch(model, source, params, state, t.seed + epoch, show, ranks)
+    for epoch in range(start_epoch, last_epoch):
+        began = time.perf_counter()
+        clusterings = cluster_epoch(model, source, params, state, t.seed + epoch, show, ranks)
+        health = ClusterHealth.of(clusterings[0], state.assignments)
+        action = guard.react(health, state)
+        if action is not None:  # collapsed: cluster again from other seeds, train more gently
+            reseed = t.seed + 104729 * (epoch + 1)
+            clusterings = cluster_epoch(model, source, params, state, reseed, show, ranks)
             health = ClusterHealth.of(clusterings[0], state.assignments)
-            action = guard.react(health, state)
-            if action is not None:  # collapsed: cluster again from other seeds, train more gently
-                reseed = t.seed + 104729 * (epoch + 1)
-                clusterings = cluster_epoch(model, source, params, state, reseed, show, ranks)
-                health = ClusterHealth.of(clusterings[0], state.assignments)
-            loss, lr = trainer.run(clusterings, state, show)
-            ids = clusterings[0].assignments
-            state.epoch = epoch + 1
-            stats = EpochStats(
-                epoch=epoch + 1,
-                loss=loss,
-                kmeans_loss=clusterings[0].loss,
-                nmi_prev=health.nmi_prev,
-                nmi_labels=None if labels is None else nmi(labels, ids),
-                reseeded=clusterings[0].reseeded,
-                lr=lr,
-                largest_cluster_share=health.largest_share,
-                seconds=time.perf_counter() - began,
-                guard=action,
-            )
-            state.history.append(stats)
-            state.assignments = ids
-            _save_checkpoint(ckpt_path, model, optimizer, generator, state, params, ranks)
-            if ranks.main:
-                write_json(out_dir / HISTORY, [asdict(h) for h in state.history])
-                if on_epoch is not None:
-                    on_epoch(stats)
-            say(describe(stats, t.epochs), show)
+        loss, lr = trainer.run(clusterings, state, show)
+        ids = clusterings[0].assignments
+        state.epoch = epoch + 1
+        stats = EpochStats(
+            epoch=epoch + 1,
+            loss=loss,
+            kmeans_loss=clusterings[0].loss,
+            nmi_prev=health.nmi_prev,
+            nmi_labels=None if labels is None else nmi(labels, ids),
+            reseeded=clusterings[0].reseeded,
+            lr=lr,
+            largest_cluster_share=health.largest_share,
+            seconds=time.perf_counter() - began,
+            guard=action,
+        )
+        state.history.append(stats)
+        state.assignments = ids
+        _save_checkpoint(ckpt_path, model, optimizer, generator, state, params, ranks)
+        if ranks.main:
+            write_json(out_dir / HISTORY, [asdict(h) for h in state.history])
+            if on_epoch is not None:
+                on_epoch(stats)
+        say(describe(stats, t.epochs), show)
 
     if last_epoch == t.epochs and ranks.main:
         ckpt.export_model(model, params, out_dir / MODEL)
