@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 
 import pytest
 import torch
@@ -27,7 +28,9 @@ def _mapped_bytes() -> int:
 
 
 @pytest.mark.skipif(_glibc() is None, reason="glibc's allocator only")
-def test_large_tensors_come_from_the_heap_inside_heap_reuse_only() -> None:
+def test_large_tensors_come_from_the_heap_inside_heap_reuse_only(monkeypatch) -> None:
+    for name in [k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"]:
+        monkeypatch.delenv(name)  # an allocator tuned by the user is left alone (next test)
     size = 64 << 20  # above glibc's largest mmap threshold (32 MiB)
     before = _mapped_bytes()
     outside = torch.empty(size, dtype=torch.uint8)
@@ -42,6 +45,16 @@ def test_large_tensors_come_from_the_heap_inside_heap_reuse_only() -> None:
     after = torch.empty(size, dtype=torch.uint8)
     assert _mapped_bytes() - before >= size  # the defaults are back
     del after
+
+
+@pytest.mark.skipif(_glibc() is None, reason="glibc's allocator only")
+def test_an_allocator_the_user_tuned_is_left_alone(monkeypatch) -> None:
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    with heap_reuse():
+        before = _mapped_bytes()
+        inside = torch.empty(64 << 20, dtype=torch.uint8)
+        assert _mapped_bytes() - before >= 64 << 20
+        del inside
 
 
 def test_fused_sgd_takes_the_same_steps_as_torchs_reference_loop() -> None:

@@ -99,9 +99,11 @@ def heap_reuse(enabled: bool = True) -> Iterator[None]:
     of its 9216x4096 weight) back to the kernel when it is freed, so each training step pays page
     faults to get the same memory again: about 12% of an AlexNet epoch on the CPU, more in the
     features pass (docs/benchmarks.md). The price is a higher peak (freed blocks are kept, not
-    returned); on leaving, the defaults come back and the kept memory is released.
+    returned); on leaving, the defaults come back and the kept memory is released. A process
+    whose allocator the user has tuned (MALLOC_* or GLIBC_TUNABLES) is left as it is.
     """
-    libc = _glibc() if enabled else None
+    tuned = any(k.startswith("MALLOC_") for k in os.environ) or "GLIBC_TUNABLES" in os.environ
+    libc = _glibc() if enabled and not tuned else None
     if libc is None:
         yield
         return
