@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from deepcluster.cluster import assign, cluster_features, fit_whitening, nmi, reseed_empty
+from deepcluster.cluster import assign, cluster_features, nmi, reseed_empty
 
 
 def blobs(n_per: int, centers: int, dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -17,7 +17,7 @@ def blobs(n_per: int, centers: int, dim: int, seed: int = 0) -> tuple[np.ndarray
 
 def test_whitening_gives_unit_norm_rows_of_the_right_width() -> None:
     x, _ = blobs(50, 4, 32)
-    w = fit_whitening(x, 8)
+    w = cluster_features(x, k=4, pca_dim=8).whitening
     y = w.apply(x)
     assert y.shape == (200, 8)
     np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, rtol=1e-5)

@@ -59,12 +59,8 @@ def identity_whitening(dim: int) -> Whitening:
     return Whitening(A=np.eye(dim, dtype=np.float32), b=np.zeros(dim, dtype=np.float32))
 
 
-def fit_whitening(features: np.ndarray, pca_dim: int) -> Whitening:
-    """PCA to `pca_dim` with whitening (eigen power -0.5), as in the paper."""
-    return _as_whitening(_fit_pca(features, pca_dim))
-
-
 def _fit_pca(features: np.ndarray, pca_dim: int) -> faiss.PCAMatrix:
+    """PCA to `pca_dim` with whitening (eigen power -0.5), as in the paper."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     dim = min(pca_dim, x.shape[1], x.shape[0])
     pca = faiss.PCAMatrix(x.shape[1], dim, -0.5)
