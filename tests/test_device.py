@@ -78,3 +78,18 @@ def test_fused_sgd_takes_the_same_steps_as_torchs_reference_loop() -> None:
     reference, fused = run(False), run(True)
     assert (reference - start).abs().mean() > 0.1  # the steps moved the weights
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_onednn_cap_below_avx512_bf16_turns_bf16_autocast_off() -> None:
+    """`ONEDNN_MAX_CPU_ISA=AVX2` is how the suite runs as on a CPU without bf16 (make
+    test-numerics): autocast must then stay off, as it does on such a CPU."""
+    import subprocess
+    import sys
+
+    probe = "from deepcluster.device import bf16_enabled; import torch; "
+    probe += "print(bf16_enabled(torch.device('cpu'), True))"
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    out = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
+    )
+    assert out.stdout.strip() == "False", out.stderr
