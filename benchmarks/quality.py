@@ -32,6 +32,7 @@ import yaml
 
 from deepcluster import evaluate, pipeline
 from deepcluster.autoparams import with_resolution
+from deepcluster.cluster import cluster_as_trained
 from deepcluster.config import Params, load_params
 from deepcluster.paths import Artifacts
 from deepcluster.sample import export_sample
@@ -39,7 +40,7 @@ from deepcluster.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("DEEPCLUSTER_BENCH_CACHE", Path.home() / ".cache/deepcluster/bench"))
-METRICS = ("nmi", "ari", "accuracy", "knn_top1", "linear_top1")
+METRICS = ("nmi", "ari", "accuracy", "knn_top1", "linear_top1", "nmi_k", "shortcut")
 EMBEDDING = "accuracy_embedding"  # the trained projection at k = classes, no baselines
 BASELINES = ("pixels", "random_init")
 
@@ -74,16 +75,22 @@ def default_params(overrides: dict | None = None) -> Params:
 
 
 def score(trained: evaluate.Views, ds: Dataset, params: Params) -> dict[str, float]:
-    """The evaluation step's figures for a network's views and both baselines, in one table."""
-    sets = {
-        "trained": trained,
+    """The evaluation step's figures for a network's views and both baselines, in one table:
+    the class-level probes, `nmi_k` of each set's clusters at the training k (the trained one
+    clustered as the cluster step does) and the shortcut score of those clusters."""
+    baselines = {
         "random_init": evaluate.network_views(
             evaluate.random_init_network(params, ds.images), ds.images, params, show=False
         ),
         "pixels": evaluate.pixel_views(ds.images),
     }
-    no_assignments = np.zeros(len(ds.labels), dtype=np.int64)  # nmi_k is not reported here
-    return evaluate.compare(sets, ds.labels, params, no_assignments, show=False)
+    clusters = {
+        "trained": cluster_as_trained(trained.clusters, params).assignments,
+        **evaluate.baseline_clusters(baselines, params),
+    }
+    figures = evaluate.shortcut_figures(ds.images, ds.manifest, clusters, params.train.seed)
+    sets = {"trained": trained, **baselines}
+    return figures | evaluate.compare(sets, ds.labels, params, clusters, show=False)
 
 
 def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:
@@ -118,6 +125,8 @@ def table(rows: list[dict]) -> str:
         cells = [
             f"**{mean_std(row['trained'][m])}** ({np.mean(row['pixels'][m]):.3f} / "
             f"{np.mean(row['random_init'][m]):.3f})"
+            if row["trained"].get(m)  # nmi_k and shortcut: absent before 2026-12-02
+            else "n/a"
             for m in METRICS
         ]
         embedding = row["trained"].get(EMBEDDING)  # absent from results before 2026-11-24

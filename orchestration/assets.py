@@ -174,7 +174,7 @@ def cluster_assignments(artifacts: ArtifactStore, compute: ComputeResource) -> M
     )
 
 
-BASELINES = ("nmi", "ari", "accuracy", "nmi_k", "knn_top1", "linear_top1")
+BASELINES = ("nmi", "ari", "accuracy", "nmi_k", "knn_top1", "linear_top1", "shortcut")
 
 
 def comparison(metrics: dict) -> MetadataValue | str:

@@ -1,8 +1,9 @@
 """Asset checks at each hand-off, backed by the Great Expectations suites in `expectations.py`.
 
-All four are blocking: a bad manifest makes a garbage cache, broken features make garbage clusters,
-and a collapsed or mis-whitened clustering makes a garbage report, curated subset and registered
-model. A failed check's table of expectations says which one failed and what was observed.
+The first four are blocking: a bad manifest makes a garbage cache, broken features make garbage
+clusters, and a collapsed or mis-whitened clustering makes a garbage report, curated subset and
+registered model. The shortcut check only warns: clusters that follow colour may be what a folder
+of stained tissue needs. A failed check's table of expectations says which one failed and what was observed.
 Great Expectations is imported inside each check: it takes seconds to import, and only the check
 steps need it.
 """
@@ -129,4 +130,30 @@ def whitened_features_unit_norm(config: NormLimits, artifacts: ArtifactStore) ->
     return _result(outcome, min_norm=float(norms.min()), max_norm=float(norms.max()))
 
 
-CHECKS = [manifest_is_valid, features_are_sound, no_cluster_collapse, whitened_features_unit_norm]
+@asset_check(
+    asset="eval_report",
+    description="The clusters follow what the images show, not their colour, brightness or size: "
+    "their shortcut score (AMI with k-means on those statistics) stays below the untrained "
+    "network's. A warning, with what to try: a folder may rightly be sorted by colour.",
+)
+def clusters_follow_content(artifacts: ArtifactStore) -> AssetCheckResult:
+    import json
+
+    metrics = json.loads(artifacts.layout.metrics.read_text())
+    problems = health.shortcut_problems(metrics)
+    figures = {key: metrics[key] for key in ("shortcut", "shortcut_random_init", "shortcut_pixels")}
+    return AssetCheckResult(
+        passed=not problems,
+        severity=AssetCheckSeverity.WARN,
+        description="; ".join(problems) or None,
+        metadata={key: round(float(value), 4) for key, value in figures.items()},
+    )
+
+
+CHECKS = [
+    manifest_is_valid,
+    features_are_sound,
+    no_cluster_collapse,
+    whitened_features_unit_norm,
+    clusters_follow_content,
+]

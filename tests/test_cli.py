@@ -49,6 +49,8 @@ def test_run_goes_from_an_image_folder_to_metrics(tmp_path: Path, digits_folder:
     }
     assert required <= metrics.keys()
     assert all(0 <= metrics[key] <= 1 for key in required)
+    shortcut = {"shortcut", "shortcut_random_init", "shortcut_pixels"}  # AMI: below 0 by chance
+    assert shortcut <= metrics.keys() and all(-0.1 < metrics[key] <= 1 for key in shortcut)
     history = json.loads((art / "eval" / "history.json").read_text())
     assert [h["epoch"] for h in history] == [1]
     assert {"loss", "nmi_prev", "nmi_labels", "seconds"} <= history[0].keys()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
@@ -17,6 +18,9 @@ from sklearn.metrics import normalized_mutual_info_score
 
 from .errors import ParamError
 from .io import atomic_path
+
+if TYPE_CHECKING:
+    from .config import Params
 
 
 @dataclass
@@ -201,6 +205,16 @@ def cluster_features(
         centroids = l2_normalize(centroids)
     dist = ((x - centroids[ids]) ** 2).sum(1).astype(np.float32)
     return Clustering(ids, dist, centroids, whitening, loss, reseeded, raw_largest)
+
+
+def cluster_as_trained(features: np.ndarray, params: Params, use_gpu: bool = False) -> Clustering:
+    """`features` clustered at `cluster.k` the way training clusters them: v1 PCA-whitened to
+    `cluster.pca_dim`, v2 its unit embeddings with spherical k-means."""
+    c, v2 = params.cluster, params.model.method == "deepcluster-v2"
+    pca = None if v2 else int(c.pca_dim)
+    return cluster_features(
+        features, int(c.k), pca, c.kmeans_iters, c.kmeans_redo, params.train.seed, use_gpu, v2
+    )
 
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:

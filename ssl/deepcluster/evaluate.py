@@ -19,9 +19,9 @@ from sklearn.metrics import adjusted_rand_score
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from . import autoparams, progress
-from .cluster import assign, cluster_features, kmeans, l2_normalize, nmi
-from .config import ClusterParams, Params
+from . import autoparams, progress, shortcut
+from .cluster import assign, cluster_as_trained, cluster_features, kmeans, l2_normalize, nmi
+from .config import Params
 from .errors import ParamError
 
 
@@ -114,23 +114,6 @@ def embedding_scores(embedding: np.ndarray, labels: np.ndarray, seed: int) -> di
     return {"nmi_embedding": scores["nmi"], "accuracy_embedding": scores["accuracy"]}
 
 
-def nmi_at_k(
-    features: np.ndarray,
-    labels: np.ndarray,
-    cluster: ClusterParams,
-    seed: int,
-    whiten: bool = True,
-    assignments: np.ndarray | None = None,
-    pca_dim: int | None = None,
-) -> float:
-    """NMI of the over-clustering at the training k (given `assignments`, or computed here)."""
-    if assignments is None:
-        assignments = _cluster_ids(
-            features, int(cluster.k), pca_dim, seed, whiten, cluster.kmeans_redo
-        )
-    return nmi(labels, assignments)
-
-
 def feature_scores(
     features: np.ndarray,
     labels: np.ndarray,
@@ -145,12 +128,9 @@ def feature_scores(
     }
 
 
-def pixel_features(images: np.ndarray, max_side: int = 32) -> np.ndarray:
-    """Raw pixels in [0, 1], block-averaged down to at most `max_side` px so large images stay
-    cheap; grey images (three equal channels) keep one channel, so no pixel counts thrice."""
+def downsample(images: np.ndarray, max_side: int) -> np.ndarray:
+    """uint8 (n, 3, h, w) -> float (n, 3, s, s) in [0, 1], block-averaged to at most `max_side`."""
     x = np.asarray(images, dtype=np.float32) / 255.0
-    if np.array_equal(x[:, 0], x[:, 1]) and np.array_equal(x[:, 1], x[:, 2]):
-        x = x[:, :1]
     side = x.shape[-1]
     factor = max(1, -(-side // max_side))
     if factor > 1:
@@ -159,6 +139,15 @@ def pixel_features(images: np.ndarray, max_side: int = 32) -> np.ndarray:
             *x.shape[:2], crop // factor, factor, crop // factor, factor
         )
         x = x.mean(axis=(3, 5))
+    return x
+
+
+def pixel_features(images: np.ndarray, max_side: int = 32) -> np.ndarray:
+    """Raw pixels in [0, 1], block-averaged down to at most `max_side` px so large images stay
+    cheap; grey images (three equal channels) keep one channel, so no pixel counts thrice."""
+    x = downsample(images, max_side)
+    if np.array_equal(x[:, 0], x[:, 1]) and np.array_equal(x[:, 1], x[:, 2]):
+        x = x[:, :1]
     return x.reshape(len(x), -1)
 
 
@@ -170,11 +159,6 @@ def cluster_size_stats(assignments: np.ndarray, k: int) -> dict[str, float]:
         "largest_cluster_share": float(sizes.max() / sizes.sum()),
         "smallest_cluster_size": int(sizes[sizes > 0].min()),
     }
-
-
-def training_pca(params: Params) -> int | None:
-    """The PCA dimension training whitened with (v1), or None (v2 clusters unit embeddings)."""
-    return int(params.cluster.pca_dim) if params.model.method == "deepcluster" else None
 
 
 def _check_knn(k: int, n_train: int) -> None:
@@ -195,22 +179,47 @@ class Views:
     probes: np.ndarray
 
 
+def baseline_clusters(baselines: dict[str, Views], params: Params) -> dict[str, np.ndarray]:
+    """Each baseline clustered at the training k, as a user would browse it: a network's
+    embedding the way training clusters it, the pixels with plain k-means. Beside the pipeline's
+    own clusters, these are what `nmi_k` and the shortcut score compare."""
+    c, seed = params.cluster, params.train.seed
+    return {
+        name: _cluster_ids(views.clusters, int(c.k), None, seed, False, c.kmeans_redo)
+        if name == "pixels"
+        else cluster_as_trained(views.clusters, params).assignments
+        for name, views in baselines.items()
+    }
+
+
+def shortcut_figures(
+    images: np.ndarray, manifest, clusters: dict[str, np.ndarray], seed: int
+) -> dict[str, float]:
+    """How much each clustering follows colour, brightness and size (`deepcluster.shortcut`)."""
+    stats = shortcut.image_statistics(
+        downsample(images, shortcut.SAMPLE_SIDE),
+        manifest["width"].to_numpy(),
+        manifest["height"].to_numpy(),
+    )
+    return shortcut.scores(shortcut.statistics_groups(stats, seed), clusters)
+
+
 def compare(
     feature_sets: dict[str, Views],
     labels: np.ndarray,
     params: Params,
-    assignments: np.ndarray,
+    clusters: dict[str, np.ndarray],
     show: bool = True,
 ) -> dict[str, float]:
     """Every probe on every feature set: `name` for the trained features, `name_<set>` for the
     baselines (random_init, pixels), each line of progress naming the probe and its figure.
 
     The class-level figures (clustering at k = classes, kNN, linear) all read the backbone, one
-    representation for all five; `nmi_k` reads the embedding as training clusters it."""
+    representation for all five; `nmi_k` scores `clusters`, each set's clusters at the training k
+    (the pipeline's own for the trained network, `baseline_clusters` for the others)."""
     e, seed = params.eval, params.train.seed
     train_idx, test_idx = split(len(labels), labels, e.test_fraction, seed)
     _check_knn(e.knn_k, len(train_idx))
-    pca = training_pca(params)
     probes = {
         "clusters": lambda v: clustering_scores(v.probes, labels, seed),
         "knn": lambda v: {"knn_top1": knn_top1(v.probes, labels, train_idx, test_idx, e.knn_k)},
@@ -219,22 +228,17 @@ def compare(
         },
     }
     out: dict[str, float] = {}
-    steps = len(feature_sets) * (len(probes) + 1)
+    steps = len(feature_sets) * len(probes)
     with progress.bar(total=steps, desc="evaluate", enabled=show) as shown:
         for name, views in feature_sets.items():
             suffix = "" if name == "trained" else f"_{name}"
-            whiten = name != "pixels"  # nmi_k: pixels get plain k-means at the training k
             for probe, run in probes.items():
                 shown.set_postfix_str(f"{name} {probe}")
                 out |= {f"{key}{suffix}": value for key, value in run(views).items()}
                 shown.update()
-            given = assignments if name == "trained" else None
-            out[f"nmi_k{suffix}"] = nmi_at_k(
-                views.clusters, labels, params.cluster, seed, whiten, given, pca
-            )
+            out[f"nmi_k{suffix}"] = nmi(labels, clusters[name])
             if name == "trained":
                 out |= embedding_scores(views.clusters, labels, seed)
-            shown.update()
             progress.say(
                 f"evaluate {name}: NMI {out['nmi' + suffix]:.3f}, kNN {out['knn_top1' + suffix]:.3f}"
                 f", linear {out['linear_top1' + suffix]:.3f}",

@@ -73,3 +73,23 @@ def react(health: ClusterHealth, state) -> str | None:
         f"collapse ({'; '.join(health.problems)}): clustered again from other seeds, "
         f"learning rate now x{state.lr_scale:g}"
     )
+
+
+SHORTCUT_FLOOR = 0.2  # shortcut AMI below this: the clusters barely follow trivial statistics
+
+
+def shortcut_problems(metrics: dict) -> list[str]:
+    """A warning when the clusters follow colour, brightness or size at least as much as the
+    untrained network's do (`deepcluster.shortcut`), with what to try."""
+    score, base = metrics.get("shortcut"), metrics.get("shortcut_random_init")
+    if score is None or base is None or score < max(base, SHORTCUT_FLOOR):
+        return []
+    advice = (
+        "try model.sobel: true or stronger colour augmentation (augment.jitter: 0.8, "
+        "augment.grayscale: 0.5)"
+    )
+    found = (
+        f"the clusters follow colour, brightness or size (shortcut AMI {score:.2f}) as much as "
+        f"the untrained network's do ({base:.2f}), not what the images show: {advice}"
+    )
+    return [found]

@@ -21,9 +21,21 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import autoparams, data, distributed, evaluate, io, lineage, lock, plots, progress, tracking
+from . import (
+    autoparams,
+    data,
+    distributed,
+    evaluate,
+    health,
+    io,
+    lineage,
+    lock,
+    plots,
+    progress,
+    tracking,
+)
 from .checkpoint import load, load_model, params_fingerprint, saved_params
-from .cluster import cluster_features, kmeans_health, save_clustering
+from .cluster import cluster_as_trained, kmeans_health, save_clustering
 from .config import Params
 from .device import resolve_device, set_threads
 from .embed import ImageSource, compute_features, eval_batch_size
@@ -281,16 +293,11 @@ def cluster(art: Artifacts, params: Params) -> pl.DataFrame:
     cluster, distance to its centroid. Centroids and whitening go to clustering.npz."""
     with lock.writing(art, "cluster"):
         p = trained_params(art, params)
-        c = p.cluster
         feats = np.load(require(art.features, "features"))
         manifest, _ = ingested(art)
         if len(feats) != manifest.height:
             raise UserError(f"{art.features} does not match {art.manifest}: run `deepcluster features`")
-        v2 = p.model.method == "deepcluster-v2"
-        clustering = cluster_features(
-            feats, int(c.k), None if v2 else int(c.pca_dim), c.kmeans_iters, c.kmeans_redo,
-            seed=p.train.seed, spherical=v2,
-        )  # fmt: skip
+        clustering = cluster_as_trained(feats, p)
         table = manifest.select("path", "label").with_columns(
             pl.Series("cluster", clustering.assignments, dtype=pl.Int64),
             pl.Series("distance", clustering.distances, dtype=pl.Float32),
@@ -308,7 +315,7 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
     """metrics.json, the history and the pictures under eval/; logged into the model's MLflow run."""
     with lock.writing(art, "evaluate"):
         p = trained_params(art, params)
-        _, images = ingested(art)
+        manifest, images = ingested(art)
         table = pl.read_parquet(require(art.assignments, "cluster"))
         assignments = table["cluster"].to_numpy()
         history = json.loads(art.history.read_text()) if art.history.exists() else []
@@ -316,17 +323,9 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
         metrics |= kmeans_health(require(art.clustering, "cluster"))
         metrics["images"] = len(assignments)
         metrics["nmi_stability"] = history[-1]["nmi_prev"] if history else None
-        labels = labels_of(table)
-        if labels is not None:
-            trained = evaluate.network_views(load_model(require(art.model, "train")), images, p, show)
-            feature_sets = {
-                "trained": trained,
-                "random_init": evaluate.network_views(
-                    evaluate.random_init_network(p, images), images, p, show
-                ),
-                "pixels": evaluate.pixel_views(images),
-            }
-            metrics |= evaluate.compare(feature_sets, labels, p, assignments, show)
+        metrics |= _compare(art, p, manifest, images, assignments, labels_of(table), show)
+        for warning in health.shortcut_problems(metrics):
+            progress.say(f"warning: {warning}", show)
         _write_pictures(p, art, images, table, history)
         io.write_json(art.eval_history, history)
         sizes = np.bincount(assignments, minlength=int(p.cluster.k))
@@ -336,6 +335,23 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
         tracking.use_store()
         tracking.log_evaluation(tracking.run_for(art), metrics, art.eval_dir)
     return metrics
+
+
+def _compare(art, params, manifest, images, assignments, labels, show) -> dict:
+    """The shortcut score of the trained, untrained and pixel clusters; with labels, every
+    probe on the three (`evaluate.compare`)."""
+    baselines = {
+        "random_init": evaluate.network_views(
+            evaluate.random_init_network(params, images), images, params, show
+        ),
+        "pixels": evaluate.pixel_views(images),
+    }
+    clusters = {"trained": assignments, **evaluate.baseline_clusters(baselines, params)}
+    figures = evaluate.shortcut_figures(images, manifest, clusters, params.train.seed)
+    if labels is not None:
+        trained = evaluate.network_views(load_model(require(art.model, "train")), images, params, show)
+        figures |= evaluate.compare({"trained": trained, **baselines}, labels, params, clusters, show)
+    return figures
 
 
 def _write_pictures(params: Params, art: Artifacts, images, table: pl.DataFrame, history) -> None:
