@@ -2,6 +2,8 @@
 
     PYTHONPATH=ssl .venv/bin/python benchmarks/ablations.py --set mnist5k --epochs 15
     PYTHONPATH=ssl .venv/bin/python benchmarks/ablations.py --set digits --only v1 v1-head-decays
+    PYTHONPATH=ssl .venv/bin/python benchmarks/ablations.py --set colour-nuisance --seeds 0 1 2 \
+        --only v1 v1-sobel v1-jitter-0.8 v1-sobel-jitter-0.8 v1-grey-0.5 v1-crops-0.14
 
 Each variant is a set of params.yaml overrides, or a change of code path that is no parameter
 (the old head schedule, batch-mode batch norm or the trunk's output at feature extraction). All
@@ -105,6 +107,17 @@ VARIANTS: dict[str, tuple[str, dict, Callable | None]] = {
     "v1-pca-16": ("v1, PCA to 16 dimensions", {**V1, "cluster.pca_dim": 16}, None),
     "v1-constant-lr": ("v1, constant learning rate (the paper)", {**V1, "train.schedule": "constant"}, None),
 }
+# colour: the paper's Sobel layer against DeepCluster-v2's strong colour augmentation
+SOBEL, STRONG = {"model.sobel": True}, {"augment.jitter": 0.8}
+GREY, WIDE_CROPS = {"augment.grayscale": 0.5}, {"augment.crop_scale": [0.14, 1.0]}
+for prefix, method in (("v1", V1), ("v2", {})):
+    VARIANTS |= {
+        f"{prefix}-sobel": (f"{prefix}, Sobel input layer", {**method, **SOBEL}, None),
+        f"{prefix}-jitter-0.8": (f"{prefix}, colour jitter 0.8 (the v2 paper's)", {**method, **STRONG}, None),
+        f"{prefix}-sobel-jitter-0.8": (f"{prefix}, Sobel and jitter 0.8", {**method, **SOBEL, **STRONG}, None),
+        f"{prefix}-grey-0.5": (f"{prefix}, grayscale with p = 0.5", {**method, **GREY}, None),
+        f"{prefix}-crops-0.14": (f"{prefix}, crops of 0.14-1.0 of the area", {**method, **WIDE_CROPS}, None),
+    }
 RELATIVE = {"quarter": 0.25, "half": 0.5, "double": 2.0}
 
 
@@ -136,44 +149,58 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", default="mnist5k")
     parser.add_argument("--epochs", type=int, default=None, help="budget for every variant (default: auto)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--only", nargs="*", default=None, help="variant names (default: all)")
     parser.add_argument("--redo", action="store_true")
     args = parser.parse_args()
     out = ROOT / "benchmarks/results" / f"ablations-{args.set}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
     print(quality.machine_line(), flush=True)
-    for name in args.only or VARIANTS:
-        description, overrides, hook = VARIANTS[name]
-        key = f"{name}@{args.epochs or 'auto'}:{args.seed}"
-        if key in results and not args.redo:
-            continue
-        params, ds = params_for(overrides, args.set, args.epochs, args.seed)
-        with hook() if hook else contextlib.nullcontext():
-            scores = quality.run_training(ds, params)
-        results["_baselines"] = {
-            b: {m: scores[f"{m}_{b}"] for m in quality.METRICS} for b in quality.BASELINES
-        }
-        results[key] = {"description": description, **scores, "params": params.flat()}
-        figures = " ".join(f"{m} {scores[m]:.3f}" for m in quality.METRICS)
-        print(f"{name:18s} {figures} cpu {scores['cpu_seconds']:.0f}s", flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=1) + "\n")
-    print(markdown(results, args.epochs, args.seed))
+    for seed in args.seeds:
+        for name in args.only or VARIANTS:
+            run_variant(name, args.set, args.epochs, seed, results, args.redo)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=1) + "\n")
+    print(markdown(results, args.epochs, args.seeds))
     print(quality.machine_line())
     return 0
 
 
-def markdown(results: dict, epochs: int | None, seed: int) -> str:
-    metrics = quality.METRICS
+def run_variant(name: str, dataset: str, epochs: int | None, seed: int, results: dict, redo: bool):
+    """Train and score one variant at one seed into `results`, unless it is there already."""
+    description, overrides, hook = VARIANTS[name]
+    key = f"{name}@{epochs or 'auto'}:{seed}"
+    if key in results and not redo:
+        return
+    params, ds = params_for(overrides, dataset, epochs, seed)
+    with hook() if hook else contextlib.nullcontext():
+        scores = quality.run_training(ds, params)
+    results["_baselines"] = {
+        b: {m: scores[f"{m}_{b}"] for m in quality.METRICS} for b in quality.BASELINES
+    }
+    results[key] = {"description": description, **scores, "params": params.flat()}
+    figures = " ".join(f"{m} {scores[m]:.3f}" for m in quality.METRICS)
+    print(f"{name:18s} seed {seed} {figures} cpu {scores['cpu_seconds']:.0f}s", flush=True)
+
+
+def markdown(results: dict, epochs: int | None, seeds: list[int]) -> str:
+    """One row per variant: the mean over `seeds` (± std when there are several), and in
+    brackets the untrained network with the variant's settings."""
+    metrics = [m for m in quality.METRICS if all(m in r for k, r in results.items() if "@" in k)]
     lines = ["| variant | " + " | ".join(metrics) + " | CPU-s |", "|" + " --- |" * (len(metrics) + 2)]
     for name, b in results.get("_baselines", {}).items():
         lines.append(f"| *{name} (baseline)* | " + " | ".join(f"{b[m]:.3f}" for m in metrics) + " | |")
     for name, (description, _, _) in VARIANTS.items():
-        r = results.get(f"{name}@{epochs or 'auto'}:{seed}")
-        if r:
-            lines.append(f"| {description} | " + " | ".join(f"{r[m]:.3f}" for m in metrics)
-                         + f" | {r['cpu_seconds']:.0f} |")
+        runs = [results.get(f"{name}@{epochs or 'auto'}:{seed}") for seed in seeds]
+        runs = [r for r in runs if r]
+        if runs:
+            cells = [  # the untrained network of the same settings beside each (Sobel moves it)
+                f"{quality.mean_std([r[m] for r in runs])} "
+                f"({sum(r[m + '_random_init'] for r in runs) / len(runs):.3f})"
+                for m in metrics
+            ]
+            cpu = sum(r["cpu_seconds"] for r in runs) / len(runs)
+            lines.append(f"| {description} | " + " | ".join(cells) + f" | {cpu:.0f} |")
     return "\n".join(lines)
 
 
