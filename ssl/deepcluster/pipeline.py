@@ -43,7 +43,7 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
     "features": ("pipeline", "train", "models", "device", "checkpoint"),
     "cluster": ("pipeline", "cluster"),
     "evaluate": ("pipeline", "evaluate", "plots", "cluster", "train", "models", "device"),
-    "register": ("pipeline", "registry", "serving", "promotion"),
+    "register": ("pipeline", "registry", "serving", "promotion", "figures"),
     "curate": ("pipeline", "curate", "dedup", "plots"),
     "assign": ("pipeline", "inbox", "data", "imagefile", "drift"),
 }  # fmt: skip
