@@ -12,7 +12,7 @@ DVC_STAMP := $(DVC_VENV)/.installed
 DVC_PACKAGES := 'dvc>=3.67,<4' 'dvc-s3>=3.3,<4'
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install services-deps data demo dagster serve test test-fast lint clean
+.PHONY: install services-deps data demo dvc-lock dagster serve test test-fast lint clean
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
 # The services extra (PostgreSQL, S3 and Kubernetes clients, moto) is for deploy/ and its tests.
@@ -56,6 +56,13 @@ demo: data
 	@echo "Browse:  make dagster   (Dagster UI, http://127.0.0.1:3000)"
 	@echo "         $(BIN)/mlflow ui   (runs and the model registry, http://127.0.0.1:5000)"
 	@echo 'Also:    $(BIN)/deepcluster run data   or   PATH="$$PWD/$(BIN):$$PATH" $(DVC) repro'
+
+# dvc.lock after a change to a stage's code, parameters or command (tests/test_dvc_lock.py, part
+# of `make test`, names what changed): the stages concerned re-run on the demo data, then
+# `git add dvc.lock` (never the outputs: artifacts/ is ignored; `dvc push` keeps them)
+dvc-lock: data
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(DVC) repro
+	$(DVC) status
 
 dagster: install
 	$(BIN)/python -m orchestration dev  # dg dev on .dagster/, with the one-slot GPU pool

@@ -15,6 +15,7 @@ from dagster import Config
 from pydantic import Field, create_model
 
 from deepcluster.config import AUTO, Params, load_params, params_from_dict
+from deepcluster.figures import PROMOTION_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = load_params(ROOT / "params.yaml")
@@ -125,6 +126,7 @@ class RegisterConfig(Config):
 
     metric: str = Field(
         "auto",
-        description="metrics.json key, higher wins; auto: nmi with labels, else nmi_stability",
+        description="metrics.json figure, higher wins: auto (nmi with labels, else "
+        f"nmi_stability) or one of {', '.join(PROMOTION_METRICS)}",
     )
     name: str = Field("deepcluster", description="registered model name in MLflow")

@@ -50,7 +50,7 @@ def test_empty_clusters_are_reseeded_by_splitting() -> None:
 
 def test_non_finite_features_and_too_few_points_are_errors() -> None:
     x, _ = blobs(5, 2, 4)
-    with pytest.raises(ValueError, match="needs at least k images"):
+    with pytest.raises(ValueError, match="k-means into 20 clusters needs at least 20 points"):
         cluster_features(x, k=20, pca_dim=2)
     x[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinity"):

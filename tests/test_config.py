@@ -101,6 +101,41 @@ def test_overrides_are_parsed_strictly() -> None:
         parse_overrides(["lr=1"])
 
 
+@pytest.mark.parametrize(
+    ("written", "value"),
+    [("1e-3", 0.001), ("1E-3", 0.001), (".5", 0.5), ("5.", 5.0), ("+2.5e+1", 25.0), ("1e1", 10.0)],
+)
+def test_numbers_in_any_yaml_spelling_are_numbers(tmp_path: Path, written: str, value) -> None:
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; DVC's YAML 1.2 and people read a number."""
+    path = tmp_path / "params.yaml"
+    path.write_text(f"train:\n  lr: {written}\n")
+    from_file = load_params(path)
+    from_override = load_params(None, parse_overrides([f"train.lr={written}"]))
+    from_list = load_params(None, parse_overrides([f"cluster.heads=[{written}, '1e0']"]))
+    assert (from_file.train.lr, from_override.train.lr) == (value, value)
+    assert from_list.cluster.heads == (value, 1.0)
+    # stored, logged and hashed as plain floats
+    for number in (from_file.train.lr, *from_list.cluster.heads):
+        assert type(number) is float and repr(number) == repr(float(number))
+    assert from_file.to_dict() == load_params(None, {"train.lr": value}).to_dict()
+
+
+def test_other_types_stay_strict_and_messages_quote_the_value_as_written() -> None:
+    cases = [
+        ("train.lr=1e3", "train.lr = 1e3: must be > 0 and at most 100"),
+        ("augment.crop_scale=[9e-1, 2e-1]", r"augment.crop_scale = \[9e-1, 2e-1\]"),
+        ("cluster.k=1e3", "cluster.k = '1e3': must be a whole number or auto"),
+        ("train.epochs=1e1", "train.epochs = '1e1': must be a whole number or auto"),
+        ("train.seed='3'", "train.seed = '3': must be a whole number"),
+        ("augment.hflip=1", "augment.hflip = 1: must be true or false"),
+        ("train.lr=inf", "train.lr = 'inf': must be a number"),
+        ("cluster.k=1000001", "cluster.k = 1000001: must be 2..1000000 or auto"),
+    ]
+    for override, message in cases:
+        with pytest.raises(ParamError, match=message):
+            load_params(None, parse_overrides([override]))
+
+
 def test_library_defaults_equal_params_yaml() -> None:
     """One set of defaults: the dataclasses' and the repo's params.yaml agree exactly."""
     assert load_params(None).to_dict() == load_params(ROOT / "params.yaml").to_dict()

@@ -120,25 +120,27 @@ def test_each_version_is_judged_by_its_own_recorded_value(models, tmp_path):
 
 
 def test_nan_never_becomes_champion_and_never_blocks_a_real_one(models, tmp_path):
-    nan = registry.register_model(with_metrics(models["low"], tmp_path / "a", nmi=float("nan")),
-                                  name="nan")  # fmt: skip
-    assert not nan.promoted and _champion("nan") is None
-    assert "not a number" in nan.summary() and nan.summary().endswith("stays candidate")
+    # a NaN in metrics.json is refused before anything is registered (tests/test_figures.py has
+    # the other bad files)
+    nan = with_metrics(models["low"], tmp_path / "a", nmi=float("nan"))
+    with pytest.raises(UserError, match="metrics.json: NaN is not a finite number"):
+        registry.register_model(nan, name="nan")
+    assert MlflowClient().search_registered_models("name = 'nan'") == []
 
     real = registry.register_model(models["low"], name="nan")
     assert real.promoted and _champion("nan") == real.version
 
-    # a champion set by hand to a version with no usable value (NaN, or no tags at all) does not
-    # block a real one, even a worse one
+    # a champion set by hand to a version with no usable value (NaN, a value forged out of its
+    # range, or no tags at all) does not block a real one, even a worse one
     client = MlflowClient()
-    client.set_registered_model_alias("nan", "champion", nan.version)
-    worse = registry.register_model(with_metrics(models["low"], tmp_path / "b", nmi=0.01),
-                                    name="nan")  # fmt: skip
-    assert worse.promoted and worse.reason == f"champion version {nan.version} has no usable value"
-    untagged = client.create_model_version("nan", real.model_uri, run_id=real.run_id).version
-    client.set_registered_model_alias("nan", "champion", untagged)
-    rescored = with_metrics(models["low"], tmp_path / "c", knn_top1=0.1)  # not the same model
-    assert registry.register_model(rescored, name="nan").promoted
+    unusable = [{"promotion_value": "nan"}, {"promotion_value": "5.0"}, None]
+    for index, recorded in enumerate(unusable):
+        tags = {"promotion_metric": "nmi", "data_md5": real.data_md5, **recorded} if recorded else {}
+        hand = client.create_model_version("nan", real.model_uri, run_id=real.run_id, tags=tags)
+        client.set_registered_model_alias("nan", "champion", hand.version)
+        rescored = with_metrics(models["low"], tmp_path / f"worse{index}", nmi=0.01 + index / 100)
+        worse = registry.register_model(rescored, name="nan")
+        assert worse.promoted and worse.reason == f"champion version {hand.version} has no usable value"
 
 
 def test_models_of_other_data_are_not_compared(models, tmp_path):
@@ -321,5 +323,5 @@ def test_bad_input_gets_a_clear_error(registered):
 
 
 def test_an_unknown_metric_names_the_usable_ones(registered):
-    with pytest.raises(UserError, match="metric 'accurcy' has no value.*accuracy"):
+    with pytest.raises(UserError, match="metric 'accurcy': not a figure of metrics.json.*accuracy"):
         registry.register_model(registered["high"], metric="accurcy")

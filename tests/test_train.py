@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from deepcluster import checkpoint, data, io, lock, pipeline, tracking
-from deepcluster.errors import UserError
+from deepcluster.errors import ParamError, UserError
 from deepcluster.models import build_model
 from deepcluster.paths import Artifacts
 from deepcluster.train import Diverged
@@ -120,6 +120,36 @@ def test_a_failed_or_stopped_run_leaves_the_published_model(workspace: Artifacts
     assert resumed.resumed_from == 1 and resumed.run_id == stopped_run.info.run_id
     assert client.get_run(resumed.run_id).info.status == "FINISHED"
     assert checkpoint.saved_params(workspace.model).train.lr == 0.2
+
+
+def _runs() -> dict[str, str]:
+    """run id -> status of every run in the suite's MLflow store."""
+    tracking.use_store()
+    found = MlflowClient().search_runs([tracking.experiment_id()], max_results=10_000)
+    return {run.info.run_id: run.info.status for run in found}
+
+
+def test_a_refused_resume_opens_no_mlflow_run(workspace: Artifacts) -> None:
+    """A staged checkpoint of other parameters is refused before the run is opened: no FAILED
+    run holding the other run's first epoch."""
+    v1 = {"model": {"method": "deepcluster"}}
+    pipeline.train(fast_params(**v1, train={"epochs": 2}), workspace, stop_after=1, show=False)
+    before = _runs()
+    with pytest.raises(UserError, match="checkpoint.pt was trained with other parameters"):
+        pipeline.train(fast_params(**v1, train={"epochs": 2, "lr": 0.2}), workspace, show=False)
+    assert _runs() == before
+    assert workspace.checkpoint.exists()  # still there to resume with its own parameters
+
+
+def test_more_clusters_than_images_is_refused_with_the_k_as_written(workspace: Artifacts) -> None:
+    """v2's first head is 5% of k: k-means used to report that head's size as cluster.k."""
+    before = _runs()
+    with pytest.raises(ParamError, match=r"^cluster.k = 1000000: needs at least k images, got 1797$"):
+        pipeline.train(fast_params(cluster={"k": 1_000_000, "heads": [0.05, 1.0]}), workspace)
+    heads = r"cluster.heads = \[1.0, 2.0\]: with cluster.k = 1000 the largest head has 2000 clusters"
+    with pytest.raises(ParamError, match=heads):
+        pipeline.train(fast_params(cluster={"k": 1000}), workspace, show=False)
+    assert _runs() == before
 
 
 def test_a_second_writer_is_refused(workspace: Artifacts) -> None:

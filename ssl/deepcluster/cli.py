@@ -17,6 +17,7 @@ from typing import Annotated
 import typer
 
 from .errors import Stopped, UserError, stop_on_signals
+from .figures import PROMOTION_METRICS
 
 app = typer.Typer(
     add_completion=False,
@@ -233,8 +234,8 @@ def register(
     metric: Annotated[
         str,
         typer.Option(
-            help="metrics.json key deciding `champion` (higher wins); auto: nmi, "
-            "else nmi_stability."
+            help="metrics.json figure deciding `champion` (higher wins): auto (nmi, else "
+            f"nmi_stability) or one of {', '.join(PROMOTION_METRICS)}."
         ),
     ] = "auto",
     name: Annotated[str, typer.Option(help="Registered model name.")] = "deepcluster",

@@ -116,7 +116,8 @@ def kmeans(
     """faiss k-means (spherical: unit centroids); returns centroids (k, d) and the objective."""
     n, d = x.shape
     if n < k:
-        raise ParamError(f"cluster.k = {k}: needs at least k images, got {n}")
+        # not named cluster.k: a v2 head or the evaluation's k = classes clusters too
+        raise ParamError(f"k-means into {k} clusters needs at least {k} points, got {n}")
     clus = faiss.Clustering(d, k)
     clus.niter = iters
     clus.nredo = redo

@@ -7,9 +7,10 @@ message naming the key, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml
 
@@ -131,8 +132,45 @@ def _plain(d: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
+# a decimal number in any spelling: 1e-3, 1E-3, .5, 5., -2.5e+2 (YAML 1.1, which PyYAML reads,
+# leaves exponents without a dot, such as 1e-3, as strings; YAML 1.2 and DVC read them as numbers)
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+class Written(float):
+    """A number the user wrote as a string (1e-3): a float to the checks, quoted as written in
+    their messages. `params_from_dict` turns it into a plain float before anything stores it."""
+
+    def __new__(cls, text: str) -> Self:
+        number = super().__new__(cls, text)
+        number.text = text
+        return number
+
+    def __repr__(self) -> str:
+        return self.text
+
+
+def _plain_number(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return tuple(_plain_number(v) for v in value)
+    return float(value) if isinstance(value, Written) else value
+
+
+def _plain_numbers(p: Params) -> Params:
+    """`p` without `Written` numbers: what is saved, hashed and logged is a plain float."""
+    sections = {
+        f.name: dataclasses.replace(
+            getattr(p, f.name),
+            **{k: _plain_number(v) for k, v in vars(getattr(p, f.name)).items()},
+        )
+        for f in dataclasses.fields(p)
+    }
+    return Params(**sections)
+
+
 def _coerce(where: str, value: Any, kind: Any) -> Any:
-    """Check `value` against the annotated type; ints are accepted where floats are expected."""
+    """Check `value` against the annotated type; ints, and strings that spell a number, are
+    accepted where floats are expected (bools, and anything but ints where ints are, are not)."""
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -142,6 +180,8 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
             return value
         raise ParamError(f"{where} = {value!r}: must be a whole number")
     if kind == "float":
+        if isinstance(value, str) and NUMBER.fullmatch(value.strip()):
+            return Written(value.strip())  # YAML 1.1 reads 1e-3 as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return value  # kept as written, so messages quote the user's own value
         raise ParamError(f"{where} = {value!r}: must be a number")
@@ -273,7 +313,7 @@ def params_from_dict(raw: Any) -> Params:
         name: _section(f.default_factory, name, raw.get(name))  # type: ignore[misc]
         for name, f in sections.items()
     }
-    return validate(Params(**built))
+    return _plain_numbers(validate(Params(**built)))
 
 
 class _StrictLoader(yaml.SafeLoader):

@@ -41,7 +41,7 @@ from .device import resolve_device, set_threads
 from .embed import ImageSource, compute_features, eval_batch_size
 from .errors import UserError
 from .paths import Artifacts, require
-from .train import EpochStats
+from .train import EpochStats, check_clusters, check_resumable
 from .train import train as train_loop
 
 # The library modules each step runs. Dagster's code versions and dvc.yaml's `deps` both come
@@ -55,7 +55,7 @@ STEP_MODULES: dict[str, tuple[str, ...]] = {
     "features": ("pipeline", "train", "models", "device", "checkpoint"),
     "cluster": ("pipeline", "cluster"),
     "evaluate": ("pipeline", "evaluate", "plots", "cluster", "train", "models", "device"),
-    "register": ("pipeline", "registry", "serving", "promotion"),
+    "register": ("pipeline", "registry", "serving", "promotion", "figures"),
     "curate": ("pipeline", "curate", "dedup", "plots"),
     "assign": ("pipeline", "inbox", "data", "imagefile", "drift"),
 }  # fmt: skip
@@ -171,7 +171,9 @@ def training_params(
             f"{art.cache} holds {side} px images but data.resolution = {params.data.resolution}: "
             "run `deepcluster ingest` again"
         )
-    return resolve_params(autoparams.with_resolution(params, side), manifest)
+    resolved, notes = resolve_params(autoparams.with_resolution(params, side), manifest)
+    check_clusters(resolved, manifest.height, given=params)
+    return resolved, notes
 
 
 def train(
@@ -203,6 +205,8 @@ def train(
 def _train(params, art, fresh, on_epoch, show, stop_after, tags, source, dvc_file, ranks):
     manifest, images = ingested(art)
     resolved, notes = training_params(params, art, manifest, images)
+    if not fresh and art.checkpoint.exists():  # refused on every rank, before any MLflow run
+        check_resumable(art.checkpoint, resolved, ranks.world)
     run_id, callbacks, status = None, [], contextlib.nullcontext()
     if ranks.main:
         io.recover_dir(art.train_dir)

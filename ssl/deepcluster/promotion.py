@@ -5,7 +5,9 @@ The rule compares what each version recorded about itself at registration (versi
 registered twice with different evaluations, and the run's latest metric belongs to only one.
 
 - a version whose value is NaN or missing never becomes champion;
-- a champion without a usable value never blocks a version that has one;
+- a champion without a usable value (missing, NaN, out of its metric's range, or ranked by a
+  figure that cannot decide champion, `figures.PROMOTION_METRICS`) never blocks a version that has
+  one;
 - only versions of the same data version (DVC md5) and the same metric are compared; otherwise
   the new version stays candidate and the verdict says why (switching data is a person's call:
   set the alias by hand);
@@ -32,6 +34,7 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from . import figures
 from .errors import UserError
 
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -54,11 +57,14 @@ class Record:
 
     @classmethod
     def of(cls, client: MlflowClient, version) -> Record:
+        """A version's record from its tags; a value the schema refuses (a tag edited to an NMI
+        of 5, a lower-is-better figure) is no usable value, so it cannot block a real one."""
         tags = version.tags or {}
+        metric = tags.get(TAG_METRIC)
         return cls(
             version=str(version.version),
-            metric=tags.get(TAG_METRIC),
-            value=_number(tags.get(TAG_VALUE)),
+            metric=metric,
+            value=figures.usable(metric, _number(tags.get(TAG_VALUE))),
             data_md5=tags.get(TAG_DATA) or _run_data_md5(client, version.run_id),
         )
 
@@ -106,7 +112,12 @@ def promote(client: MlflowClient, name: str, new: Record) -> Verdict:
     Under `promotion_lock`, no other registration through this library decides meanwhile. The
     alias is still re-read before and after setting it, for writers that do not take the lock
     (the MLflow UI, other tools): a change means deciding again against the new champion.
+    A metric that cannot decide champion, or a value outside its range, is refused (UserError).
     """
+    figures.require_promotable(new.metric)
+    if new.value is not None and figures.usable(new.metric, new.value) is None:
+        rule = figures.FIGURES[new.metric].rule()
+        raise UserError(f"version {new.version}: {new.metric} = {new.value!r}: {rule}")
     with promotion_lock(client, name):
         for _ in range(ROUNDS):
             champion = current_champion(client, name)

@@ -8,16 +8,15 @@ requirements, with or without `deepcluster` installed. What the loaded model doe
 
 Aliases: every new version becomes `candidate`; `champion` moves to it only when its own recorded
 metric is strictly higher than the champion's, on the same data version (see `promotion`).
-A collapsed model (metrics.json: one cluster holds most images, or most clusters are empty) is
-not registered at all.
+metrics.json is checked against its schema first (`figures`): a file cut short or a figure out of
+its range is refused. A collapsed model (metrics.json: one cluster holds most images, or most
+clusters are empty) is not registered at all.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
-import json
-import math
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -30,7 +29,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import tracking
+from . import figures, tracking
 from .errors import UserError
 from .health import collapse_problems
 from .io import write_json
@@ -69,8 +68,6 @@ __all__ = [
 ]
 
 MODEL_NAME = "deepcluster"
-# higher is better for every figure evaluate writes that makes sense as a promotion metric
-DEFAULT_METRICS = ("nmi", "nmi_stability")  # "auto": the first one metrics.json holds
 REQUIREMENTS = (
     "mlflow", "torch", "numpy", "pandas", "pillow", "polars", "pyarrow", "faiss-cpu", "faiss-gpu",
     "scikit-learn", "scipy", "pyyaml", "tqdm",
@@ -135,11 +132,14 @@ def register_model(
 ) -> Registration:
     """Log the model in `art` to its run, register it as a new version, then apply the aliases.
 
-    `run_id` defaults to the run recorded by training (`tracking.run_for`). `metric` is a key of
-    `eval/metrics.json`, higher is better; "auto" picks NMI against labels when there are labels,
-    else the NMI between the last two epochs' clusterings.
+    `run_id` defaults to the run recorded by training (`tracking.run_for`). `metric` is one of
+    `figures.PROMOTION_METRICS` (higher is better); "auto" picks NMI against labels when there
+    are labels, else the NMI between the last two epochs' clusterings. metrics.json is checked
+    against its schema (`deepcluster.figures`) before any of it is used.
     """
-    metrics = _read_metrics(art)
+    if metric != "auto":
+        figures.require_promotable(metric)
+    metrics = figures.read(art.metrics)
     refuse_collapsed(metrics, art.metrics)
     metric = resolve_metric(metric, metrics)
     value = float(metrics[metric])
@@ -156,8 +156,7 @@ def register_model(
     own |= {TAG_DATA: data_md5} if data_md5 else {}
     version = str(mlflow.register_model(info.model_uri, name, tags={**(tags or {}), **own}).version)
     client.set_registered_model_alias(name, CANDIDATE, version)
-    finite = value if math.isfinite(value) else None
-    verdict = promote(client, name, Record(version, metric, finite, data_md5))
+    verdict = promote(client, name, Record(version, metric, value, data_md5))
     client.set_model_version_tag(name, version, TAG_PROMOTED, str(verdict.promote).lower())
     client.set_model_version_tag(name, version, TAG_REASON, verdict.reason)
     champion = verdict.champion
@@ -221,24 +220,21 @@ def _alias(client: MlflowClient, name: str, alias: str) -> str | None:
 
 
 def resolve_metric(metric: str, metrics: dict) -> str:
+    """The promotion metric `metric` names ("auto": the first of AUTO_METRICS with a value),
+    refused unless it may decide champion and metrics.json has a value for it."""
     if metric == "auto":
         metric = next(
-            (m for m in DEFAULT_METRICS if metrics.get(m) is not None), DEFAULT_METRICS[-1]
+            (m for m in figures.AUTO_METRICS if metrics.get(m) is not None), figures.AUTO_METRICS[-1]
         )
+    figures.require_promotable(metric)
     value = metrics.get(metric)
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        usable = sorted(k for k, v in metrics.items() if isinstance(v, float))
+    if value is None:
+        usable = [m for m in figures.PROMOTION_METRICS if metrics.get(m) is not None]
         raise UserError(
             f"metric {metric!r} has no value in metrics.json (got {value!r}); "
             f"choose one of: {', '.join(usable)}"
         )
     return metric
-
-
-def _read_metrics(art: Artifacts) -> dict:
-    if not art.metrics.exists():
-        raise UserError(f"{art.metrics} not found: run `deepcluster evaluate` first")
-    return json.loads(art.metrics.read_text())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from .cluster import Clustering, cluster_features, nmi
 from .config import Params
 from .device import autocast, heap_reuse, memory_format, resolve_device, set_threads
 from .embed import ImageSource, compute_features, eval_batch_size
-from .errors import UserError
+from .errors import ParamError, UserError
 from .health import ClusterHealth
 from .io import write_json
 from .models import DeepClusterNet, build_model, check_resolution
@@ -145,6 +145,24 @@ def head_sizes(params: Params) -> list[int]:
     if params.model.method == "deepcluster":
         return [k]
     return [max(2, round(k * scale)) for scale in params.cluster.heads]
+
+
+def check_clusters(params: Params, images: int, given: Params | None = None) -> None:
+    """Refuse more clusters than images, quoting `cluster.k` as the user gave it (`given`,
+    before `auto` was resolved): a v2 head of a fraction of k would otherwise be what k-means
+    reports."""
+    sizes = head_sizes(params)
+    k = int(params.cluster.k)
+    if max(sizes + [k]) <= images:
+        return
+    written = (given or params).cluster.k
+    shown = f"cluster.k = {written}" + (f" ({k})" if written != k else "")
+    if k > images:
+        raise ParamError(f"{shown}: needs at least k images, got {images}")
+    raise ParamError(
+        f"cluster.heads = {list(params.cluster.heads)}: with {shown} the largest head has "
+        f"{max(sizes)} clusters, more than the {images} images"
+    )
 
 
 def all_features(model, source: ImageSource, params: Params, progress: bool, ranks) -> np.ndarray:
@@ -389,7 +407,9 @@ def _build(params: Params, images: np.ndarray, device: torch.device, ranks: dist
     return model, optimizer, torch.Generator().manual_seed(t.seed)
 
 
-def _resume(path: Path, params: Params, model, optimizer, generator, ranks) -> LoopState:
+def check_resumable(path: Path, params: Params, world: int) -> dict:
+    """The checkpoint at `path`, refused unless a run of `params` in `world` processes can
+    continue it. The pipeline calls this before it opens an MLflow run for the training."""
     state = ckpt.load(path)
     if state["fingerprint"] != ckpt.params_fingerprint(params):
         raise UserError(
@@ -401,16 +421,19 @@ def _resume(path: Path, params: Params, model, optimizer, generator, ranks) -> L
             f"{path} already holds {state['epoch']} epochs, more than train.epochs = "
             f"{params.train.epochs}: train longer, or from scratch with --fresh"
         )
+    processes = len(state["torch_rng"])
+    if processes != world:
+        raise UserError(f"{path} was trained by {processes} processes: resume it with --nproc {processes}")
+    return state
+
+
+def _resume(path: Path, params: Params, model, optimizer, generator, ranks) -> LoopState:
+    state = check_resumable(path, params, ranks.world)
     model.reset_heads(state["heads"])
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
-    rng = state["torch_rng"]
-    if len(rng) != ranks.world:
-        raise UserError(
-            f"{path} was trained by {len(rng)} processes: resume it with --nproc {len(rng)}"
-        )
-    torch.set_rng_state(rng[ranks.rank])
+    torch.set_rng_state(state["torch_rng"][ranks.rank])
     return LoopState(
         epoch=int(state["epoch"]),
         history=[EpochStats(**h) for h in state["history"]],
@@ -453,6 +476,7 @@ def _train(
         raise ValueError(f"unresolved auto parameters: {', '.join(params.auto_keys())}")
     t = params.train
     check_resolution(params.model.arch, images.shape[-1])
+    check_clusters(params, len(images))
     ranks = dist.start(resolve_device(params.compute.device))
     device = dist.device_for(resolve_device(params.compute.device), ranks)
     set_threads(params.compute.threads)
