@@ -24,6 +24,7 @@ EVALUATED = {
     "nmi": 0.7, "ari": 0.55, "accuracy": 0.75, "knn_top1": 0.95, "linear_top1": 0.93,
     "nmi_k": 0.72, "nmi_embedding": 0.69, "accuracy_embedding": 0.74,
     **{f"{key}_{base}": 0.3 for key in figures.PROBES for base in figures.BASELINES},
+    "shortcut": -0.002, "shortcut_random_init": 0.3, "shortcut_pixels": 0.4,
 }  # fmt: skip
 
 
@@ -62,6 +63,7 @@ def test_what_evaluate_writes_passes_and_unlabelled_figures_suffice(tmp_path: Pa
         (json.dumps({**EVALUATED, "k": True}), r"k = True: must be a whole number in 1"),
         (json.dumps({**EVALUATED, "largest_cluster_share_kmeans": 1.5}), "must be a finite number"),
         (json.dumps({**EVALUATED, "nmi_best": 0.99}), r"'nmi_best' is not a figure evaluate writes"),
+        (json.dumps({**EVALUATED, "shortcut": 1.2}), r"shortcut = 1.2: must be a finite number"),
         (
             json.dumps({k: v for k, v in EVALUATED.items() if k != "largest_cluster_share_kmeans"}),
             "largest_cluster_share_kmeans is missing",

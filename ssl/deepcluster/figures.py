@@ -60,6 +60,10 @@ FIGURES: dict[str, Figure] = {
     "accuracy_embedding": SCORE,
     **{f"{key}_{base}": Figure(f.lo, f.hi, higher_is_better=True, baseline=True, labelled=True)
        for key, f in PROBES.items() for base in BASELINES},
+    # how much the clusters follow colour, brightness and size (AMI; below 0 by chance)
+    "shortcut": Figure(-1, 1, higher_is_better=False),
+    **{f"shortcut_{base}": Figure(-1, 1, higher_is_better=False, baseline=True)
+       for base in BASELINES},
 }  # fmt: skip
 # what `--metric auto` means: the first of these metrics.json has a value for
 AUTO_METRICS = ("nmi", "nmi_stability")
@@ -121,7 +125,7 @@ def validate(metrics: Any, source: Path | str) -> dict[str, Any]:
     unknown = sorted(set(metrics) - set(FIGURES))
     if unknown:
         raise UserError(f"{source}: {unknown[0]!r} is not a figure evaluate writes "
-                        "(deepcluster/metrics.py lists them)")  # fmt: skip
+                        "(deepcluster/figures.py lists them)")  # fmt: skip
     missing = [key for key, f in FIGURES.items() if not f.labelled and key not in metrics]
     if missing:
         raise UserError(f"{source}: {missing[0]} is missing: run `deepcluster evaluate` again")
