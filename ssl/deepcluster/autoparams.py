@@ -36,17 +36,33 @@ SAMPLES_SEEN = {"deepcluster": 60_000, "deepcluster-v2": 200_000}
 EPOCH_BOUNDS = (10, 100)
 
 
+COLOUR_CHROMA = 8  # mean (max - min) over the channels, 0..255: above it an image is in colour
+COLOUR_SAMPLE = 512  # images looked at to tell colour from grey
+
+
 @dataclass(frozen=True)
 class DataFacts:
-    """What the rules read: the number of images and their typical shorter side."""
+    """What the rules read: the number of images, their typical shorter side and whether they
+    are in colour (None until they are decoded: ingest sizes the cache first)."""
 
     images: int
     median_side: int
+    colour: bool | None = None
 
     @classmethod
-    def of(cls, manifest) -> DataFacts:
+    def of(cls, manifest, images: np.ndarray | None = None) -> DataFacts:
         sides = np.minimum(manifest["width"].to_numpy(), manifest["height"].to_numpy())
-        return cls(images=int(manifest.height), median_side=int(np.median(sides)))
+        colour = None if images is None else is_colour(images)
+        return cls(images=int(manifest.height), median_side=int(np.median(sides)), colour=colour)
+
+
+def is_colour(images: np.ndarray, sample: int = COLOUR_SAMPLE) -> bool:
+    """Whether most of an even sample of the cache (uint8, N x 3 x H x W) is in colour. Grey
+    files decode to three equal channels; a little chroma (JPEG noise on grey) does not count."""
+    step = max(1, len(images) // sample)
+    rows = np.asarray(images[::step], dtype=np.int16)
+    chroma = (rows.max(axis=1) - rows.min(axis=1)).mean(axis=(1, 2))
+    return bool(np.mean(chroma > COLOUR_CHROMA) >= 0.5)
 
 
 def _clamp(value: float, bounds: tuple[int, int]) -> int:

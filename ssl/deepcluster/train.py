@@ -32,6 +32,7 @@ from . import augment as aug
 from . import checkpoint as ckpt
 from . import distributed as dist
 from . import health as guard
+from .autoparams import is_colour
 from .cluster import Clustering, cluster_features, nmi
 from .config import Params
 from .device import autocast, heap_reuse, memory_format, resolve_device, set_threads
@@ -366,13 +367,6 @@ class EpochTrainer:
 # The loop
 
 
-def _is_colour(images: np.ndarray, sample: int = 512) -> bool:
-    """Whether the cache holds colour: grey files are decoded to three equal channels."""
-    step = max(1, len(images) // sample)
-    rows = np.asarray(images[::step])
-    return not (np.array_equal(rows[:, 0], rows[:, 1]) and np.array_equal(rows[:, 1], rows[:, 2]))
-
-
 def data_statistics(images: np.ndarray, sample: int = 2048) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and std of the images in [0, 1], from an even sample of the cache."""
     step = max(1, len(images) // sample)
@@ -488,7 +482,7 @@ def _train(
         state = _resume(ckpt_path, params, model, optimizer, generator, ranks)
     start_epoch = state.epoch
     source = ImageSource(images, device)
-    photometric = aug.photometric(params.augment, _is_colour(images), images.shape[-1])
+    photometric = aug.photometric(params.augment, is_colour(images), images.shape[-1])
     trainer = EpochTrainer(model, optimizer, source, params, generator, photometric, ranks)
     last_epoch = t.epochs if stop_after is None else min(t.epochs, stop_after)
     show = progress and ranks.main
