@@ -1,11 +1,13 @@
-"""Ingest under hostile conditions: a corpus of bad files, and a disk that fills up.
+"""Ingest under hostile conditions: a corpus of bad files, a second writer, and a disk that fills up.
 
 The disk tests mount a real 1 MiB tmpfs (root only; skipped elsewhere with the reason).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from benchmarks.bad_files import make_corpus, score
 from deepcluster.data import load_cache
 from deepcluster.io import DiskFullError, write_json
 
-from .conftest import run_cli
+from .conftest import ROOT, run_cli
 
 
 def test_bad_file_corpus_is_ingested_without_crash_or_loss(tmp_path: Path) -> None:
@@ -83,3 +85,36 @@ def test_an_atomic_write_on_a_full_disk_raises_disk_full_and_cleans_up(tiny_disk
     with pytest.raises(DiskFullError, match=r"no space left on the device to write .*/m\.json"):
         write_json(tiny_disk / "m.json", {"values": list(range(100_000))})
     assert sorted(p.name for p in tiny_disk.iterdir()) == ["filler.bin"]
+
+
+def test_a_second_writer_is_refused_before_the_heavy_imports(tmp_path: Path) -> None:
+    """The lock is taken before torch and MLflow are imported: refused at once, not after them."""
+    art = tmp_path / "artifacts"
+    hold = (
+        "import sys, time\n"
+        "from deepcluster.lock import writing\nfrom deepcluster.paths import Artifacts\n"
+        "with writing(Artifacts(sys.argv[1]), 'ingest'):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "ssl")}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(art)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline() == "held\n"
+        for command in (["ingest", str(tmp_path)], ["train"], ["run", str(tmp_path)]):
+            done = subprocess.run(
+                [sys.executable, "-X", "importtime", "-m", "deepcluster.cli", *command, "-a", str(art)],
+                cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            lines = done.stderr.splitlines()
+            errors = [line for line in lines if line.startswith("error:")]
+            assert done.returncode == 2, (command, done.stderr[-2000:])
+            holder_named = f"error: {art} is being written by `deepcluster ingest` (pid {holder.pid}"
+            assert len(errors) == 1 and errors[0].startswith(holder_named), done.stderr[-2000:]
+            imported = {line.rsplit("|", 1)[-1].strip() for line in lines if "import time:" in line}
+            assert "deepcluster.lock" in imported, command
+            assert not {"torch", "mlflow", "polars"} & imported, command
+    finally:
+        holder.kill()
+        holder.wait()
