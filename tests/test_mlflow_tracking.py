@@ -72,15 +72,17 @@ def test_the_md5_is_the_one_dvc_computes(tmp_path: Path) -> None:
 
 
 def test_an_edited_folder_is_not_credited_with_its_old_dvc_version(tmp_path: Path, digits_folder):
-    folder = tmp_path / "data"
+    folder, dvc_file = tmp_path / "data", ROOT / "data.dvc"
     shutil.copytree(digits_folder, folder)
     art = Artifacts(tmp_path / "artifacts")
-    pipeline.ingest(folder, fast_params(), art, show=False)
-    before = lineage.data_version(art.manifest, folder)
-    assert (before.source, before.md5) == ("dvc", lineage.recorded_md5(ROOT / "data.dvc")[0])
+    before = pipeline.ingest(folder, fast_params(), art, show=False, dvc_file=dvc_file).data_version
+    assert (before.source, before.md5) == ("dvc", lineage.recorded_md5(dvc_file)[0])
+    assert lineage.recorded_version(art, dvc_file).tracked
     (folder / "0" / "0000.png").write_bytes((folder / "1" / "0001.png").read_bytes())
-    after = lineage.data_version(art.manifest, folder)
-    assert after.source == "manifest" and not after.tracked and len(after.md5) == 32
+    after = pipeline.ingest(folder, fast_params(), art, show=False, dvc_file=dvc_file).data_version
+    # the duplicate's bytes were read by the scan: DVC's md5 of the edited folder, not the old one
+    assert after.md5 == lineage.dvc_dir_md5(lineage.folder_hashes(folder)) != before.md5
+    assert after.source == "dvc" and not lineage.recorded_version(art, dvc_file).tracked
 
 
 @pytest.fixture
