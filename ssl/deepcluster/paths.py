@@ -77,6 +77,12 @@ class Artifacts:
         return self.train_dir / "mlflow_run.json"
 
     @property
+    def trained_on(self) -> Path:
+        """The digest of the manifest the model was trained on (in staging_dir while it trains):
+        a checkpoint is resumed or continued only on those images."""
+        return self.train_dir / "data.json"
+
+    @property
     def staging_dir(self) -> Path:
         """A training in progress: its checkpoint, history and run file until it finishes."""
         return self.root / ".staging" / "train"

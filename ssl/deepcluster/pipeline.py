@@ -214,7 +214,7 @@ def _train(params, art, fresh, on_epoch, show, stop_after, tags, source, dvc_fil
     if ranks.main:
         io.recover_dir(art.train_dir)
         _say_auto(notes, show)
-        _stage(art, resolved, fresh)
+        _stage(art, resolved, fresh, data.manifest_digest(manifest))
         tracking.use_store()
         version = lineage.recorded_version(art, dvc_file, manifest)  # of the manifest trained on
         auto = {f"auto/{key}": note for key, note in notes.items()}  # what `auto` became, and why
@@ -237,15 +237,26 @@ def _train(params, art, fresh, on_epoch, show, stop_after, tags, source, dvc_fil
     return TrainSummary(resolved, result.history, result.resumed_from, run_id, notes, published)
 
 
-def _stage(art: Artifacts, params: Params, fresh: bool) -> None:
+def _stage(art: Artifacts, params: Params, fresh: bool, images: str) -> None:
     """Prepare the staging folder: keep an interrupted run's checkpoint, or start from the
-    published run's last state when these parameters continue it (a longer constant-rate run)."""
+    published run's last state when these parameters continue it (a longer constant-rate run).
+
+    Either only on the images it was trained on (`images`: the manifest's digest, recorded in the
+    staging folder and so published with the model): a run on other images is another run."""
     if fresh and art.staging_dir.exists():
         shutil.rmtree(art.staging_dir)
     art.staging_dir.mkdir(parents=True, exist_ok=True)
     io.remove_stale_temporaries(art.staging_dir)
+    if art.checkpoint.exists() and _trained_on(art.staging_dir, art) != images:
+        raise UserError(
+            f"{art.checkpoint} was trained on other images than {art.manifest} holds now (an "
+            "ingest since?): train from scratch with --fresh (Dagster: resume: false)"
+        )
+    io.write_json(art.staging_dir / art.trained_on.name, {"manifest_sha256": images})
     if fresh or art.checkpoint.exists() or not art.final_checkpoint.exists():
         return
+    if _trained_on(art.train_dir, art) != images:
+        return  # the published model saw other images: train from scratch
     published = load(art.final_checkpoint)
     if published["fingerprint"] != params_fingerprint(params):
         return  # another run: train from scratch, the published model stays until this one ends
@@ -257,6 +268,14 @@ def _stage(art: Artifacts, params: Params, fresh: bool) -> None:
     for path in (art.final_checkpoint, art.run_file):
         if path.exists():
             shutil.copy2(path, art.staging_dir / path.name)
+
+
+def _trained_on(folder: Path, art: Artifacts) -> str | None:
+    """The digest of the manifest the checkpoint in `folder` was trained on (None: unknown)."""
+    try:
+        return json.loads((folder / art.trained_on.name).read_text())["manifest_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _staged_history(art: Artifacts) -> list[dict]:
