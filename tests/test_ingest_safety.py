@@ -233,3 +233,36 @@ def test_a_second_writer_is_refused_before_the_heavy_imports(tmp_path: Path) -> 
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_ingest_stopped_by_sigterm_says_so_and_publishes_nothing(tmp_path: Path) -> None:
+    """SIGTERM arrives while the cache is decoded, after the tables were staged (delivered from a
+    hook, so the moment is certain): one `stopped:` line about ingest, not about a checkpoint."""
+    data, art = tmp_path / "data", tmp_path / "artifacts"
+    for name, colour in (("a.png", RED), ("b.png", BLUE)):
+        data.mkdir(exist_ok=True)
+        (data / name).write_bytes(png_bytes(solid(colour, (8, 8))))
+    assert ingest_cli(data, art, cwd=tmp_path).returncode == 0
+    before = published(art)
+    (data / "c.png").write_bytes(png_bytes(solid(GREEN, (8, 8))))
+    stop_in_cache_build = (
+        "import os, signal, sys\n"
+        "from deepcluster import cli, data\n"
+        "build = data.build_cache\n"
+        "def stopped_build(*args, **kwargs):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return build(*args, **kwargs)\n"
+        "data.build_cache = stopped_build\n"
+        "sys.argv = ['deepcluster', 'ingest', sys.argv[1], '-a', sys.argv[2], '-q']\n"
+        "cli.main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", stop_in_cache_build, str(data), str(art)], cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "ssl")}, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr == (
+        "stopped (signal SIGTERM): nothing half-written was published; run the command again\n"
+    )
+    assert published(art) == before and not (art / ".staging" / "ingest").exists()
