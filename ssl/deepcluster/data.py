@@ -3,8 +3,8 @@
 `scan_folder` turns a folder into two polars tables. Every entry (file, link, special file, hidden
 name, empty folder) lands in exactly one: the manifest (a fully decoded, usable image) or `rejected`
 (with a specific reason). Nothing is silently dropped, nothing but a regular file is opened, and no
-single bad entry stops the scan. `build_cache` decodes the manifest's images
-to uint8 RGB at the training resolution into one `.npy`, so training epochs never decode again.
+single bad entry stops the scan. `build_cache` decodes the manifest's images to uint8 RGB at the
+training resolution into one `.npy`, so training epochs never decode again.
 
 Parallel work (`workers > 1`) uses spawned processes: safe beside threaded libraries (polars, torch)
 and the same on every OS. A script that calls these functions must guard its entry point with
@@ -152,7 +152,8 @@ def scan_folder(
             md5[path] = result.md5
         if isinstance(result, Rejection):
             rejected.append((path, result.reason))
-            unread += [] if result.md5 else [path]
+            if result.md5 is None:
+                unread.append(path)
         elif result.sha256 in first_path_by_hash:
             rejected.append((path, f"duplicate of {first_path_by_hash[result.sha256]}"))
         else:
@@ -219,7 +220,8 @@ def _list_entries(root: Path) -> _Listing:
 
     def refuse(relative: str, reason: str, content: bool = True) -> None:
         listing.rejected.append((relative, reason))
-        listing.unread.extend([relative] if content else [])
+        if content:
+            listing.unread.append(relative)
 
     def record_error(error: OSError) -> None:
         relative = Path(error.filename).relative_to(root).as_posix()

@@ -98,8 +98,9 @@ def ingest(
 
     Symbolic links that leave the folder are rejected unless `follow_links`.
 
-    The four are written into a staging folder and published as one set (`io.publish_set`): a
-    failed or stopped ingest leaves the previous set in force, whole."""
+    The manifest, the rejected table, the data version and the cache are written into a staging
+    folder and published as one set (`io.publish_set`): a failed or stopped ingest leaves the
+    previous set in force, whole."""
     with lock.writing(art, "ingest"):
         io.finish_set(art.ingest_staging, art.root)  # a publish a crash interrupted, or leftovers
         root = data.data_folder(data_dir)
