@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import socket
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +17,13 @@ from deepcluster.data import (
     MANIFEST_SCHEMA,
     NON_UTF8_NAME,
     REJECTED_SCHEMA,
+    Entry,
     IngestError,
     build_cache,
     cache_is_current,
     decode_image,
     load_cache,
+    read_entry,
     read_manifest,
     require_images,
     scan_images,
@@ -49,6 +53,10 @@ BAD = {
     "dogs/text.jpg": "not a decodable image: cannot identify image file",
     "dogs/truncated.png": "truncated or corrupt image data",
     "notes.txt": "unsupported file type '.txt'",
+    # tool metadata: listed with the reason, a hidden folder once for all it holds
+    ".DS_Store": "hidden file: a name starting with '.' marks tool metadata",
+    ".dvc": "hidden folder, not searched",
+    "cats/.thumb.png": "hidden file",
 }
 HIDDEN = (".DS_Store", ".dvc/config", "cats/.thumb.png")
 
@@ -135,19 +143,22 @@ def test_bad_files_are_rejected_with_specific_reasons(
         assert BAD[path] in reason, (path, reason)
 
 
-def test_every_visible_file_is_accounted_for_exactly_once(
+def test_every_file_is_accounted_for_exactly_once(
     messy: Path, scanned: tuple[pl.DataFrame, pl.DataFrame]
 ) -> None:
+    """Each file once; a hidden folder stands for everything inside it."""
     manifest, rejected = scanned
-    on_disk = {
-        path.relative_to(messy).as_posix()
-        for path in messy.rglob("*")
-        if path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(messy).parts)
-    }
+    on_disk = set()
+    for path in messy.rglob("*"):
+        parts = path.relative_to(messy).parts
+        hidden_folder = next((i for i, part in enumerate(parts[:-1]) if part.startswith(".")), None)
+        if hidden_folder is not None:
+            on_disk.add("/".join(parts[: hidden_folder + 1]))
+        elif path.is_file():
+            on_disk.add("/".join(parts))
     listed = manifest["path"].to_list() + rejected["path"].to_list()
     assert sorted(listed) == sorted(on_disk)
-    assert not set(listed) & set(HIDDEN)
+    assert ".dvc" in listed and ".dvc/config" not in listed
 
 
 def test_parallel_scan_and_cache_match_sequential(
@@ -333,3 +344,86 @@ def test_limits_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("DEEPCLUSTER_MAX_IMAGE_BYTES", "lots")
     with pytest.raises(UserError, match="DEEPCLUSTER_MAX_IMAGE_BYTES='lots': give a positive int"):
         ImageLimits.from_env()
+
+
+def plant_special_entries(folder: Path) -> dict[str, str]:
+    """Real FIFOs, a socket, links and folders that are not images, among good images; returns
+    path -> the reason each must be rejected with. A device node only where mknod is allowed."""
+    for label, colour in (("a", RED), ("b", BLUE)):
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        (folder / label / "good.png").write_bytes(png_bytes(solid(colour, (6, 6))))
+    os.mkfifo(folder / "a" / "pipe.png")
+    server = socket.socket(socket.AF_UNIX)
+    cwd = os.getcwd()
+    os.chdir(folder / "a")  # a short relative name: socket paths are limited to ~100 bytes
+    try:
+        server.bind("socket.png")
+    finally:
+        os.chdir(cwd)
+        server.close()  # the socket file stays
+    (folder / "a" / "zero.png").symlink_to("/dev/zero")
+    (folder / "a" / "loop.png").symlink_to("loop.png")
+    (folder / "b" / "dangling.png").symlink_to("missing.png")
+    (folder / ".hidden.png").write_bytes(png_bytes(solid(GREEN, (6, 6))))
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "thumb.png").write_bytes(png_bytes(solid(WHITE, (6, 6))))
+    (folder / "empty").mkdir()
+    (folder / "dir.png").mkdir()
+    expected = {
+        "a/pipe.png": "not a regular file (a named pipe (FIFO))",
+        "a/socket.png": "not a regular file (a socket)",
+        "a/zero.png": "symbolic link to outside the data folder",
+        "a/loop.png": "symbolic link loop",
+        "b/dangling.png": "broken symbolic link",
+        ".hidden.png": "hidden file",
+        ".cache": "hidden folder, not searched",
+        "empty": "empty folder",
+        "dir.png": "empty folder (a folder named like an image file)",
+    }
+    try:
+        os.mknod(folder / "b" / "null.png", stat.S_IFCHR | 0o600, os.makedev(1, 3))
+        expected["b/null.png"] = "not a regular file (a character device)"
+    except PermissionError:
+        pass  # no CAP_MKNOD here: the /dev/zero link covers devices
+    return expected
+
+
+def test_special_entries_are_rejected_each_with_its_reason(tmp_path: Path) -> None:
+    expected = plant_special_entries(tmp_path)
+    manifest, rejected = scan_images(tmp_path)
+    assert manifest["path"].to_list() == ["a/good.png", "b/good.png"]
+    assert rejected["path"].to_list() == sorted(expected)
+    for path, reason in rejected.iter_rows():
+        assert reason.startswith(expected[path]), (path, reason)
+
+    # followed on request, a link to a device is still refused by its type, nothing read from it
+    _, rejected = scan_images(tmp_path, follow_external_links=True)
+    reasons = dict(rejected.iter_rows())
+    assert reasons["a/zero.png"] == "not a regular file (a character device)"
+
+
+def test_a_folder_named_like_an_image_is_searched(tmp_path: Path) -> None:
+    (tmp_path / "dir.png").mkdir()
+    (tmp_path / "dir.png" / "inside.png").write_bytes(png_bytes(solid(RED, (4, 4))))
+    manifest, rejected = scan_images(tmp_path)
+    assert manifest["path"].to_list() == ["dir.png/inside.png"] and rejected.height == 0
+
+
+def test_an_entry_is_opened_without_following_any_link_in_its_path(tmp_path: Path) -> None:
+    """What the scan checked can be swapped before the file is read: a folder replaced by a link
+    out of the data folder is refused at the open, not followed."""
+    data, outside = tmp_path / "data", tmp_path / "outside"
+    (data / "a").mkdir(parents=True)
+    outside.mkdir()
+    (data / "a" / "x.png").write_bytes(png_bytes(solid(RED, (4, 4))))
+    (outside / "x.png").write_bytes(png_bytes(solid(BLUE, (4, 4))))
+    entry = Entry(os.path.realpath(data), "a/x.png", False, ImageLimits())
+    assert read_entry(entry) == (data / "a" / "x.png").read_bytes()
+
+    (data / "a").rename(data / "moved")
+    (data / "a").symlink_to(outside)  # the swap
+    with pytest.raises(ImageRejected, match="symbolic link loop|not a folder"):
+        read_entry(entry)
+    os.mkfifo(data / "moved" / "late.png")  # a FIFO where a file was: refused, never blocks
+    with pytest.raises(ImageRejected, match=r"not a regular file \(a named pipe"):
+        read_entry(entry._replace(path="moved/late.png"))

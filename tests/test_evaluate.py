@@ -1,6 +1,9 @@
 """evaluate.py's metrics against brute force and scikit-learn on small random cases."""
 
 import itertools
+import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +70,36 @@ def test_split_is_stratified_disjoint_and_seeded() -> None:
     assert np.bincount(y[test]).tolist() == [5, 5, 5, 5]
     again = evaluate.split(len(y), y, 0.2, seed=3)
     assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
+
+
+def test_split_of_a_tiny_labelled_folder_falls_back_to_a_random_split() -> None:
+    """3 images of each of 10 classes: a 30% test share of 9 images cannot hold every class, which
+    made scikit-learn's stratified split raise; the split is then a plain seeded one."""
+    y = np.repeat(np.arange(10), 3)
+    train, test = evaluate.split(len(y), y, 0.3, seed=0)
+    assert set(train).isdisjoint(test) and sorted([*train, *test]) == list(range(30))
+    assert len(test) == 9
+    again = evaluate.split(len(y), y, 0.3, seed=0)
+    assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
+
+
+@pytest.mark.slow  # ingest, features, clustering and every probe on 30 real digits
+def test_evaluate_step_on_three_images_per_class(tmp_path: Path, digits_folder: Path) -> None:
+    from deepcluster.paths import Artifacts
+
+    from .conftest import build_artifacts, fast_params
+
+    tiny = tmp_path / "tiny"
+    for label_dir in sorted(p for p in digits_folder.iterdir() if p.is_dir()):
+        (tiny / label_dir.name).mkdir(parents=True)
+        for image in sorted(label_dir.iterdir())[:3]:
+            shutil.copy2(image, tiny / label_dir.name / image.name)
+    art = build_artifacts(Artifacts(tmp_path / "artifacts"), tiny, fast_params(cluster={"k": 5}),
+                          trained=False)  # fmt: skip
+    metrics = json.loads(art.metrics.read_text())
+    assert metrics["images"] == 30
+    for key in ("nmi", "knn_top1", "linear_top1", "knn_top1_pixels", "linear_top1_random_init"):
+        assert 0 <= metrics[key] <= 1, key
 
 
 def test_clustering_scores_are_perfect_on_well_separated_blobs() -> None:

@@ -17,12 +17,13 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from deepcluster import lineage, pipeline
+from deepcluster import checkpoint, lineage, pipeline
 from deepcluster.config import load_params
 from deepcluster.paths import Artifacts
 
 from .conftest import FAST, fast_params, run_cli
 from .test_dvc_pipeline import GIT_IDENTITY, require_dvc
+from .test_ingest_safety import ingest_cli
 
 pytestmark = pytest.mark.slow  # real MLflow stores and CLI runs
 
@@ -72,15 +73,50 @@ def test_the_md5_is_the_one_dvc_computes(tmp_path: Path) -> None:
 
 
 def test_an_edited_folder_is_not_credited_with_its_old_dvc_version(tmp_path: Path, digits_folder):
-    folder = tmp_path / "data"
+    folder, dvc_file = tmp_path / "data", ROOT / "data.dvc"
     shutil.copytree(digits_folder, folder)
     art = Artifacts(tmp_path / "artifacts")
-    pipeline.ingest(folder, fast_params(), art, show=False)
-    before = lineage.data_version(art.manifest, folder)
-    assert (before.source, before.md5) == ("dvc", lineage.recorded_md5(ROOT / "data.dvc")[0])
+    before = pipeline.ingest(folder, fast_params(), art, show=False, dvc_file=dvc_file).data_version
+    assert (before.source, before.md5) == ("dvc", lineage.recorded_md5(dvc_file)[0])
+    assert lineage.recorded_version(art, dvc_file).tracked
     (folder / "0" / "0000.png").write_bytes((folder / "1" / "0001.png").read_bytes())
-    after = lineage.data_version(art.manifest, folder)
-    assert after.source == "manifest" and not after.tracked and len(after.md5) == 32
+    after = pipeline.ingest(folder, fast_params(), art, show=False, dvc_file=dvc_file).data_version
+    # the duplicate's bytes were read by the scan: DVC's md5 of the edited folder, not the old one
+    assert after.md5 == lineage.dvc_dir_md5(lineage.folder_hashes(folder)) != before.md5
+    assert after.source == "dvc" and not lineage.recorded_version(art, dvc_file).tracked
+
+
+def test_training_records_the_version_of_the_images_it_trained_on(tmp_path: Path, digits_folder):
+    """300 images ingested, 30 added, the ingest of the 330 fails while writing its set: training
+    runs on the 300 and records their version (it once recorded the old md5 for the new images);
+    after a successful ingest it trains on the 330, as a new run with their version."""
+    data, art = tmp_path / "data", Artifacts(tmp_path / "artifacts")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(FAST))
+    for label_dir in sorted(p for p in digits_folder.iterdir() if p.is_dir()):
+        (data / label_dir.name).mkdir(parents=True)
+        for image in sorted(label_dir.iterdir())[:30]:
+            shutil.copy2(image, data / label_dir.name / image.name)
+    assert ingest_cli(data, art.root, cwd=tmp_path).returncode == 0
+    old = lineage.dvc_dir_md5(lineage.folder_hashes(data))
+    for label_dir in sorted(p for p in digits_folder.iterdir() if p.is_dir()):
+        for image in sorted(label_dir.iterdir())[30:33]:
+            shutil.copy2(image, data / label_dir.name / image.name)
+    failed = ingest_cli(data, art.root, "-S", "data.resolution=64", cwd=tmp_path, file_limit=2**20)
+    assert failed.returncode == 2, failed.stderr[-2000:]
+
+    params, client = fast_params(train={"epochs": 1}), MlflowClient()
+    first = pipeline.train(params, art, show=False)
+    assert len(checkpoint.load(art.final_checkpoint)["assignments"]) == 300
+    assert client.get_run(first.run_id).data.tags["data_md5"] == old
+
+    assert ingest_cli(data, art.root, cwd=tmp_path).returncode == 0
+    new = lineage.dvc_dir_md5(lineage.folder_hashes(data))
+    second = pipeline.train(params, art, show=False)  # not a continuation of the 300's run
+    assert len(checkpoint.load(art.final_checkpoint)["assignments"]) == 330
+    assert second.run_id != first.run_id and second.resumed_from == 0
+    run = client.get_run(second.run_id)
+    assert run.data.tags["data_md5"] == new != old
+    assert [d.dataset.digest for d in run.inputs.dataset_inputs] == [new]
 
 
 @pytest.fixture

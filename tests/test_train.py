@@ -4,6 +4,7 @@ and publishing, one writer per folder, and a head that learns in every epoch."""
 from __future__ import annotations
 
 import shutil
+import threading
 
 import numpy as np
 import pytest
@@ -153,9 +154,24 @@ def test_more_clusters_than_images_is_refused_with_the_k_as_written(workspace: A
 
 
 def test_a_second_writer_is_refused(workspace: Artifacts) -> None:
-    busy = pytest.raises(lock.Busy, match=r"being written by `deepcluster train` \(pid \d+")
-    with lock.writing(workspace, "train"), busy:
-        pipeline.train(fast_params(train={"epochs": 1}), workspace, show=False)
+    """Another writer (here a thread: the lock is re-entrant only within the thread holding it)."""
+    held, release = threading.Event(), threading.Event()
+
+    def other_writer() -> None:
+        with lock.writing(workspace, "train"):
+            held.set()
+            release.wait(60)
+
+    writer = threading.Thread(target=other_writer)
+    writer.start()
+    try:
+        assert held.wait(30)
+        busy = pytest.raises(lock.Busy, match=r"being written by `deepcluster train` \(pid \d+")
+        with busy:
+            pipeline.train(fast_params(train={"epochs": 1}), workspace, show=False)
+    finally:
+        release.set()
+        writer.join()
     assert not workspace.model.exists()
 
 

@@ -1,6 +1,7 @@
 """`deepcluster`: the command line over the pipeline steps (the DVC stages call these commands).
 
-Each command parses its options, calls one step of `deepcluster.pipeline` and prints a summary;
+Each command parses its options, takes the artifacts folder's lock (before the heavy imports, so a
+second writer is refused at once), calls one step of `deepcluster.pipeline` and prints a summary;
 bad input ends in one `error:` line (exit 2), Ctrl-C or SIGTERM in one `stopped:` line (exit 130)
 after the step has marked its MLflow run KILLED and left its last checkpoint to resume.
 """
@@ -37,8 +38,8 @@ SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", "-S", help="Override a parameter, e.g. -S train.epochs=3 (repeatable)."),
 ]
-DataArg = Annotated[
-    Path, typer.Argument(help="Image folder (class-per-folder layout gives labels).")
+DataArg = Annotated[  # a string: Path("") would silently be the current folder
+    str, typer.Argument(help="Image folder (class-per-folder layout gives labels).")
 ]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars or lines.")]
 LinksOpt = Annotated[
@@ -71,6 +72,31 @@ def _artifacts(root: Path):
     return Artifacts(root)
 
 
+@contextlib.contextmanager
+def _writing(art, step: str):
+    """The folder's lock, taken before the step's heavy imports (torch, MLflow: seconds) so that
+    a second writer is refused at once; the step takes it again (re-entrant). Under torchrun only
+    rank 0 holds it, as in `pipeline.train`."""
+    from .lock import writing
+
+    if os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    with writing(art, step):
+        yield
+
+
+STOP_NOTES = {
+    "train": "the last epoch checkpoint is kept; run the command again to resume",
+    "other": "nothing half-written was published; run the command again",
+}
+_stopping = {"note": STOP_NOTES["other"]}  # what a stop leaves behind, for the `stopped:` line
+
+
+def _stops_like(kind: str) -> None:
+    _stopping["note"] = STOP_NOTES[kind]
+
+
 @app.command("sample-data")
 def sample_data(
     name: Annotated[
@@ -91,7 +117,7 @@ def sample_data(
 
 @app.command()
 def ingest(
-    data_dir: DataArg = Path("data"),
+    data_dir: DataArg = "data",
     params: ParamsOpt = DEFAULT_PARAMS,
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
@@ -99,11 +125,12 @@ def ingest(
     follow_links: LinksOpt = False,
 ) -> None:
     """Scan the image folder (manifest + rejected tables) and decode it once into the cache."""
-    from . import pipeline
-
     art = _artifacts(artifacts)
     p = _params(params, set_)
-    summary = pipeline.ingest(data_dir, p, art, show=not quiet, follow_links=follow_links)
+    with _writing(art, "ingest"):
+        from . import pipeline
+
+        summary = pipeline.ingest(data_dir, p, art, show=not quiet, follow_links=follow_links)
     typer.echo(summary.line(art))
 
 
@@ -122,12 +149,15 @@ def train(
     `--nproc N` runs N processes under torchrun (DistributedDataParallel; gloo on the CPU,
     NCCL on GPUs); `torchrun -m deepcluster.cli train` works as well.
     """
-    from . import distributed, pipeline
-
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         _under_torchrun(nproc)
     art = _artifacts(artifacts)
-    result = pipeline.train(_params(params, set_), art, fresh=fresh, show=not quiet)
+    p = _params(params, set_)
+    _stops_like("train")
+    with _writing(art, "train"):
+        from . import distributed, pipeline
+
+        result = pipeline.train(p, art, fresh=fresh, show=not quiet)
     if distributed.Ranks.from_env().main:  # one summary, from the rank that owns the MLflow run
         typer.echo(f"trained {len(result.history)} epochs; model at {art.model}; MLflow run {result.run_id}")
 
@@ -140,10 +170,12 @@ def features(
     quiet: QuietOpt = False,
 ) -> None:
     """Embed every image with the trained model."""
-    from . import pipeline
-
     art = _artifacts(artifacts)
-    feats = pipeline.features(art, _params(params, set_), show=not quiet)
+    p = _params(params, set_)
+    with _writing(art, "features"):
+        from . import pipeline
+
+        feats = pipeline.features(art, p, show=not quiet)
     typer.echo(f"{feats.shape[0]} x {feats.shape[1]} features at {art.features}")
 
 
@@ -154,10 +186,12 @@ def cluster(
     set_: SetOpt = None,
 ) -> None:
     """Cluster the final features: assignments table and centroids."""
-    from . import pipeline
-
     art = _artifacts(artifacts)
-    table = pipeline.cluster(art, _params(params, set_))
+    p = _params(params, set_)
+    with _writing(art, "cluster"):
+        from . import pipeline
+
+        table = pipeline.cluster(art, p)
     typer.echo(
         f"{table.height} images in {table['cluster'].n_unique()} clusters at {art.assignments}"
     )
@@ -171,17 +205,19 @@ def evaluate(
     quiet: QuietOpt = False,
 ) -> None:
     """Metrics against labels and baselines, training curves, cluster pictures."""
-    from . import pipeline
-
     art = _artifacts(artifacts)
-    metrics = pipeline.evaluate_step(art, _params(params, set_), show=not quiet)
+    p = _params(params, set_)
+    with _writing(art, "evaluate"):
+        from . import pipeline
+
+        metrics = pipeline.evaluate_step(art, p, show=not quiet)
     typer.echo(_summary(metrics))
     typer.echo(f"metrics at {art.metrics}; pictures in {art.eval_dir}")
 
 
 @app.command()
 def run(
-    data_dir: DataArg = Path("data"),
+    data_dir: DataArg = "data",
     params: ParamsOpt = DEFAULT_PARAMS,
     artifacts: ArtifactsOpt = Path("artifacts"),
     set_: SetOpt = None,
@@ -189,15 +225,22 @@ def run(
     follow_links: LinksOpt = False,
 ) -> None:
     """Every step: ingest, train, features, cluster, evaluate (training logged to MLflow)."""
-    from . import pipeline
-
     art, p, show = _artifacts(artifacts), _params(params, set_), not quiet
+    with _writing(art, "run"):  # for every step: no other writer in between
+        from . import pipeline
+
+        _run(pipeline, data_dir, p, art, show, follow_links)
+
+
+def _run(pipeline, data_dir: str, p, art, show: bool, follow_links: bool) -> None:
     timer = StepTimer()
     with timer("ingest"):
         summary = pipeline.ingest(data_dir, p, art, show=show, follow_links=follow_links)
     typer.echo(summary.line(art))
+    _stops_like("train")
     with timer("train"):
         pipeline.train(p, art, show=show)
+    _stops_like("other")
     with timer("features"):
         pipeline.features(art, p, show=show)
     with timer("cluster"):
@@ -241,9 +284,11 @@ def register(
     name: Annotated[str, typer.Option(help="Registered model name.")] = "deepcluster",
 ) -> None:
     """Register the model in MLflow: alias `candidate`; `champion` only if its metric is higher."""
-    from . import pipeline
+    art = _artifacts(artifacts)
+    with _writing(art, "register"):
+        from . import pipeline
 
-    reg = pipeline.register(_artifacts(artifacts), metric=metric, name=name)
+        reg = pipeline.register(art, metric=metric, name=name)
     typer.echo(reg.summary())
 
 
@@ -260,11 +305,12 @@ def curate(
     seed: Annotated[int, typer.Option(help="Random draws within bins and clusters.")] = 0,
 ) -> None:
     """Choose a diverse subset for labelling: every cluster, typical to unusual, no duplicates."""
-    from . import pipeline
-    from .curate import Settings
-
     art = _artifacts(artifacts)
-    result = pipeline.curate(art, Settings(budget, method, bins, eps, parents, seed))
+    with _writing(art, "curate"):
+        from . import pipeline
+        from .curate import Settings
+
+        result = pipeline.curate(art, Settings(budget, method, bins, eps, parents, seed))
     s = result.summary
     typer.echo(
         f"{s['chosen']} of {s['candidates']} images chosen ({s['method']}, budget {s['budget']}); "
@@ -349,8 +395,7 @@ def main() -> None:
         typer.echo(f"error: cannot use{where}: {err.strerror or err}", err=True)
         sys.exit(2)
     except Stopped as err:
-        typer.echo(f"stopped ({err}): the last epoch checkpoint is kept; run the command again "
-                   "to resume", err=True)
+        typer.echo(f"stopped ({err}): {_stopping['note']}", err=True)
         sys.exit(130)
 
 

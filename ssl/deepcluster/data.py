@@ -1,9 +1,10 @@
 """Ingest a folder of images: validate every file once, then decode once into a memory-mapped cache.
 
-`scan_images` turns a folder into two polars tables. Every non-hidden file lands in exactly one:
-the manifest (a fully decoded, usable image) or `rejected` (with a specific reason). Nothing is
-silently dropped and no single bad file stops the scan. `build_cache` decodes the manifest's images
-to uint8 RGB at the training resolution into one `.npy`, so training epochs never decode again.
+`scan_folder` turns a folder into two polars tables. Every entry (file, link, special file, hidden
+name, empty folder) lands in exactly one: the manifest (a fully decoded, usable image) or `rejected`
+(with a specific reason). Nothing is silently dropped, nothing but a regular file is opened, and no
+single bad entry stops the scan. `build_cache` decodes the manifest's images to uint8 RGB at the
+training resolution into one `.npy`, so training epochs never decode again.
 
 Parallel work (`workers > 1`) uses spawned processes: safe beside threaded libraries (polars, torch)
 and the same on every OS. A script that calls these functions must guard its entry point with
@@ -17,9 +18,10 @@ import hashlib
 import json
 import multiprocessing
 import os
+import stat
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import IO, Any, NamedTuple
 
 import numpy as np
@@ -31,8 +33,11 @@ from deepcluster.imagefile import (
     ImageLimits,
     ImageRejected,
     decode_bytes,
+    file_kind,
     load_first_frame,
     open_checked,
+    os_reason,
+    read_inside,
     read_regular_file,
 )
 from deepcluster.io import atomic_path, write_json
@@ -66,13 +71,33 @@ class ImageInfo(NamedTuple):
     mode: str
 
 
-class _ScanTask(NamedTuple):
-    """What a (possibly spawned) worker needs to inspect one file."""
+class Rejection(NamedTuple):
+    reason: str
+    md5: str | None = None  # of the file's bytes, when the scan read them before refusing it
+
+
+class Scan(NamedTuple):
+    """What a scan saw: the two tables, and what the data version needs without a second read."""
+
+    manifest: pl.DataFrame
+    rejected: pl.DataFrame
+    md5: dict[str, str]  # path -> md5 of every file whose bytes the scan read (rejected ones too)
+    unread: tuple[str, ...]  # rejected entries with content the scan did not read
+
+
+class Entry(NamedTuple):
+    """One entry of the data folder, as a (possibly spawned) worker opens it."""
 
     root: str  # the data folder, symbolic links resolved
-    path: Path
+    path: str  # relative POSIX path under root
     follow_external_links: bool
     limits: ImageLimits
+
+
+class _Listing(NamedTuple):
+    files: list[str]  # entries to open: files, special files, links
+    rejected: list[tuple[str, str]]  # entries the walk itself refuses, with the reason
+    unread: list[str]  # those of them that hold content (all but empty folders)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,42 +110,61 @@ def scan_images(
     follow_external_links: bool = False,
     limits: ImageLimits | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Validate every file under `root` and return `(manifest, rejected)`, both sorted by path.
+    """`(manifest, rejected)` of `scan_folder`."""
+    scan = scan_folder(root, workers, follow_external_links, limits)
+    return scan.manifest, scan.rejected
 
-    The walk is recursive and sorted. Hidden files and folders (name starting with '.', such as
-    `.gitignore`, `.DS_Store` or `.dvc`) are skipped: they are tool metadata, not data. Each image
-    is checked against `limits` (default: `ImageLimits.from_env()`) from its size and header, then
-    fully decoded (first frame for animations), so truncated files are rejected here rather than
-    crashing training. Symbolic links to files outside `root` are rejected unless
-    `follow_external_links`; linked folders are never walked (they could loop). A file whose
-    bytes equal an earlier accepted file's (in path order) is rejected as a duplicate. Labels are
-    filled only when every accepted image sits in a first-level subfolder. An empty manifest is
-    returned as is; see `require_images`.
+
+def scan_folder(
+    root: Path | str,
+    workers: int = 0,
+    follow_external_links: bool = False,
+    limits: ImageLimits | None = None,
+) -> Scan:
+    """Validate every entry under `root`: the manifest lists the usable images, `rejected` every
+    other entry with its reason, both sorted by path.
+
+    The walk is recursive and sorted. Each entry is looked at without being followed (lstat): only
+    a regular file with an image extension is opened (non-blocking, without following links) and
+    read within `limits` (default: `ImageLimits.from_env()`), then fully decoded (first frame for
+    animations), so truncated files are rejected here rather than crashing training. A symbolic
+    link is followed only to a regular file inside `root` (anywhere with
+    `follow_external_links`); linked folders are never walked (they could loop). Hidden names
+    ('.' first: tool metadata such as `.DS_Store` or `.git`) are rejected, hidden folders not
+    searched; empty folders, FIFOs, sockets, devices, link loops and dangling links are rejected
+    too, each with its reason. A file whose bytes equal an earlier accepted file's (in path order)
+    is rejected as a duplicate. Labels are filled only when every accepted image sits in a
+    first-level subfolder. An empty manifest is returned as is; see `require_images`.
     """
-    root = _require_folder(root)
+    root = data_folder(root)
     limits = limits or ImageLimits.from_env()
-    entries, unlistable = _list_entries(root)
-    named = [entry for entry in entries if _utf8(entry)]
-    rejected: list[tuple[str, str]] = list(unlistable)
-    rejected += [(entry, NON_UTF8_NAME) for entry in entries if not _utf8(entry)]
+    listing = _list_entries(root)
     real_root = os.path.realpath(root)
-    tasks = [_ScanTask(real_root, root / e, follow_external_links, limits) for e in named]
-    infos = _map_in_order(_inspect_file, tasks, workers, "scan")
+    tasks = [Entry(real_root, path, follow_external_links, limits) for path in listing.files]
+    results = _map_in_order(_inspect_file, tasks, workers, "scan")
 
+    rejected, unread = list(listing.rejected), list(listing.unread)
     accepted: list[tuple[str, ImageInfo]] = []
+    md5: dict[str, str] = {}
     first_path_by_hash: dict[str, str] = {}
-    for entry, info in zip(named, infos, strict=True):
-        if isinstance(info, str):
-            rejected.append((entry, info))
-        elif info.sha256 in first_path_by_hash:
-            rejected.append((entry, f"duplicate of {first_path_by_hash[info.sha256]}"))
+    for path, result in zip(listing.files, results, strict=True):
+        if result.md5 is not None:
+            md5[path] = result.md5
+        if isinstance(result, Rejection):
+            rejected.append((path, result.reason))
+            if result.md5 is None:
+                unread.append(path)
+        elif result.sha256 in first_path_by_hash:
+            rejected.append((path, f"duplicate of {first_path_by_hash[result.sha256]}"))
         else:
-            first_path_by_hash[info.sha256] = entry
-            accepted.append((entry, info))
-    return _manifest_frame(accepted), _rejected_frame(rejected)
+            first_path_by_hash[result.sha256] = path
+            accepted.append((path, result))
+    return Scan(_manifest_frame(accepted), _rejected_frame(rejected), md5, tuple(sorted(unread)))
 
 
 NON_UTF8_NAME = "file or folder name is not valid UTF-8 (rename it to ingest it)"
+HIDDEN_FILE = "hidden file: a name starting with '.' marks tool metadata, not data"
+HIDDEN_FOLDER = "hidden folder, not searched: a name starting with '.' marks tool metadata"
 
 
 def _utf8(name: str) -> bool:
@@ -145,7 +189,7 @@ def require_images(
         return
     where = str(root) if root is not None else "the data folder"
     if rejected.height == 0:
-        raise IngestError(f"no usable images in {where}: it holds no files (hidden files skipped)")
+        raise IngestError(f"no usable images in {where}: it holds no files")
     example = rejected.row(0, named=True)
     raise IngestError(
         f"no usable images in {where}: {rejected.height} files rejected, "
@@ -153,7 +197,12 @@ def require_images(
     )
 
 
-def _require_folder(root: Path) -> Path:
+def data_folder(root: Path | str) -> Path:
+    """The image folder to scan, refused with one line unless it is an existing folder.
+
+    An empty path is an error, not the current folder (which `Path("")` would silently be)."""
+    if not os.fspath(root).strip():
+        raise IngestError("data folder: the path is empty (name the image folder to ingest)")
     root = Path(root)
     if not root.exists():
         raise IngestError(f"data folder not found: {root}")
@@ -162,67 +211,124 @@ def _require_folder(root: Path) -> Path:
     return root
 
 
-def _list_entries(root: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """Relative POSIX paths of all non-hidden files, plus folders that could not be listed."""
-    entries: list[str] = []
-    unlistable: list[tuple[str, str]] = []
+def _list_entries(root: Path) -> _Listing:
+    """Every entry under `root`, sorted. Hidden names, names that are not UTF-8, empty folders
+    and folders that cannot be listed are refused here with their reason; the rest is opened by
+    `_inspect_file`. Linked folders are not walked (they could loop) but listed, so they are
+    refused with a reason too instead of vanishing."""
+    listing = _Listing([], [], [])
+
+    def refuse(relative: str, reason: str, content: bool = True) -> None:
+        listing.rejected.append((relative, reason))
+        if content:
+            listing.unread.append(relative)
 
     def record_error(error: OSError) -> None:
         relative = Path(error.filename).relative_to(root).as_posix()
-        unlistable.append((relative, f"cannot list folder: {error.strerror or error}"))
+        refuse(relative, f"cannot list folder: {error.strerror or error}")
 
     for folder, dirnames, filenames in os.walk(root, onerror=record_error):
-        # symlinked folders are not walked (they could loop), so they are listed as entries and
-        # rejected with a reason instead of vanishing
+        here = Path(folder).relative_to(root)
+        if not dirnames and not filenames and here != Path("."):
+            refuse(here.as_posix(), _empty_folder_reason(here.name), content=False)
+        for name in (d for d in dirnames if d.startswith(".")):
+            refuse((here / name).as_posix(), HIDDEN_FOLDER)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         linked = [d for d in dirnames if os.path.islink(os.path.join(folder, d))]
-        dirnames[:] = [d for d in dirnames if not d.startswith(".") and d not in linked]
+        dirnames[:] = [d for d in dirnames if d not in linked]
         for name in filenames + linked:
-            if not name.startswith("."):
-                entries.append(Path(folder, name).relative_to(root).as_posix())
-    return sorted(entries), unlistable
+            relative = (here / name).as_posix()
+            if name.startswith("."):
+                refuse(relative, HIDDEN_FILE)
+            elif not _utf8(relative):
+                refuse(relative, NON_UTF8_NAME)
+            else:
+                listing.files.append(relative)
+    listing.files.sort()
+    return listing
 
 
-def _inspect_file(task: _ScanTask) -> ImageInfo | str:
-    """Manifest fields of one file, or the reason it is rejected. Never raises."""
+def _empty_folder_reason(name: str) -> str:
+    if PurePosixPath(name).suffix.lower() in IMAGE_EXTENSIONS:
+        return "empty folder (a folder named like an image file)"
+    return "empty folder"
+
+
+def _inspect_file(entry: Entry) -> ImageInfo | Rejection:
+    """Manifest fields of one entry, or why it is rejected. Never raises."""
     try:
-        return _inspect_or_raise(task)
+        return _inspect_or_raise(entry)
     except ImageRejected as rejection:
-        return str(rejection)
+        return Rejection(str(rejection))
     except Exception as error:  # noqa: BLE001 -- one odd file must not stop the scan
-        return f"unexpected error: {type(error).__name__}: {error}"
+        return Rejection(f"unexpected error: {type(error).__name__}: {error}")
 
 
-def _inspect_or_raise(task: _ScanTask) -> ImageInfo | str:
-    path = task.path
-    if path.is_symlink():
-        problem = _link_problem(task)
-        if problem:
-            return problem
-    if path.is_dir():
-        return "symlinked folder (not followed)"
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        return f"unsupported file type '{path.suffix}'" if path.suffix else "no file extension"
-    data = read_regular_file(path, task.limits)
-    with open_checked(data, task.limits) as image:
-        mode = image.mode  # read before load(): the mode as stored, not as decoded
-        load_first_frame(image)  # Image.open only reads the header; this finds truncated data
-        width, height = image.size
-    sha256, md5 = hashlib.sha256(data).hexdigest(), hashlib.md5(data).hexdigest()
-    return ImageInfo(sha256, md5, len(data), width, height, mode)
-
-
-def _link_problem(task: _ScanTask) -> str | None:
-    """Why a symbolic link is refused, or None when it may be followed."""
+def _inspect_or_raise(entry: Entry) -> ImageInfo | Rejection:
+    data = read_entry(entry)
+    md5 = hashlib.md5(data).hexdigest()
     try:
-        os.stat(task.path)
+        with open_checked(data, entry.limits) as image:
+            mode = image.mode  # read before load(): the mode as stored, not as decoded
+            load_first_frame(image)  # Image.open only reads the header; this finds truncated data
+            width, height = image.size
+    except ImageRejected as rejection:
+        return Rejection(str(rejection), md5)
+    return ImageInfo(hashlib.sha256(data).hexdigest(), md5, len(data), width, height, mode)
+
+
+def read_entry(entry: Entry) -> bytes:
+    """The bytes of one entry, opened only when it is a regular file with an image extension
+    inside the folder, or a link to one (outside too with `follow_external_links`).
+
+    The entry is looked at with lstat, a link is resolved and its target checked before anything
+    is opened, and the open itself follows no link (`read_inside`): an entry swapped after the
+    check is refused, not followed. ImageRejected says why an entry is refused.
+    """
+    path = os.path.join(entry.root, entry.path)
+    try:
+        mode, target = os.lstat(path).st_mode, None
+        if stat.S_ISLNK(mode):
+            target = _link_target(entry)
+            mode = os.stat(target).st_mode
+    except OSError as error:
+        raise ImageRejected(os_reason(error)) from None
+    if stat.S_ISDIR(mode):
+        raise ImageRejected("symlinked folder (not followed)")
+    if not stat.S_ISREG(mode):
+        raise ImageRejected(f"not a regular file ({file_kind(mode)})")
+    suffix = PurePosixPath(entry.path).suffix
+    if suffix.lower() not in IMAGE_EXTENSIONS:
+        raise ImageRejected(f"unsupported file type '{suffix}'" if suffix else "no file extension")
+    if target is None:
+        return read_inside(entry.root, entry.path, entry.limits)
+    inside = _inside(entry.root, target)
+    if inside is not None:
+        return read_inside(entry.root, inside, entry.limits)
+    return read_regular_file(target, entry.limits, follow=False)
+
+
+def _link_target(entry: Entry) -> str:
+    """The resolved target of a symbolic link that may be followed; ImageRejected says why not."""
+    path = os.path.join(entry.root, entry.path)
+    try:
+        os.stat(path)  # the target's metadata only: nothing is opened
     except OSError as error:
         loop = error.errno == errno.ELOOP
-        return "symbolic link loop" if loop else "broken symbolic link"
-    target = os.path.realpath(task.path)
-    inside = os.path.commonpath([task.root, target]) == task.root
-    if inside or task.follow_external_links:
+        raise ImageRejected("symbolic link loop" if loop else "broken symbolic link") from None
+    target = os.path.realpath(path)
+    if _inside(entry.root, target) is None and not entry.follow_external_links:
+        raise ImageRejected(
+            "symbolic link to outside the data folder (not followed; see follow_external_links)"
+        )
+    return target
+
+
+def _inside(root: str, target: str) -> str | None:
+    """`target` as a POSIX path relative to `root` when it lies inside `root`, else None."""
+    if target == root or os.path.commonpath([root, target]) != root:
         return None
-    return "symbolic link to outside the data folder (not followed; see follow_external_links)"
+    return Path(target).relative_to(root).as_posix()
 
 
 def _manifest_frame(accepted: Sequence[tuple[str, ImageInfo]]) -> pl.DataFrame:
@@ -302,9 +408,11 @@ def build_cache(
     out_path: Path,
     workers: int = 0,
     limits: ImageLimits | None = None,
+    follow_external_links: bool = False,
 ) -> Path:
     """Decode every manifest row, in order, into `out_path` (.npy, shape (N, 3, R, R), uint8).
 
+    Each file is opened as the scan opened it (`read_entry`): the same links followed, no other.
     The array is written atomically; `out_path.with_suffix(".json")` records the resolution, the
     count and `manifest_digest(manifest)` so a stale cache can be told apart (`cache_is_current`).
     The whole file is allocated on disk before the memory map is written: a full disk is then an
@@ -312,9 +420,10 @@ def build_cache(
     """
     if manifest.height == 0:
         raise IngestError("cannot build an image cache from an empty manifest")
-    root, out_path = Path(root), Path(out_path)
+    real_root, out_path = os.path.realpath(root), Path(out_path)
     limits = limits or ImageLimits.from_env()
-    tasks = [(root / path, resolution, limits) for path in manifest["path"]]
+    entries = [Entry(real_root, path, follow_external_links, limits) for path in manifest["path"]]
+    tasks = [(entry, resolution) for entry in entries]
     shape = (len(tasks), 3, resolution, resolution)
     with atomic_path(out_path) as tmp:
         cache = _preallocated_npy(tmp, shape)
@@ -372,11 +481,12 @@ def _cache_description(manifest: pl.DataFrame, resolution: int) -> dict[str, Any
     }
 
 
-def _decode_task(task: tuple[Path, int, ImageLimits]) -> np.ndarray:
-    path, resolution, limits = task
+def _decode_task(task: tuple[Entry, int]) -> np.ndarray:
+    entry, resolution = task
     try:
-        return decode_image(path, resolution, limits)
+        return decode_bytes(read_entry(entry), resolution, entry.limits)
     except Exception as error:  # the manifest said this file was fine: name it, then stop
+        path = os.path.join(entry.root, entry.path)
         raise IngestError(f"cannot decode {path} (changed since the scan?): {error}") from error
 
 

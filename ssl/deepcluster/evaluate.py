@@ -8,6 +8,7 @@ training added.
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -38,10 +39,12 @@ def best_map_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
 def split(
     n: int, labels: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified train/test indices, the same for every feature set compared."""
+    """Train/test indices, the same for every feature set compared: stratified when both sides
+    can hold every class, else (a tiny labelled folder) a plain seeded random split."""
     idx = np.arange(n)
     counts = np.unique(labels, return_counts=True)[1]
-    stratify = labels if counts.min() >= 2 else None
+    n_test = math.ceil(test_fraction * n)  # as train_test_split rounds it
+    stratify = labels if counts.min() >= 2 and min(n_test, n - n_test) >= len(counts) else None
     train, test = train_test_split(
         idx, test_size=test_fraction, random_state=seed, stratify=stratify
     )

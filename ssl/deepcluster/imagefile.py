@@ -93,6 +93,10 @@ def _positive(variable: str, raw: str, kind: type) -> int | float:
 # Bytes
 
 
+READ_FLAGS = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # a FIFO cannot block
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
 def read_regular_file(path: str | os.PathLike, limits: ImageLimits, follow: bool = True) -> bytes:
     """The bytes of a regular file within the size limit; anything else is ImageRejected.
 
@@ -102,10 +106,41 @@ def read_regular_file(path: str | os.PathLike, limits: ImageLimits, follow: bool
     """
     try:
         _require_regular(os.stat(path, follow_symlinks=follow).st_mode)
-        flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(path, flags | (0 if follow else getattr(os, "O_NOFOLLOW", 0)))
+        fd = os.open(path, READ_FLAGS | (0 if follow else NOFOLLOW))
     except OSError as error:
         raise ImageRejected(os_reason(error)) from None
+    return _read_open(fd, limits)
+
+
+def read_inside(root: str | os.PathLike, relative: str, limits: ImageLimits) -> bytes:
+    """The bytes of the regular file `root/relative` (a POSIX path), within the size limit.
+
+    Every component is opened relative to the folder before it, without following a symbolic
+    link: a link or a special file swapped in after a scan looked is refused, never followed out
+    of `root`.
+    """
+    try:
+        fd = _open_beneath(os.fspath(root), relative)
+    except OSError as error:
+        raise ImageRejected(os_reason(error)) from None
+    return _read_open(fd, limits)
+
+
+def _open_beneath(root: str, relative: str) -> int:
+    *folders, name = relative.split("/")
+    folder = os.open(root, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        for part in folders:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | NOFOLLOW, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+        return os.open(name, READ_FLAGS | NOFOLLOW, dir_fd=folder)
+    finally:
+        os.close(folder)
+
+
+def _read_open(fd: int, limits: ImageLimits) -> bytes:
+    """Read an open file: refused unless regular and within the limit (checked on the open file)."""
     with os.fdopen(fd, "rb") as handle:
         info = os.fstat(handle.fileno())
         _require_regular(info.st_mode)
@@ -116,8 +151,12 @@ def read_regular_file(path: str | os.PathLike, limits: ImageLimits, follow: bool
 
 
 def _require_regular(mode: int) -> None:
-    if stat.S_ISREG(mode):
-        return
+    if not stat.S_ISREG(mode):
+        raise ImageRejected(f"not a regular file ({file_kind(mode)})")
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular `st_mode` is, in words."""
     kinds = {
         stat.S_ISDIR: "a folder",
         stat.S_ISLNK: "a symbolic link",
@@ -126,8 +165,7 @@ def _require_regular(mode: int) -> None:
         stat.S_ISCHR: "a character device",
         stat.S_ISBLK: "a block device",
     }
-    kind = next((name for test, name in kinds.items() if test(mode)), "a special file")
-    raise ImageRejected(f"not a regular file ({kind})")
+    return next((name for test, name in kinds.items() if test(mode)), "a special file")
 
 
 def os_reason(error: OSError) -> str:

@@ -40,6 +40,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise DiskFullError(
                 f"no space left on the device to write {final}: free some space and run again"
             ) from error
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(final)  # some writers (posix_fallocate) name no file
         raise
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -100,6 +102,35 @@ def recover_dir(final: Path) -> bool:
     if final.exists() or not aside.exists():
         return False
     os.replace(aside, final)
+    return True
+
+
+SET_MARKER = "COMMITTED"
+
+
+def publish_set(staged: Path, root: Path, names: list[str]) -> None:
+    """Put the folders `staged/<name>` in place of `root/<name>`, as one set: all or none.
+
+    Writing the marker (one atomic rename) commits the set. A failure before it leaves every
+    previous folder in force; after it, the renames are finished by `finish_set`, even after a
+    crash, so a reader never keeps a mix of old and new for long (each step checks that what it
+    reads belongs together)."""
+    write_json(staged / SET_MARKER, sorted(names))
+    finish_set(staged, root)
+
+
+def finish_set(staged: Path, root: Path) -> bool:
+    """Finish a committed `publish_set` that stopped between its renames, or remove a staging
+    folder its writer left uncommitted; True when a set was published. Only the lock holder calls
+    this."""
+    marker = staged / SET_MARKER
+    if not marker.exists():
+        shutil.rmtree(staged, ignore_errors=True)
+        return False
+    for name in json.loads(marker.read_text()):
+        if (staged / name).exists():
+            publish_dir(staged / name, root / name)
+    shutil.rmtree(staged)
     return True
 
 

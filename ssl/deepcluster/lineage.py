@@ -1,9 +1,11 @@
 """Where a run came from: the git commit and the data version (DVC's md5 of the image folder).
 
-The data version is DVC's own md5 of the folder (what `data.dvc` records), computed here in pure
-Python so that the CLI, Dagster and the tests need no `dvc` in their environment. It is used only when
-the folder still holds exactly the images that were ingested; otherwise the version falls back to a
-digest of the manifest, so a run never claims a DVC version it was not trained on.
+The data version is DVC's own md5 of the folder (what `data.dvc` records), computed in pure Python
+from the ingest scan's own hashes: no `dvc` is needed and no file is read twice. Ingest publishes it
+in one set with the manifest, tagged with that manifest's digest, and a step uses it only for that
+very manifest. When the scan did not read every file DVC would hash (a link, a hidden or unsupported
+file), or the record does not belong to the manifest a step reads, the version is the manifest's
+own digest: a run never claims a DVC version it was not trained on.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ import polars as pl
 import yaml
 
 from . import data
+from .io import write_json
 
 DVC_FILE = Path("data.dvc")
 # DVC never looks inside these folders, whatever .dvcignore says
@@ -28,7 +32,7 @@ DVC_SKIPPED_DIRS = {".git", ".dvc", ".hg"}
 @dataclass(frozen=True)
 class DataVersion:
     md5: str  # DVC md5 of the folder ("<hex>.dir"), or the manifest digest's first 32 hex digits
-    source: str  # "dvc": the folder's DVC md5; "manifest": the folder was not available/unchanged
+    source: str  # "dvc": the folder's DVC md5; "manifest": the manifest's digest (see above)
     folder: str | None  # the image folder the md5 describes
     tracked: bool  # the md5 equals the one the .dvc file records (data is at a committed version)
 
@@ -71,92 +75,73 @@ def recorded_md5(dvc_file: Path | str = DVC_FILE) -> tuple[str, Path] | None:
     return out["md5"], dvc_file.parent / out["path"]
 
 
-def folder_hashes(
-    folder: Path, known: dict[str, tuple[str, str]] | None = None
-) -> dict[str, tuple[str, str]]:
-    """relative POSIX path -> (md5, sha256) of every file under `folder`, as DVC walks it.
-
-    Files in `known` (hashed by the scan a moment ago) are not read again."""
-    known = known or {}
+def folder_hashes(folder: Path) -> dict[str, str]:
+    """relative POSIX path -> md5 of every file under `folder`, as DVC walks it: a check for tools
+    and tests (ingest takes the version from its own scan). Only regular files are opened, never
+    following a link nor blocking, and read in blocks; any other file is an OSError naming it."""
     hashes = {}
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if d not in DVC_SKIPPED_DIRS]
         for name in files:
             path = Path(root, name)
-            relative = path.relative_to(folder).as_posix()
-            if relative in known:
-                hashes[relative] = known[relative]
-                continue
-            content = path.read_bytes()
-            hashes[relative] = (
-                hashlib.md5(content).hexdigest(),
-                hashlib.sha256(content).hexdigest(),
-            )
+            hashes[path.relative_to(folder).as_posix()] = _md5_of_regular(path)
     return hashes
 
 
-def dvc_dir_md5(hashes: dict[str, tuple[str, str]]) -> str:
+def _md5_of_regular(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        digest = hashlib.md5()
+        for block in iter(lambda: handle.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dvc_dir_md5(hashes: dict[str, str]) -> str:
     """DVC's directory hash: md5 of the sorted JSON listing of {md5, relpath}, plus '.dir'."""
-    listing = [{"md5": md5, "relpath": path} for path, (md5, _) in sorted(hashes.items())]
+    listing = [{"md5": md5, "relpath": path} for path, md5 in sorted(hashes.items())]
     return hashlib.md5(json.dumps(listing, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
-def _matches_manifest(hashes, manifest: pl.DataFrame, rejected: pl.DataFrame) -> bool:
-    """The folder holds exactly the ingested images (same bytes) plus the rejected files."""
-    visible = {path for path in hashes if not any(p.startswith(".") for p in path.split("/"))}
-    if visible != set(manifest["path"]) | set(rejected["path"]):
-        return False
-    return all(hashes[p][1] == sha for p, sha in manifest.select("path", "sha256").iter_rows())
-
-
-def data_version(
-    manifest_path: Path,
-    folder: Path | None = None,
-    dvc_file: Path | str = DVC_FILE,
-    just_scanned: bool = False,
+def scanned_version(
+    scan: data.Scan, folder: Path | str, dvc_file: Path | str = DVC_FILE
 ) -> DataVersion:
-    """The version of the data a manifest was made from.
-
-    `folder` is the ingested image folder; when unknown the folder tracked by `dvc_file` is
-    tried. The folder's files are read to make sure it still holds the ingested bytes, except
-    right after the scan (`just_scanned`), whose own hashes are used: images are read once.
-    """
-    manifest = data.read_manifest(manifest_path)
-    rejected_path = Path(manifest_path).with_name("rejected.parquet")
-    rejected = pl.read_parquet(rejected_path) if rejected_path.exists() else manifest.head(0)
+    """The version of `folder` as `scan` saw it, from the scan's own hashes: DVC's md5 when the
+    scan read every file DVC hashes (DVC skips its own and git's folders), else the manifest's."""
+    unread = [path for path in scan.unread if path.rsplit("/", 1)[-1] not in DVC_SKIPPED_DIRS]
+    if unread:
+        return manifest_version(scan.manifest, folder)
+    md5 = dvc_dir_md5(scan.md5)
     recorded = recorded_md5(dvc_file)
-    if folder is None and recorded is not None:
-        folder = recorded[1]
-    if folder is not None and Path(folder).is_dir():
-        known = {}
-        if just_scanned:
-            rows = manifest.select("path", "md5", "sha256").iter_rows()
-            known = {path: (md5, sha) for path, md5, sha in rows}
-        hashes = folder_hashes(Path(folder), known)
-        if _matches_manifest(hashes, manifest, rejected):
-            md5 = dvc_dir_md5(hashes)
-            tracked = recorded is not None and recorded[0] == md5
-            return DataVersion(md5, "dvc", str(folder), tracked)
+    return DataVersion(md5, "dvc", str(folder), recorded is not None and recorded[0] == md5)
+
+
+def manifest_version(manifest: pl.DataFrame, folder: Path | str | None = None) -> DataVersion:
     digest = data.manifest_digest(manifest)[:32]  # MLflow keeps dataset digests up to 36 chars
     return DataVersion(digest, "manifest", None if folder is None else str(folder), False)
 
 
-def record_version(art, folder: Path | None, dvc_file: Path | str = DVC_FILE) -> DataVersion:
-    """Compute the data version once, at ingest, and keep it beside the manifest."""
-    from .io import write_json
-
-    version = data_version(art.manifest, folder, dvc_file, just_scanned=True)
-    write_json(art.data_version, {"md5": version.md5, "source": version.source,
-                                  "folder": version.folder})
-    return version
+def write_version(path: Path, version: DataVersion, manifest: pl.DataFrame) -> None:
+    """Record `version` as the version of `manifest`, whose digest it carries."""
+    write_json(path, {"md5": version.md5, "source": version.source, "folder": version.folder,
+                      "manifest_sha256": data.manifest_digest(manifest)})  # fmt: skip
 
 
-def recorded_version(art, dvc_file: Path | str = DVC_FILE) -> DataVersion:
-    """The version ingest recorded; whether DVC tracks it is decided now, against `dvc_file`
-    (a data.dvc committed after the ingest still counts)."""
-    if not art.data_version.exists():
-        return data_version(art.manifest, None, dvc_file)
-    saved = json.loads(art.data_version.read_text())
+def recorded_version(
+    art, dvc_file: Path | str = DVC_FILE, manifest: pl.DataFrame | None = None
+) -> DataVersion:
+    """The version of `manifest` (default: the published one): the one ingest published with it
+    when it was recorded for this very manifest, else the manifest's own digest. Whether DVC
+    tracks it is decided now, against `dvc_file` (a data.dvc committed after the ingest counts)."""
+    manifest = data.read_manifest(art.manifest) if manifest is None else manifest
+    try:
+        saved = json.loads(art.data_version.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    if not isinstance(saved, dict) or saved.get("manifest_sha256") != data.manifest_digest(manifest):
+        return manifest_version(manifest)
     recorded = recorded_md5(dvc_file)
     tracked = saved["source"] == "dvc" and recorded is not None and recorded[0] == saved["md5"]
     return DataVersion(saved["md5"], saved["source"], saved["folder"], tracked)

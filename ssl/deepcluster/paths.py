@@ -1,8 +1,8 @@
 """Where each pipeline step writes: the one layout the CLI, the DVC stages and Dagster share.
 
 Every file name lives here and nowhere else. A step publishes its outputs atomically (each file is
-written beside its final name and renamed over it); training works in `staging` and publishes only
-when it finishes, so a failed or stopped run never touches the last good model.
+written beside its final name and renamed over it); ingest and training work in `.staging` and
+publish only when they finish, so a failed or stopped run never touches the last good outputs.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ class Artifacts:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
 
-    # ingest: the manifest and the decoded cache are one version (the cache records the
-    # manifest's digest, and every later step checks that they still belong together)
+    # ingest: the manifest, the rejected table, the data version and the decoded cache are one
+    # set, published together (io.publish_set); the cache and the version record the manifest's
+    # digest, and every later step checks that they still belong together
     @property
     def ingest_dir(self) -> Path:
         return self.root / "ingest"
@@ -34,8 +35,14 @@ class Artifacts:
 
     @property
     def data_version(self) -> Path:
-        """DVC's md5 of the folder as scanned, computed from the scan's own hashes."""
+        """The data version of this manifest (DVC's md5 of the folder as scanned, from the scan's
+        own hashes), with the digest of the manifest it belongs to."""
         return self.ingest_dir / "data_version.json"
+
+    @property
+    def ingest_staging(self) -> Path:
+        """An ingest in progress: `ingest/` and `cache/` as it will publish them, together."""
+        return self.root / ".staging" / "ingest"
 
     @property
     def cache(self) -> Path:
@@ -68,6 +75,12 @@ class Artifacts:
     def run_file(self) -> Path:
         """The MLflow run of the model, which the later steps log into."""
         return self.train_dir / "mlflow_run.json"
+
+    @property
+    def trained_on(self) -> Path:
+        """The digest of the manifest the model was trained on (in staging_dir while it trains):
+        a checkpoint is resumed or continued only on those images."""
+        return self.train_dir / "data.json"
 
     @property
     def staging_dir(self) -> Path:

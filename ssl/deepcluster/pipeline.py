@@ -99,7 +99,7 @@ class IngestSummary:
 
 
 def ingest(
-    data_dir: Path,
+    data_dir: Path | str,
     params: Params,
     art: Artifacts,
     show: bool = True,
@@ -110,28 +110,48 @@ def ingest(
 
     Symbolic links that leave the folder are rejected unless `follow_links`.
 
-    The cache is written first: if decoding fails, the previous manifest and cache still belong
-    together; every later step checks that they do (`ingested`)."""
+    The manifest, the rejected table, the data version and the cache are written into a staging
+    folder and published as one set (`io.publish_set`): a failed or stopped ingest leaves the
+    previous set in force, whole."""
     with lock.writing(art, "ingest"):
-        for folder in (art.ingest_dir, art.cache.parent):
-            io.remove_stale_temporaries(folder)
-        manifest, rejected = data.scan_images(
-            Path(data_dir), params.compute.workers, follow_external_links=follow_links
-        )
-        data.require_images(manifest, rejected, Path(data_dir))
-        resolved, notes = resolve_params(params, manifest)
+        io.finish_set(art.ingest_staging, art.root)  # a publish a crash interrupted, or leftovers
+        root = data.data_folder(data_dir)
+        workers = params.compute.workers
+        scan = data.scan_folder(root, workers, follow_external_links=follow_links)
+        data.require_images(scan.manifest, scan.rejected, root)
+        resolved, notes = resolve_params(params, scan.manifest)
         _say_auto(notes, show)
         side = int(resolved.data.resolution)
-        data.build_cache(Path(data_dir), manifest, side, art.cache, params.compute.workers)
-        data.write_tables(manifest, rejected, art.ingest_dir)
-        version = lineage.record_version(art, Path(data_dir), dvc_file)
+        version = lineage.scanned_version(scan, root, dvc_file)
+        _publish_ingest(art, root, scan, side, version, workers, follow_links)
     return IngestSummary(
-        manifest.height, rejected.height, labels_of(manifest) is not None, side, notes, version
-    )
+        scan.manifest.height, scan.rejected.height, labels_of(scan.manifest) is not None, side,
+        notes, version,
+    )  # fmt: skip
+
+
+def _publish_ingest(art, root, scan, side, version, workers, follow_links) -> None:
+    """Write the set into the staging folder, then publish it whole; a failure leaves no trace."""
+    staged = Artifacts(art.ingest_staging)  # the same layout, under the staging folder
+    try:
+        data.write_tables(scan.manifest, scan.rejected, staged.ingest_dir)
+        lineage.write_version(staged.data_version, version, scan.manifest)
+        data.build_cache(root, scan.manifest, side, staged.cache, workers,
+                         follow_external_links=follow_links)  # fmt: skip
+        io.publish_set(art.ingest_staging, art.root, _set_names(art))
+    finally:
+        io.finish_set(art.ingest_staging, art.root)  # drops a failed one's part; else nothing left
+
+
+def _set_names(art: Artifacts) -> list[str]:
+    """The folders an ingest publishes, relative to the artifacts folder."""
+    return [folder.relative_to(art.root).as_posix() for folder in (art.ingest_dir, art.cache.parent)]
 
 
 def ingested(art: Artifacts) -> tuple[pl.DataFrame, np.ndarray]:
     """The manifest and its decoded cache, refused unless the cache was made from this manifest."""
+    if lock.holds(art):
+        io.finish_set(art.ingest_staging, art.root)  # an ingest stopped between its renames
     manifest = data.read_manifest(require(art.manifest, "ingest"))
     images = data.load_cache(require(art.cache, "ingest"))
     if not data.cache_is_current(art.cache, manifest, images.shape[-1]):
@@ -211,9 +231,9 @@ def _train(params, art, fresh, on_epoch, show, stop_after, tags, source, dvc_fil
     if ranks.main:
         io.recover_dir(art.train_dir)
         _say_auto(notes, show)
-        _stage(art, resolved, fresh)
+        _stage(art, resolved, fresh, data.manifest_digest(manifest))
         tracking.use_store()
-        version = lineage.recorded_version(art, dvc_file)
+        version = lineage.recorded_version(art, dvc_file, manifest)  # of the manifest trained on
         auto = {f"auto/{key}": note for key, note in notes.items()}  # what `auto` became, and why
         run_tags = {**(tags or {}), **auto}
         run_id = tracking.training_run(art, resolved, version, _staged_history(art), run_tags, source)
@@ -234,15 +254,26 @@ def _train(params, art, fresh, on_epoch, show, stop_after, tags, source, dvc_fil
     return TrainSummary(resolved, result.history, result.resumed_from, run_id, notes, published)
 
 
-def _stage(art: Artifacts, params: Params, fresh: bool) -> None:
+def _stage(art: Artifacts, params: Params, fresh: bool, images: str) -> None:
     """Prepare the staging folder: keep an interrupted run's checkpoint, or start from the
-    published run's last state when these parameters continue it (a longer constant-rate run)."""
+    published run's last state when these parameters continue it (a longer constant-rate run).
+
+    Either only on the images it was trained on (`images`: the manifest's digest, recorded in the
+    staging folder and so published with the model): a run on other images is another run."""
     if fresh and art.staging_dir.exists():
         shutil.rmtree(art.staging_dir)
     art.staging_dir.mkdir(parents=True, exist_ok=True)
     io.remove_stale_temporaries(art.staging_dir)
+    if art.checkpoint.exists() and _trained_on(art.staging_dir, art) != images:
+        raise UserError(
+            f"{art.checkpoint} was trained on other images than {art.manifest} holds now (an "
+            "ingest since?): train from scratch with --fresh (Dagster: resume: false)"
+        )
+    io.write_json(art.staging_dir / art.trained_on.name, {"manifest_sha256": images})
     if fresh or art.checkpoint.exists() or not art.final_checkpoint.exists():
         return
+    if _trained_on(art.train_dir, art) != images:
+        return  # the published model saw other images: train from scratch
     published = load(art.final_checkpoint)
     if published["fingerprint"] != params_fingerprint(params):
         return  # another run: train from scratch, the published model stays until this one ends
@@ -254,6 +285,14 @@ def _stage(art: Artifacts, params: Params, fresh: bool) -> None:
     for path in (art.final_checkpoint, art.run_file):
         if path.exists():
             shutil.copy2(path, art.staging_dir / path.name)
+
+
+def _trained_on(folder: Path, art: Artifacts) -> str | None:
+    """The digest of the manifest the checkpoint in `folder` was trained on (None: unknown)."""
+    try:
+        return json.loads((folder / art.trained_on.name).read_text())["manifest_sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _staged_history(art: Artifacts) -> list[dict]:
