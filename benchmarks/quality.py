@@ -40,7 +40,7 @@ from deepcluster.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("DEEPCLUSTER_BENCH_CACHE", Path.home() / ".cache/deepcluster/bench"))
-METRICS = ("nmi", "ari", "accuracy", "knn_top1", "linear_top1", "nmi_k", "shortcut")
+METRICS = ("nmi", "ari", "accuracy", "knn_top1", "linear_top1", "nmi_k", "purity_k", "shortcut")
 EMBEDDING = "accuracy_embedding"  # the trained projection at k = classes, no baselines
 BASELINES = ("pixels", "random_init")
 
@@ -67,7 +67,8 @@ def load_dataset(name: str, params: Params) -> Dataset:
 
 def resolved(params: Params, ds: Dataset) -> Params:
     """`params` with every auto value resolved against the data set, as `train` resolves them."""
-    return pipeline.resolve_params(with_resolution(params, ds.images.shape[-1]), ds.manifest)[0]
+    side = ds.images.shape[-1]
+    return pipeline.resolve_params(with_resolution(params, side), ds.manifest, ds.images)[0]
 
 
 def default_params(overrides: dict | None = None) -> Params:

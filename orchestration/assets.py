@@ -174,7 +174,9 @@ def cluster_assignments(artifacts: ArtifactStore, compute: ComputeResource) -> M
     )
 
 
-BASELINES = ("nmi", "ari", "accuracy", "nmi_k", "knn_top1", "linear_top1", "shortcut")
+BASELINES = (
+    "nmi", "ari", "accuracy", "nmi_k", "purity_k", "knn_top1", "linear_top1", "shortcut",
+)  # fmt: skip
 
 
 def comparison(metrics: dict) -> MetadataValue | str:

@@ -11,6 +11,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+import yaml
 from dagster import Config
 from pydantic import Field, create_model
 
@@ -26,7 +27,10 @@ _TYPES = {
     "float": float,
     "str": str,
     "bool": bool,
-    "IntOrAuto": str,  # "auto" or a whole number, checked by deepcluster.config
+    # "auto" or a value, as text; checked by deepcluster.config
+    "IntOrAuto": str,
+    "FloatOrAuto": str,
+    "BoolOrAuto": str,
     "tuple[float, float]": list[float],
     "tuple[float, ...]": list[float],
 }
@@ -35,13 +39,18 @@ _TYPES = {
 def _launchpad(value: Any, kind: str) -> Any:
     if isinstance(value, tuple):
         return list(value)
-    return str(value) if kind == "IntOrAuto" else value
+    if kind.endswith("OrAuto"):
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    return value
 
 
 def _library(value: Any) -> Any:
-    """A launchpad value back into the library's form ("32" -> 32, "auto" stays)."""
-    if isinstance(value, str) and value != AUTO and value.lstrip("-").isdigit():
-        return int(value)
+    """A launchpad value back into the library's form ("32" -> 32, "true" -> True, "auto"
+    stays); other text stays text."""
+    if isinstance(value, str) and value != AUTO:
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, (bool, int, float)):
+            return parsed
     return value
 
 

@@ -100,3 +100,36 @@ def test_explicit_values_are_kept(tmp_path: Path) -> None:
     params, notes = pipeline.resolve_params(explicit, manifest)
     assert params.cluster.k == 30 and params.train.epochs == 3
     assert "cluster.k" not in notes and "train.epochs" not in notes
+
+
+def test_colour_is_told_from_grey_and_near_grey(tmp_path: Path) -> None:
+    from deepcluster.autoparams import is_colour
+
+    rng = np.random.default_rng(0)
+    grey = np.repeat(rng.integers(0, 256, (50, 1, 16, 16), dtype=np.uint8), 3, axis=1)
+    assert not is_colour(grey)
+    noisy = grey.astype(int) + rng.integers(-3, 4, grey.shape)  # JPEG-like chroma noise on grey
+    assert not is_colour(np.clip(noisy, 0, 255).astype(np.uint8))
+    assert is_colour(rng.integers(0, 256, (50, 3, 16, 16), dtype=np.uint8))
+    mostly_grey = np.concatenate([grey[:40], rng.integers(0, 256, (10, 3, 16, 16), dtype=np.uint8)])
+    assert not is_colour(mostly_grey)
+
+
+@pytest.mark.parametrize("colour", [True, False])
+def test_colour_rules_resolve_once_the_images_are_decoded(tmp_path: Path, colour: bool) -> None:
+    from deepcluster import autoparams
+
+    manifest, _ = data.scan_images(folder_of(tmp_path, 4, (28, 28)), workers=0)
+    params = load_params(ROOT / "params.yaml")
+    _, before = pipeline.resolve_params(params, manifest)  # sizes only: colour waits
+    assert not {"model.sobel", "augment.jitter", "augment.grayscale"} & set(before)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
+    if not colour:
+        images = np.repeat(images[:, :1], 3, axis=1)
+    resolved, notes = pipeline.resolve_params(params, manifest, images)
+    assert resolved.model.sobel is autoparams.sobel(autoparams.DataFacts(4, 28, colour))[0]
+    assert resolved.augment.jitter == autoparams.COLOUR_JITTER[colour]
+    assert (resolved.augment.grayscale > 0) is colour
+    assert not resolved.auto_keys()
+    assert ("colour images" if colour else "grey images") in notes["model.sobel"]

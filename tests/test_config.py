@@ -145,9 +145,12 @@ def test_auto_values_are_listed_until_resolved() -> None:
     params = load_params(None)
     assert set(params.auto_keys()) == {
         "data.resolution",
+        "model.sobel",
         "cluster.k",
         "cluster.pca_dim",
         "train.batch_size",
         "train.epochs",
+        "augment.jitter",
+        "augment.grayscale",
     }
     assert params.compute.device == "auto"  # a machine setting, not one of the resolved values

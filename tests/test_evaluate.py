@@ -116,3 +116,12 @@ def test_pixel_features_keep_one_grey_channel_and_block_average() -> None:
     pooled = evaluate.pixel_features(grey, max_side=4)
     expected = np.arange(64).reshape(4, 2, 4, 2).mean(axis=(1, 3)) / 255.0
     assert np.allclose(pooled.reshape(4, 4), expected)
+
+
+def test_purity_counts_images_in_clusters_led_by_their_own_label() -> None:
+    from deepcluster.evaluate import purity
+
+    labels = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    assert purity(labels, np.arange(8)) == 1.0  # one image per cluster: every cluster is pure
+    assert purity(labels, np.array([0, 0, 1, 1, 1, 2, 2, 2])) == pytest.approx(6 / 8)
+    assert purity(labels, np.zeros(8, dtype=int)) == pytest.approx(3 / 8)

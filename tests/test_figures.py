@@ -22,7 +22,7 @@ EVALUATED = {
     "largest_cluster_share": 0.06, "largest_cluster_share_kmeans": 0.07,
     "smallest_cluster_size": 21, "nmi_stability": 0.8,
     "nmi": 0.7, "ari": 0.55, "accuracy": 0.75, "knn_top1": 0.95, "linear_top1": 0.93,
-    "nmi_k": 0.72, "nmi_embedding": 0.69, "accuracy_embedding": 0.74,
+    "nmi_k": 0.72, "purity_k": 0.9, "nmi_embedding": 0.69, "accuracy_embedding": 0.74,
     **{f"{key}_{base}": 0.3 for key in figures.PROBES for base in figures.BASELINES},
     "shortcut": -0.002, "shortcut_random_init": 0.3, "shortcut_pixels": 0.4,
 }  # fmt: skip

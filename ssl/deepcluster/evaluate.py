@@ -26,14 +26,27 @@ from .config import Params
 from .errors import ParamError
 
 
-def best_map_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
-    """Accuracy under the one-to-one cluster->label map that maximises it (Hungarian algorithm)."""
+def _contingency(labels: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+    """(clusters, labels) table of image counts."""
     label_ids = np.unique(labels, return_inverse=True)[1]
     cluster_ids = np.unique(clusters, return_inverse=True)[1]
     table = np.zeros((cluster_ids.max() + 1, label_ids.max() + 1), dtype=np.int64)
     np.add.at(table, (cluster_ids, label_ids), 1)
+    return table
+
+
+def best_map_accuracy(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Accuracy under the one-to-one cluster->label map that maximises it (Hungarian algorithm)."""
+    table = _contingency(labels, clusters)
     rows, cols = linear_sum_assignment(-table)
     return float(table[rows, cols].sum() / len(labels))
+
+
+def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Share of the images whose cluster's most common label is their own: what a person
+    browsing over-clustered groups sees. NMI cannot show it at large k: against 10 classes, 200
+    pure clusters score at most 2 H(labels) / (H(clusters) + H(labels)), about 0.61."""
+    return float(_contingency(labels, clusters).max(axis=1).sum() / len(labels))
 
 
 def split(
@@ -240,6 +253,7 @@ def compare(
                 out |= {f"{key}{suffix}": value for key, value in run(views).items()}
                 shown.update()
             out[f"nmi_k{suffix}"] = nmi(labels, clusters[name])
+            out[f"purity_k{suffix}"] = purity(labels, clusters[name])
             if name == "trained":
                 out |= embedding_scores(views.clusters, labels, seed)
             progress.say(

@@ -43,7 +43,7 @@ COUNT = Figure(0, whole=True)
 
 # the class-level probes, each written for the trained model and for two baselines
 PROBES = {"nmi": SCORE, "ari": ARI, "accuracy": SCORE, "knn_top1": SCORE, "linear_top1": SCORE,
-          "nmi_k": SCORE}  # fmt: skip
+          "nmi_k": SCORE, "purity_k": SCORE}  # fmt: skip
 BASELINES = ("random_init", "pixels")
 
 FIGURES: dict[str, Figure] = {

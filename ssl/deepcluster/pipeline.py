@@ -73,9 +73,12 @@ def labels_of(manifest: pl.DataFrame) -> np.ndarray | None:
     return manifest["label"].to_numpy().astype(str)
 
 
-def resolve_params(params: Params, manifest: pl.DataFrame) -> tuple[Params, dict[str, str]]:
-    """`auto` values resolved from the manifest; the notes say what each became and why."""
-    return autoparams.resolve(params, autoparams.DataFacts.of(manifest))
+def resolve_params(
+    params: Params, manifest: pl.DataFrame, images: np.ndarray | None = None
+) -> tuple[Params, dict[str, str]]:
+    """`auto` values resolved from the manifest (and the decoded images: colour or grey); the
+    notes say what each became and why."""
+    return autoparams.resolve(params, autoparams.DataFacts.of(manifest, images))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,6 +127,10 @@ def ingest(
         side = int(resolved.data.resolution)
         version = lineage.scanned_version(scan, root, dvc_file)
         _publish_ingest(art, root, scan, side, version, workers, follow_links)
+        decoded = resolve_params(params, scan.manifest, data.load_cache(art.cache))[1]
+        colour = {key: note for key, note in decoded.items() if key not in notes}
+        _say_auto(colour, show)  # the values that needed the decoded images
+        notes |= colour
     return IngestSummary(
         scan.manifest.height, scan.rejected.height, labels_of(scan.manifest) is not None, side,
         notes, version,
@@ -191,7 +198,7 @@ def training_params(
             f"{art.cache} holds {side} px images but data.resolution = {params.data.resolution}: "
             "run `deepcluster ingest` again"
         )
-    resolved, notes = resolve_params(autoparams.with_resolution(params, side), manifest)
+    resolved, notes = resolve_params(autoparams.with_resolution(params, side), manifest, images)
     check_clusters(resolved, manifest.height, given=params)
     return resolved, notes
 
