@@ -3,7 +3,7 @@
     PYTHONPATH=ssl .venv/bin/python benchmarks/ablations.py --set mnist5k --epochs 15
     PYTHONPATH=ssl .venv/bin/python benchmarks/ablations.py --set digits --only v1 v1-head-decays
     PYTHONPATH=ssl .venv/bin/python benchmarks/ablations.py --set colour-nuisance --seeds 0 1 2 \
-        --only v1 v1-sobel v1-jitter-0.8 v1-sobel-jitter-0.8 v1-grey-0.5 v1-crops-0.14
+        --only v1-colour-before v1-sobel v1-jitter-0.8 v1-sobel-jitter-0.8 v1-grey-0.5 v1-crops-0.14
 
 Each variant is a set of params.yaml overrides, or a change of code path that is no parameter
 (the old head schedule, batch-mode batch norm or the trunk's output at feature extraction). All
@@ -107,16 +107,20 @@ VARIANTS: dict[str, tuple[str, dict, Callable | None]] = {
     "v1-pca-16": ("v1, PCA to 16 dimensions", {**V1, "cluster.pca_dim": 16}, None),
     "v1-constant-lr": ("v1, constant learning rate (the paper)", {**V1, "train.schedule": "constant"}, None),
 }
-# colour: the paper's Sobel layer against DeepCluster-v2's strong colour augmentation
+# colour: the paper's Sobel layer against DeepCluster-v2's strong colour augmentation, each one
+# change from the settings before colour had auto values (no Sobel, jitter 0.4, grayscale 0.2)
+BEFORE = {"model.sobel": False, "augment.jitter": 0.4, "augment.grayscale": 0.2}
 SOBEL, STRONG = {"model.sobel": True}, {"augment.jitter": 0.8}
 GREY, WIDE_CROPS = {"augment.grayscale": 0.5}, {"augment.crop_scale": [0.14, 1.0]}
 for prefix, method in (("v1", V1), ("v2", {})):
+    before = {**method, **BEFORE}
     VARIANTS |= {
-        f"{prefix}-sobel": (f"{prefix}, Sobel input layer", {**method, **SOBEL}, None),
-        f"{prefix}-jitter-0.8": (f"{prefix}, colour jitter 0.8 (the v2 paper's)", {**method, **STRONG}, None),
-        f"{prefix}-sobel-jitter-0.8": (f"{prefix}, Sobel and jitter 0.8", {**method, **SOBEL, **STRONG}, None),
-        f"{prefix}-grey-0.5": (f"{prefix}, grayscale with p = 0.5", {**method, **GREY}, None),
-        f"{prefix}-crops-0.14": (f"{prefix}, crops of 0.14-1.0 of the area", {**method, **WIDE_CROPS}, None),
+        f"{prefix}-colour-before": (f"{prefix}, no Sobel, jitter 0.4 (before)", before, None),
+        f"{prefix}-sobel": (f"{prefix}, Sobel input layer", {**before, **SOBEL}, None),
+        f"{prefix}-jitter-0.8": (f"{prefix}, colour jitter 0.8 (the v2 paper's)", {**before, **STRONG}, None),
+        f"{prefix}-sobel-jitter-0.8": (f"{prefix}, Sobel and jitter 0.8", {**before, **SOBEL, **STRONG}, None),
+        f"{prefix}-grey-0.5": (f"{prefix}, grayscale with p = 0.5", {**before, **GREY}, None),
+        f"{prefix}-crops-0.14": (f"{prefix}, crops of 0.14-1.0 of the area", {**before, **WIDE_CROPS}, None),
     }
 RELATIVE = {"quarter": 0.25, "half": 0.5, "double": 2.0}
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from deepcluster import evaluate, pipeline
+from deepcluster import evaluate, figures, pipeline
 from deepcluster.autoparams import with_resolution
 from deepcluster.cluster import cluster_as_trained
 from deepcluster.config import Params, load_params
@@ -40,7 +40,7 @@ from deepcluster.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("DEEPCLUSTER_BENCH_CACHE", Path.home() / ".cache/deepcluster/bench"))
-METRICS = ("nmi", "ari", "accuracy", "knn_top1", "linear_top1", "nmi_k", "purity_k", "shortcut")
+METRICS = figures.COMPARED
 EMBEDDING = "accuracy_embedding"  # the trained projection at k = classes, no baselines
 BASELINES = ("pixels", "random_init")
 
@@ -89,9 +89,9 @@ def score(trained: evaluate.Views, ds: Dataset, params: Params) -> dict[str, flo
         "trained": cluster_as_trained(trained.clusters, params).assignments,
         **evaluate.baseline_clusters(baselines, params),
     }
-    figures = evaluate.shortcut_figures(ds.images, ds.manifest, clusters, params.train.seed)
+    shortcut = evaluate.shortcut_figures(ds.images, ds.manifest, clusters, params.train.seed)
     sets = {"trained": trained, **baselines}
-    return figures | evaluate.compare(sets, ds.labels, params, clusters, show=False)
+    return shortcut | evaluate.compare(sets, ds.labels, params, clusters, show=False)
 
 
 def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:
@@ -101,12 +101,12 @@ def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:
         result = train(params, ds.images, Path(tmp), ds.labels, on_epoch=on_epoch, progress=False)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     views = evaluate.network_views(result.model, ds.images, params, show=False)
-    figures = score(views, ds, params)
+    scores = score(views, ds, params)
     if os.environ.get("QUALITY_SAVE_FEATURES"):  # a folder: to study the protocol offline
         run = f"{ds.name}-{params.model.method}-{params.train.seed}.npz"
         np.savez(Path(os.environ["QUALITY_SAVE_FEATURES"]) / run, embed=views.clusters,
                  backbone=views.probes, labels=ds.labels)
-    return {**figures, "cpu_seconds": cpu, "wall_seconds": wall, "epochs": len(result.history)}
+    return {**scores, "cpu_seconds": cpu, "wall_seconds": wall, "epochs": len(result.history)}
 
 
 def machine_line() -> str:
@@ -153,8 +153,8 @@ def run_row(name: str, method: str, seeds: list[int], extra: dict) -> dict:
                 row[b][m].append(out[f"{m}_{b}"])
         row["cpu_seconds"].append(out["cpu_seconds"])
         row["wall_seconds"].append(out["wall_seconds"])
-        figures = ", ".join(f"{m} {out[m]:.3f}" for m in METRICS)
-        print(f"{name} {method} seed {seed}: {figures}, {out['cpu_seconds']:.0f} CPU-s", flush=True)
+        line = ", ".join(f"{m} {out[m]:.3f}" for m in METRICS)
+        print(f"{name} {method} seed {seed}: {line}, {out['cpu_seconds']:.0f} CPU-s", flush=True)
     row["params"] = params.flat()
     return row
 

@@ -24,7 +24,7 @@ from dagster import (
     observable_source_asset,
 )
 
-from deepcluster import data, pipeline, tracking
+from deepcluster import data, figures, pipeline, tracking
 from deepcluster.paths import Artifacts
 
 from . import metadata as md
@@ -174,9 +174,6 @@ def cluster_assignments(artifacts: ArtifactStore, compute: ComputeResource) -> M
     )
 
 
-BASELINES = (
-    "nmi", "ari", "accuracy", "nmi_k", "purity_k", "knn_top1", "linear_top1", "shortcut",
-)  # fmt: skip
 
 
 def comparison(metrics: dict) -> MetadataValue | str:
@@ -188,7 +185,7 @@ def comparison(metrics: dict) -> MetadataValue | str:
             "random_init": metrics.get(f"{key}_random_init"),
             "pixels": metrics.get(f"{key}_pixels"),
         }
-        for key in BASELINES
+        for key in figures.COMPARED
         if key in metrics
     ]
     if not rows:

@@ -139,8 +139,9 @@ def whitened_features_unit_norm(config: NormLimits, artifacts: ArtifactStore) ->
 def clusters_follow_content(artifacts: ArtifactStore) -> AssetCheckResult:
     import json
 
-    metrics = json.loads(artifacts.layout.metrics.read_text())
-    problems = health.shortcut_problems(metrics)
+    art = artifacts.layout
+    metrics = json.loads(art.metrics.read_text())
+    problems = health.shortcut_problems(metrics, saved_params(art.model) if art.model.exists() else None)
     figures = {key: metrics[key] for key in ("shortcut", "shortcut_random_init", "shortcut_pixels")}
     return AssetCheckResult(
         passed=not problems,

@@ -9,6 +9,7 @@ import pytest
 
 from deepcluster import evaluate, health, shortcut
 from deepcluster.cluster import assign, kmeans
+from deepcluster.config import load_params
 from deepcluster.sample import load_mnist5k
 from deepcluster.sample_colour import colour_nuisance
 
@@ -59,4 +60,12 @@ def test_the_warning_fires_only_when_training_follows_colour_as_much_as_random_w
     assert not health.shortcut_problems({"shortcut": 0.05, "shortcut_random_init": 0.02})
     assert not health.shortcut_problems({"nmi": 0.5})  # figures from before the detector
     (message,) = health.shortcut_problems({"shortcut": 0.4, "shortcut_random_init": 0.3})
-    assert "colour" in message and "model.sobel" in message
+    assert "colour" in message and "model.sobel: true" in message
+    # the advice names only what the run has not tried
+    tried = load_params(None, {"model.sobel": True, "augment.jitter": 0.8})
+    (message,) = health.shortcut_problems({"shortcut": 0.4, "shortcut_random_init": 0.3}, tried)
+    assert "augment.grayscale: 0.5" in message and "model.sobel" not in message
+    everything = load_params(None, {"model.sobel": True, "augment.jitter": 0.8,
+                                    "augment.grayscale": 0.5})  # fmt: skip
+    (message,) = health.shortcut_problems({"shortcut": 0.4, "shortcut_random_init": 0.3}, everything)
+    assert "train longer" in message

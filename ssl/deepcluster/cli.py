@@ -370,8 +370,10 @@ def _under_torchrun(nproc: int) -> None:
 
 def _summary(metrics: dict) -> str:
     """One line per figure, beside its baselines where they exist."""
+    from .figures import COMPARED
+
     lines = [f"k={metrics['k']}, largest cluster {metrics['largest_cluster_share']:.1%} of images"]
-    for key in ("nmi", "ari", "accuracy", "nmi_k", "knn_top1", "linear_top1"):
+    for key in COMPARED:
         if key in metrics:
             random_init = metrics.get(f"{key}_random_init")
             pixels = metrics.get(f"{key}_pixels")

@@ -65,6 +65,8 @@ FIGURES: dict[str, Figure] = {
     **{f"shortcut_{base}": Figure(-1, 1, higher_is_better=False, baseline=True)
        for base in BASELINES},
 }  # fmt: skip
+# every figure measured for the model and for both baselines, in the order reports show them
+COMPARED = (*PROBES, "shortcut")
 # what `--metric auto` means: the first of these metrics.json has a value for
 AUTO_METRICS = ("nmi", "nmi_stability")
 PROMOTION_METRICS = tuple(

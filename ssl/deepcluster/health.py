@@ -76,20 +76,31 @@ def react(health: ClusterHealth, state) -> str | None:
 
 
 SHORTCUT_FLOOR = 0.2  # shortcut AMI below this: the clusters barely follow trivial statistics
+# what takes colour away, as (key, value, spelled as in params.yaml)
+COLOUR_REMEDIES = (("sobel", True, "model.sobel: true"), ("jitter", 0.8, "augment.jitter: 0.8"),
+                   ("grayscale", 0.5, "augment.grayscale: 0.5"))  # fmt: skip
 
 
-def shortcut_problems(metrics: dict) -> list[str]:
+def shortcut_problems(metrics: dict, params=None) -> list[str]:
     """A warning when the clusters follow colour, brightness or size at least as much as the
-    untrained network's do (`deepcluster.shortcut`), with what to try."""
+    untrained network's do (`deepcluster.shortcut`), with what `params` has not tried yet."""
     score, base = metrics.get("shortcut"), metrics.get("shortcut_random_init")
     if score is None or base is None or score < max(base, SHORTCUT_FLOOR):
         return []
-    advice = (
-        "try model.sobel: true or stronger colour augmentation (augment.jitter: 0.8, "
-        "augment.grayscale: 0.5)"
-    )
     found = (
         f"the clusters follow colour, brightness or size (shortcut AMI {score:.2f}) as much as "
-        f"the untrained network's do ({base:.2f}), not what the images show: {advice}"
+        f"the untrained network's do ({base:.2f}): {_remedy(params)}"
     )
     return [found]
+
+
+def _remedy(params) -> str:
+    settings = {} if params is None else {
+        "sobel": params.model.sobel, "jitter": params.augment.jitter,
+        "grayscale": params.augment.grayscale,
+    }  # fmt: skip
+    untried = [spelled for key, value, spelled in COLOUR_REMEDIES
+               if not isinstance(settings.get(key), (bool, float, int)) or settings[key] < value]
+    if untried:
+        return "unless colour is what tells your images apart, try " + ", ".join(untried)
+    return "unless colour is what tells your images apart, train longer (train.epochs)"

@@ -374,7 +374,7 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
         metrics["images"] = len(assignments)
         metrics["nmi_stability"] = history[-1]["nmi_prev"] if history else None
         metrics |= _compare(art, p, manifest, images, assignments, labels_of(table), show)
-        for warning in health.shortcut_problems(metrics):
+        for warning in health.shortcut_problems(metrics, p):
             progress.say(f"warning: {warning}", show)
         _write_pictures(p, art, images, table, history)
         io.write_json(art.eval_history, history)
