@@ -167,3 +167,23 @@ def build_artifacts(art: Artifacts, images: Path, params, trained: bool = True) 
     pipeline.cluster(art, params)
     pipeline.evaluate_step(art, params, show=False)
     return art
+
+
+def pytest_report_header() -> str:
+    """The numeric path the suite trains on, in its header (docs/testing.md)."""
+    import torch
+
+    from deepcluster.device import bf16_enabled
+
+    settings = ",".join(f"{key}={value}" for key, value in TEST_COMPUTE.items()) or "none"
+    caps = [
+        f"{name}={os.environ[name]}"
+        for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+        if name in os.environ
+    ]
+    amp = bf16_enabled(torch.device("cpu"), bool(FAST["compute"].get("amp", True)))
+    return (
+        f"numerics: {COMPUTE_ENV}={settings}; {' '.join(caps) or 'no CPU capability cap'}; "
+        f"CPU training in {'bf16 autocast' if amp else 'fp32'}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )
