@@ -12,7 +12,8 @@ DVC_STAMP := $(DVC_VENV)/.installed
 DVC_PACKAGES := 'dvc>=3.67,<4' 'dvc-s3>=3.3,<4'
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install services-deps data push-data demo dvc-lock dagster serve test test-fast lint clean
+.PHONY: install services-deps data push-data demo dvc-lock dagster serve test test-fast lint clean \
+	test-numerics numerics-learning numerics-training
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
 # The services extra (PostgreSQL, S3 and Kubernetes clients, moto) is for deploy/ and its tests.
@@ -93,6 +94,26 @@ serve: install
 test: install services-deps
 	$(BIN)/ruff check ssl orchestration tests benchmarks deploy
 	$(BIN)/python -m pytest
+
+# The tests that train and assert on what came out (learning margins, collapse, drift, resume,
+# two-process training, the whole graph's checks), on another numeric path than this CPU's own: as
+# an AVX2-only CPU runs them (no AVX512 kernels, so fp32: no bf16 autocast) with one torch thread.
+# Two pytest processes side by side use both cores. NUMERICS_THREADS=2 runs them one after the
+# other with two threads; DEEPCLUSTER_TEST_COMPUTE carries the settings to every test that trains
+# (docs/testing.md).
+NUMERICS_THREADS ?= 1
+NUMERICS_ENV = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=$(NUMERICS_THREADS) \
+	DEEPCLUSTER_TEST_COMPUTE=amp=false,threads=$(NUMERICS_THREADS)
+numerics-learning: NUMERICS_TESTS = tests/test_learning.py
+numerics-training: NUMERICS_TESTS = tests/test_health.py tests/test_drift.py tests/test_distributed.py \
+	tests/test_train.py tests/test_orchestration.py
+
+test-numerics: install
+	@$(MAKE) --no-print-directory -j$(if $(filter 1,$(NUMERICS_THREADS)),2,1) --output-sync=target \
+	  numerics-learning numerics-training
+
+numerics-learning numerics-training:  # run by test-numerics, after its install
+	$(NUMERICS_ENV) $(BIN)/python -m pytest $(NUMERICS_TESTS)
 
 # the unit tests (no `slow` marker: no training for minutes, no servers), for a quick loop
 test-fast: install
