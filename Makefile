@@ -13,7 +13,7 @@ DVC_PACKAGES := 'dvc>=3.67,<4' 'dvc-s3>=3.3,<4'
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
 .PHONY: install services-deps data push-data demo dvc-lock dagster serve test test-fast lint clean \
-	test-numerics numerics-learning numerics-training
+	test-numerics numerics-v2-learning numerics-others
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
 # The services extra (PostgreSQL, S3 and Kubernetes clients, moto) is for deploy/ and its tests.
@@ -95,25 +95,25 @@ test: install services-deps
 	$(BIN)/ruff check ssl orchestration tests benchmarks deploy
 	$(BIN)/python -m pytest
 
-# The tests that train and assert on what came out (learning margins, collapse, drift, resume,
-# two-process training, the whole graph's checks), on another numeric path than this CPU's own: as
-# an AVX2-only CPU runs them (no AVX512 kernels, so fp32: no bf16 autocast) with one torch thread.
-# Two pytest processes side by side use both cores. NUMERICS_THREADS=2 runs them one after the
-# other with two threads; DEEPCLUSTER_TEST_COMPUTE carries the settings to every test that trains
-# (docs/testing.md).
+# The tests that train and assert on what came out (marker `numerics`: learning margins, collapse,
+# drift, exact resume, two-process training, the whole graph's checks) on another numeric path than
+# this CPU's own: as an AVX2-only CPU runs them (no AVX512 kernels, so fp32: no bf16 autocast), with
+# one torch thread, in two pytest processes side by side (one per core; v2's learning test is as
+# long as all the others). NUMERICS_THREADS=2 runs them one after the other with two threads.
+# DEEPCLUSTER_TEST_COMPUTE carries the settings to every test that trains (docs/testing.md).
 NUMERICS_THREADS ?= 1
 NUMERICS_ENV = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=$(NUMERICS_THREADS) \
 	DEEPCLUSTER_TEST_COMPUTE=amp=false,threads=$(NUMERICS_THREADS)
-numerics-learning: NUMERICS_TESTS = tests/test_learning.py
-numerics-training: NUMERICS_TESTS = tests/test_health.py tests/test_drift.py tests/test_distributed.py \
-	tests/test_train.py tests/test_orchestration.py
+NUMERICS_SPLIT = test_learning and deepcluster-v2
+numerics-v2-learning: NUMERICS_K = $(NUMERICS_SPLIT)
+numerics-others: NUMERICS_K = not ($(NUMERICS_SPLIT))
 
 test-numerics: install
 	@$(MAKE) --no-print-directory -j$(if $(filter 1,$(NUMERICS_THREADS)),2,1) --output-sync=target \
-	  numerics-learning numerics-training
+	  numerics-v2-learning numerics-others
 
-numerics-learning numerics-training:  # run by test-numerics, after its install
-	$(NUMERICS_ENV) $(BIN)/python -m pytest $(NUMERICS_TESTS)
+numerics-v2-learning numerics-others:  # run by test-numerics, after its install
+	$(NUMERICS_ENV) $(BIN)/python -m pytest -m numerics -k "$(NUMERICS_K)"
 
 # the unit tests (no `slow` marker: no training for minutes, no servers), for a quick loop
 test-fast: install

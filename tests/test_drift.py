@@ -148,6 +148,7 @@ def test_the_sensor_adds_a_partition_per_batch_and_requests_its_run(sensed) -> N
     assert all(run.success for run in sensed["runs"].values())
 
 
+@pytest.mark.numerics
 def test_each_batch_is_assigned_by_the_champion(world, sensed) -> None:
     art, reg = world["art"], world["registration"]
     for batch, run in sensed["runs"].items():
@@ -169,6 +170,7 @@ def _check(run):
     return evaluation
 
 
+@pytest.mark.numerics
 def test_drift_check_passes_held_back_digits_and_warns_on_inverted_ones(world, sensed) -> None:
     held, inverted = _check(sensed["runs"]["heldback"]), _check(sensed["runs"]["inverted"])
     reports = {batch: drift.batch_drift(world["art"], batch) for batch in ("heldback", "inverted")}

@@ -66,6 +66,7 @@ GUARD = re.compile(
 )
 
 
+@pytest.mark.numerics
 def test_training_reacts_to_collapse_and_the_model_is_not_registered(
     one_image_many_files: Path, tmp_path: Path
 ) -> None:
