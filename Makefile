@@ -12,7 +12,8 @@ DVC_STAMP := $(DVC_VENV)/.installed
 DVC_PACKAGES := 'dvc>=3.67,<4' 'dvc-s3>=3.3,<4'
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
-.PHONY: install services-deps data demo dvc-lock dagster serve test test-fast lint clean
+.PHONY: install services-deps data push-data demo dvc-lock dagster serve test test-fast lint clean \
+	test-numerics numerics-v2-learning numerics-others
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
 # The services extra (PostgreSQL, S3 and Kubernetes clients, moto) is for deploy/ and its tests.
@@ -41,16 +42,33 @@ services-deps:
 	  echo "PostgreSQL server not installed (apt-get install postgresql): tests/test_services.py will skip"; \
 	fi
 
-# data/: pulled from the DVC remote when it has it, else exported; either way it must match data.dvc
+# data/: pulled from the DVC remote when it has it, else exported; either way it must match data.dvc.
+# The remote (~/.cache/deepcluster/dvc-remote) is shared by every clone on the machine. It is
+# content-addressed (an object's name is its md5) and written atomically, and .dvc/config has
+# `verify = true`: a pull re-hashes what it fetched, so a damaged object fails the pull (and is
+# not cached) instead of landing in data/, and this clone exports the digits itself.
 data: install
-	$(DVC) pull -q data.dvc 2>/dev/null || $(BIN)/deepcluster sample-data digits data
+	@if $(DVC) pull -q data.dvc 2>/dev/null; then \
+	  echo "data/ pulled from the DVC remote"; \
+	else \
+	  echo "data/ not in the DVC remote (or its copy there is damaged): exporting the digits"; \
+	  $(BIN)/deepcluster sample-data digits data; \
+	fi
 	$(DVC) commit -q -f data.dvc
 	@git diff --quiet data.dvc || { git checkout -q data.dvc; echo "data/ does not match data.dvc"; exit 1; }
 	@echo "data/ matches data.dvc ($$(grep -m1 md5 data.dvc))"
 
+# data/ into the shared DVC remote, so the next clone on this machine pulls instead of exporting;
+# a remote that cannot be written costs that, nothing else (the demo's results are complete)
+PUSH_DATA = $(DVC) push -q data.dvc && echo "data/ pushed to the DVC remote" \
+	|| echo "data/ not pushed to the DVC remote ($(DVC) push data.dvc says why); the results are complete"
+
+push-data: install
+	@$(PUSH_DATA)
+
 demo: data
 	$(BIN)/python -m orchestration materialize
-	$(DVC) push -q data.dvc  # the next clone on this machine pulls instead of exporting
+	@$(PUSH_DATA)
 	@echo
 	@echo "Done. Pictures: artifacts/eval/clusters.png, curves.png, cluster_sizes.png; figures: artifacts/eval/metrics.json"
 	@echo "Browse:  make dagster   (Dagster UI, http://127.0.0.1:3000)"
@@ -76,6 +94,26 @@ serve: install
 test: install services-deps
 	$(BIN)/ruff check ssl orchestration tests benchmarks deploy
 	$(BIN)/python -m pytest
+
+# The tests that train and assert on what came out (marker `numerics`: learning margins, collapse,
+# drift, exact resume, two-process training, the whole graph's checks) on another numeric path than
+# this CPU's own: as an AVX2-only CPU runs them (no AVX512 kernels, so fp32: no bf16 autocast), with
+# one torch thread, in two pytest processes side by side (one per core; v2's learning test is as
+# long as all the others). NUMERICS_THREADS=2 runs them one after the other with two threads.
+# DEEPCLUSTER_TEST_COMPUTE carries the settings to every test that trains (docs/testing.md).
+NUMERICS_THREADS ?= 1
+NUMERICS_ENV = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=$(NUMERICS_THREADS) \
+	DEEPCLUSTER_TEST_COMPUTE=amp=false,threads=$(NUMERICS_THREADS)
+NUMERICS_SPLIT = test_learning and deepcluster-v2
+numerics-v2-learning: NUMERICS_K = $(NUMERICS_SPLIT)
+numerics-others: NUMERICS_K = not ($(NUMERICS_SPLIT))
+
+test-numerics: install
+	@$(MAKE) --no-print-directory -j$(if $(filter 1,$(NUMERICS_THREADS)),2,1) --output-sync=target \
+	  numerics-v2-learning numerics-others
+
+numerics-v2-learning numerics-others:  # run by test-numerics, after its install
+	$(NUMERICS_ENV) $(BIN)/python -m pytest -m numerics -k "$(NUMERICS_K)"
 
 # the unit tests (no `slow` marker: no training for minutes, no servers), for a quick loop
 test-fast: install

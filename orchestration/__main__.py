@@ -3,17 +3,24 @@
 
 Both default DAGSTER_HOME to .dagster/ at the repo root (gitignored) and give it this project's
 instance settings (orchestration/dagster.yaml) the first time.
+
+A stopped `materialize` (Ctrl-C, SIGTERM) says in one line where it stopped and what that leaves.
 """
 
 import argparse
 import os
 import shutil
 import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
+# set (to the supervising process's pid) in the process that runs the graph in a session of its own
+SESSION_ENV = "DEEPCLUSTER_MATERIALIZE_PARENT"
 
 
 def dagster_home() -> Path:
@@ -25,7 +32,97 @@ def dagster_home() -> Path:
     return home
 
 
+def in_own_session() -> int:
+    """Run this command again in a session of its own and relay a stop (SIGINT, SIGTERM) to it.
+
+    Ctrl-C signals the terminal's whole foreground process group. Besides the run, that group
+    holds Dagster's helpers that mirror each step's output (`tail` and its `watch_orphans`
+    watcher), and each printed its own KeyboardInterrupt traceback. In a session of its own only
+    the run hears the stop, from here, and says in one line what it leaves.
+    """
+    command = [sys.executable, "-m", "orchestration", *sys.argv[1:]]
+    env = {**os.environ, SESSION_ENV: str(os.getpid())}
+    child = subprocess.Popen(command, env=env, start_new_session=True)
+
+    def relay(signum: int, _frame) -> None:
+        try:
+            child.send_signal(signum)
+        except ProcessLookupError:
+            pass
+
+    signal.signal(signal.SIGINT, relay)
+    signal.signal(signal.SIGTERM, relay)
+    return child.wait()  # retried after each relayed signal (PEP 475)
+
+
+class StopSignal:
+    """Which signal (SIGINT, SIGTERM) stopped the run, whatever Python handler is in force then:
+    Dagster swaps the handlers during a run, but every handled signal's number is also written
+    to the wakeup fd, before any Python code runs. Polled, so it is known at once."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self._read, write = os.pipe()
+        os.set_blocking(self._read, False)
+        os.set_blocking(write, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+
+    def poll(self) -> str | None:
+        try:
+            numbers = os.read(self._read, 512)
+        except BlockingIOError:
+            numbers = b""
+        for number in numbers:
+            if self.name is None and number in (signal.SIGINT, signal.SIGTERM):
+                self.name = signal.Signals(number).name
+        return self.name
+
+
+def _stop_when_orphaned(parent: int) -> None:
+    """The supervising process is gone (killed): stop the run as if it had relayed a SIGTERM."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="orphan-watch").start()
+
+
+def quiet_after(stop: StopSignal):
+    """Dagster's console logger, silent once a stop arrived: the run's failure events (each with
+    a stack trace) would bury the one line `materialize` prints."""
+    from dagster import LoggerDefinition, colored_console_logger
+
+    def make(init_context):
+        made = colored_console_logger.logger_fn(init_context)
+        made.addFilter(lambda _record: stop.poll() is None)
+        return made
+
+    schema = colored_console_logger.config_schema
+    return LoggerDefinition(make, config_schema=schema, description="console, quiet after a stop")
+
+
+def stopped_line(signame: str, result) -> str:
+    """Where the stop found the run and what that leaves, in one line."""
+    if result is not None:
+        for failure in result.get_step_failure_events():
+            data = failure.step_failure_data
+            if data.user_failure_data and data.user_failure_data.description:
+                return f"stopped by {signame} in {failure.step_key}: {data.user_failure_data.description}"
+            return (
+                f"stopped by {signame} in {failure.step_key}: it published nothing; "
+                "the steps finished before it stay published"
+            )
+    return f"stopped by {signame}: the steps finished before the stop stay published"
+
+
 def materialize(args: argparse.Namespace) -> int:
+    parent = os.environ.get(SESSION_ENV)
+    if not parent:
+        return in_own_session()
+    _stop_when_orphaned(int(parent))
+    stop = StopSignal()
     # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: Dagster sees an interrupt, which
     # the training step turns into a stop of its process group, never a retry
     signal.signal(signal.SIGTERM, signal.default_int_handler)
@@ -43,12 +140,22 @@ def materialize(args: argparse.Namespace) -> int:
     quiet_log = {"console": {"config": {"log_level": "INFO"}}}  # no step-event chatter
     run_config = run_config_for(load_params(args.params)) if args.params else {}
     run_config["loggers"] = quiet_log
-    with DagsterInstance.get() as instance:
-        observe = defs.resolve_job_def("observe_data")
-        observe.execute_in_process(run_config={"loggers": quiet_log}, instance=instance)
-        result = defs.resolve_job_def("deepcluster_job").execute_in_process(
-            run_config=run_config, instance=instance, raise_on_error=False
-        )
+    loggers = {"console": quiet_after(stop)}
+    result = None
+    try:
+        with DagsterInstance.get() as instance:
+            observe = defs.resolve_job_def("observe_data").with_logger_defs(loggers)
+            observe.execute_in_process(run_config={"loggers": quiet_log}, instance=instance)
+            job = defs.resolve_job_def("deepcluster_job").with_logger_defs(loggers)
+            result = job.execute_in_process(
+                run_config=run_config, instance=instance, raise_on_error=False
+            )
+    except BaseException:  # KeyboardInterrupt, or Dagster's interrupt error between two steps
+        if stop.poll() is None:
+            raise
+    if stop.poll() is not None:
+        print(stopped_line(stop.name, result), file=sys.stderr)
+        return 128 + signal.Signals[stop.name].value
     for check in result.get_asset_check_evaluations():
         verdict = "passed" if check.passed else "FAILED"
         print(f"check {check.asset_key.to_user_string()}:{check.check_name}: {verdict}")

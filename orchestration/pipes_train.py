@@ -78,4 +78,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except Stopped:  # Dagster stopped the run (SIGTERM to this process group); its op says so
+        sys.exit(128 + signal.SIGTERM)

@@ -1,7 +1,15 @@
-"""Shared fixtures: the real digits sample exported as PNG files and ingested once per session."""
+"""Shared fixtures: the real digits sample exported as PNG files and ingested once per session.
+
+DEEPCLUSTER_TEST_COMPUTE="amp=false,threads=1" runs every test that trains under those `compute`
+settings (docs/testing.md): they go into FAST's compute section, into COMPUTE_OVERRIDES for tests
+that load the repo's params.yaml, and so into every params.yaml a test writes for a CLI, DVC or
+Dagster subprocess. With `threads`, OMP_NUM_THREADS follows (unless set), so a subprocess that
+leaves `compute.threads` at auto gets the same count.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -9,9 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from deepcluster import pipeline
-from deepcluster.config import params_from_dict
+from deepcluster.config import ComputeParams, ParamError, params_from_dict
 from deepcluster.paths import Artifacts
 from deepcluster.sample import export_digits
 
@@ -26,6 +35,35 @@ FAST = {
     "eval": {"probe_epochs": 200},
     "compute": {"device": "cpu"},
 }
+
+COMPUTE_ENV = "DEEPCLUSTER_TEST_COMPUTE"
+
+
+def compute_settings(text: str) -> dict:
+    """`key=value,...` of params.yaml's compute section (values in YAML), checked as params are."""
+    keys = {f.name for f in dataclasses.fields(ComputeParams)}
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or key not in keys:
+            raise pytest.UsageError(
+                f"{COMPUTE_ENV}={text!r}: {item!r} is not key=value with a key of "
+                f"{', '.join(sorted(keys))}"
+            )
+        settings[key] = yaml.safe_load(value)
+    try:
+        params_from_dict({"compute": settings})
+    except ParamError as error:
+        raise pytest.UsageError(f"{COMPUTE_ENV}={text!r}: {error}") from None
+    return settings
+
+
+TEST_COMPUTE = compute_settings(os.environ.get(COMPUTE_ENV, ""))
+FAST["compute"].update(TEST_COMPUTE)
+# `section.key` overrides for tests that train with the repo's params.yaml (load_params)
+COMPUTE_OVERRIDES = {f"compute.{key}": value for key, value in FAST["compute"].items()}
+if isinstance(TEST_COMPUTE.get("threads"), int):
+    os.environ.setdefault("OMP_NUM_THREADS", str(TEST_COMPUTE["threads"]))
 
 
 def run_cli(
@@ -129,3 +167,23 @@ def build_artifacts(art: Artifacts, images: Path, params, trained: bool = True) 
     pipeline.cluster(art, params)
     pipeline.evaluate_step(art, params, show=False)
     return art
+
+
+def pytest_report_header() -> str:
+    """The numeric path the suite trains on, in its header (docs/testing.md)."""
+    import torch
+
+    from deepcluster.device import bf16_enabled
+
+    settings = ",".join(f"{key}={value}" for key, value in TEST_COMPUTE.items()) or "none"
+    caps = [
+        f"{name}={os.environ[name]}"
+        for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+        if name in os.environ
+    ]
+    amp = bf16_enabled(torch.device("cpu"), bool(FAST["compute"].get("amp", True)))
+    return (
+        f"numerics: {COMPUTE_ENV}={settings}; {' '.join(caps) or 'no CPU capability cap'}; "
+        f"CPU training in {'bf16 autocast' if amp else 'fp32'}; "
+        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
+    )

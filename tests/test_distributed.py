@@ -21,7 +21,7 @@ from deepcluster.paths import Artifacts
 
 from .conftest import FAST, ROOT, fast_params
 
-pytestmark = pytest.mark.slow  # torchrun processes training together
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]  # torchrun processes training together
 
 EPOCHS = 3
 

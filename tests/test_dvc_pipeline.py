@@ -23,6 +23,8 @@ from mlflow.tracking import MlflowClient
 
 from deepcluster.config import load_params
 
+from .conftest import TEST_COMPUTE
+
 pytestmark = pytest.mark.slow  # dvc repro in a temporary clone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +41,7 @@ TINY = {
     "cluster": {"k": 20, "pca_dim": 16},
     "train": {"epochs": 2, "batch_size": 64},
     "eval": {"probe_epochs": 30, "grid_clusters": 4, "grid_images": 4},
+    "compute": TEST_COMPUTE,  # the numeric path the suite runs on (docs/testing.md)
 }
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "test",

@@ -3,6 +3,7 @@ so, and a collapsed model cannot be registered."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,21 @@ def one_image_many_files(digits_folder: Path, tmp_path_factory: pytest.TempPathF
     return folder
 
 
+# The guard's symptoms (health.ClusterHealth.problems). Which one a collapse shows depends on the
+# numeric path: 60 copies of one image embed to one point under bf16 (one cluster holds 100%),
+# but fp32 kernels that block the batch differently give a few points apart (k-means leaves most
+# clusters empty). Either is a collapse; the tests accept any symptom the guard defines.
+SYMPTOM = (
+    rf"largest cluster holds \d+% of the images \(limit {health.MAX_LARGEST_SHARE:.0%}\)"
+    r"|k-means left \d+ of \d+ clusters empty"
+)
+GUARD = re.compile(
+    rf"collapse \((?:{SYMPTOM})(?:; (?:{SYMPTOM}))*\): clustered again from other seeds, "
+    r"learning rate now x(?P<scale>[\d.]+)"
+)
+
+
+@pytest.mark.numerics
 def test_training_reacts_to_collapse_and_the_model_is_not_registered(
     one_image_many_files: Path, tmp_path: Path
 ) -> None:
@@ -60,14 +76,19 @@ def test_training_reacts_to_collapse_and_the_model_is_not_registered(
     pipeline.ingest(one_image_many_files, params, art, show=False)
     result = pipeline.train(params, art, show=False)
     guards = [h.guard for h in result.history]
-    assert all(g and g.startswith("collapse (largest cluster holds 100%") for g in guards), guards
-    assert result.history[-1].largest_cluster_share == 1.0
-    assert "learning rate now x0.25" in guards[-1]  # lowered again in the second epoch
+    matched = [GUARD.fullmatch(g or "") for g in guards]
+    assert all(matched), guards
+    assert [m["scale"] for m in matched] == ["0.5", "0.25"]  # lowered again in the second epoch
+    for h in result.history:  # the clustering from other seeds is no healthier: one image
+        again = health.ClusterHealth(h.largest_cluster_share, h.reseeded, 10, None)
+        assert again.collapsed, h
 
     pipeline.features(art, params, show=False)
     pipeline.cluster(art, params)
     metrics = pipeline.evaluate_step(art, params, show=False)
-    assert metrics["largest_cluster_share_kmeans"] == 1.0
-    with pytest.raises(UserError, match="not registering a collapsed model: largest cluster"):
+    problems = health.collapse_problems(metrics)
+    assert problems and all(re.fullmatch(SYMPTOM, p) for p in problems), metrics
+    refused = f"not registering a collapsed model: {re.escape('; '.join(problems))}"
+    with pytest.raises(UserError, match=refused):
         pipeline.register(art)
     assert not art.registration.exists()

