@@ -27,16 +27,10 @@ from PIL import Image
 from deepcluster import drift, inbox, pipeline, registry
 from deepcluster.errors import UserError
 from deepcluster.paths import Artifacts
-from orchestration.curation import (
-    DRIFT_DESCRIPTION,
-    InboxStore,
-    batch_drift,
-    inbox_batches,
-    inbox_sensor,
-    new_images,
-    new_images_job,
-)
-from orchestration.resources import ArtifactStore, MlflowTracking
+from orchestration.defs.assets.curation import inbox_batches, new_images
+from orchestration.defs.automation import inbox_sensor, new_images_job
+from orchestration.defs.checks import DRIFT_DESCRIPTION, batch_drift
+from orchestration.defs.resources import ArtifactStore, InboxStore, MlflowTracking
 
 from .conftest import PER_CLASS, build_artifacts, fast_params
 

@@ -25,16 +25,6 @@ from deepcluster import config as library_config
 from deepcluster.data import read_manifest
 from deepcluster.paths import Artifacts
 from orchestration import expectations
-from orchestration.assets import (
-    cluster_assignments,
-    eval_report,
-    features,
-    ingest,
-    raw_images,
-    registered_model,
-)
-from orchestration.automation import data_version_sensor
-from orchestration.checks import CHECKS
 from orchestration.config import (
     DEFAULTS,
     AugmentConfig,
@@ -47,10 +37,20 @@ from orchestration.config import (
     run_config_for,
     training_params,
 )
-from orchestration.curation import curated_subset
 from orchestration.definitions import defs
-from orchestration.resources import ComputeResource
-from orchestration.training import GPU_TAGS, checkpoint
+from orchestration.defs import checks
+from orchestration.defs.assets.curation import curated_subset
+from orchestration.defs.assets.steps import (
+    cluster_assignments,
+    eval_report,
+    features,
+    ingest,
+    raw_images,
+    registered_model,
+)
+from orchestration.defs.assets.training import GPU_TAGS, checkpoint
+from orchestration.defs.automation import data_version_sensor
+from orchestration.defs.resources import ComputeResource
 from orchestration.versions import dvc_md5, observed_version
 from tests.conftest import fast_params
 from tests.orchestration_fixtures import (
@@ -74,6 +74,13 @@ ASSETS = [
     eval_report,
     registered_model,
     curated_subset,
+]
+CHECKS = [
+    checks.manifest_is_valid,
+    checks.features_are_sound,
+    checks.no_cluster_collapse,
+    checks.whitened_features_unit_norm,
+    checks.clusters_follow_content,
 ]
 
 
@@ -257,17 +264,15 @@ def test_collapse_check_counts_empty_clusters() -> None:
 def test_shortcut_check_warns_when_clusters_follow_colour(tmp_path: Path) -> None:
     from dagster import AssetCheckSeverity
 
-    from orchestration.checks import clusters_follow_content
-
     store = store_in(tmp_path, tmp_path / "data")
     store.layout.metrics.parent.mkdir(parents=True)
     figures = {"shortcut_random_init": 0.33, "shortcut_pixels": 0.4}
     store.layout.metrics.write_text(json.dumps({"shortcut": 0.35, **figures}))
-    warned = clusters_follow_content(artifacts=store)
+    warned = checks.clusters_follow_content(artifacts=store)
     assert not warned.passed and warned.severity == AssetCheckSeverity.WARN
     assert "model.sobel" in warned.description and warned.metadata["shortcut"].value == 0.35
     store.layout.metrics.write_text(json.dumps({"shortcut": 0.1, **figures}))
-    assert clusters_follow_content(artifacts=store).passed
+    assert checks.clusters_follow_content(artifacts=store).passed
 
 
 def test_manifest_check_fails_on_duplicates_and_rejections(digits_subset: Path) -> None:

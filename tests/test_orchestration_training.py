@@ -16,8 +16,8 @@ import yaml
 from dagster import AssetKey, DagsterEventType, instance_for_test, materialize
 from mlflow.tracking import MlflowClient
 
-from orchestration.assets import ingest
-from orchestration.training import checkpoint
+from orchestration.defs.assets.steps import ingest
+from orchestration.defs.assets.training import checkpoint
 from tests.conftest import FAST, ROOT
 from tests.orchestration_fixtures import (
     fast_run_config,

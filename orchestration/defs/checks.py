@@ -10,12 +10,20 @@ steps need it.
 
 import numpy as np
 import polars as pl
-from dagster import AssetCheckResult, AssetCheckSeverity, Config, MetadataValue, asset_check
+from dagster import (
+    AssetCheckExecutionContext,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    Config,
+    MetadataValue,
+    asset_check,
+)
 from pydantic import Field
 
-from deepcluster import data, evaluate, health
+from deepcluster import data, drift, evaluate, health
 from deepcluster.checkpoint import saved_params
 from deepcluster.cluster import kmeans_health, load_clustering
+from deepcluster.errors import UserError
 
 from .resources import ArtifactStore
 
@@ -61,7 +69,7 @@ def _result(outcome, **numbers) -> AssetCheckResult:
     asset="image_manifest", blocking=True, description="Enough valid, unique images; few rejected."
 )
 def manifest_is_valid(config: ManifestLimits, artifacts: ArtifactStore) -> AssetCheckResult:
-    from .expectations import manifest_outcome
+    from ..expectations import manifest_outcome
 
     art = artifacts.layout
     manifest, rejected = data.read_manifest(art.manifest), pl.read_parquet(art.rejected)
@@ -81,7 +89,7 @@ def manifest_is_valid(config: ManifestLimits, artifacts: ArtifactStore) -> Asset
     asset="features", blocking=True, description="Finite, non-zero, right shape, dimensions vary."
 )
 def features_are_sound(config: FeatureLimits, artifacts: ArtifactStore) -> AssetCheckResult:
-    from .expectations import features_outcome
+    from ..expectations import features_outcome
 
     art = artifacts.layout
     feats = np.load(art.features, mmap_mode="r")
@@ -101,7 +109,7 @@ def features_are_sound(config: FeatureLimits, artifacts: ArtifactStore) -> Asset
     "the registration of a collapsed model.",
 )
 def no_cluster_collapse(config: CollapseLimits, artifacts: ArtifactStore) -> AssetCheckResult:
-    from .expectations import collapse_outcome
+    from ..expectations import collapse_outcome
 
     art = artifacts.layout
     table = pl.read_parquet(art.assignments)
@@ -120,7 +128,7 @@ def no_cluster_collapse(config: CollapseLimits, artifacts: ArtifactStore) -> Ass
     description="Whitened, L2-normalised features have unit norm.",
 )
 def whitened_features_unit_norm(config: NormLimits, artifacts: ArtifactStore) -> AssetCheckResult:
-    from .expectations import unit_norm_outcome
+    from ..expectations import unit_norm_outcome
 
     art = artifacts.layout
     whitening, _ = load_clustering(art.clustering)
@@ -150,10 +158,42 @@ def clusters_follow_content(artifacts: ArtifactStore) -> AssetCheckResult:
     )
 
 
-CHECKS = [
-    manifest_is_valid,
-    features_are_sound,
-    no_cluster_collapse,
-    whitened_features_unit_norm,
-    clusters_follow_content,
-]
+class DriftLimits(Config):
+    max_far_share: float = Field(
+        drift.MAX_FAR_SHARE, description="largest share of images beyond the training p99 distance"
+    )
+    max_js: float = Field(
+        drift.MAX_JS, description="largest JS divergence (bits) of cluster sizes from training"
+    )
+
+
+DRIFT_DESCRIPTION = (
+    "Warns when a batch differs from the training: too many images beyond the training's 99th "
+    "percentile distance to their centroid, or cluster sizes diverging from the training's "
+    "(Jensen-Shannon). A drifted batch is where retraining starts."
+)
+
+
+@asset_check(asset="new_images", description=DRIFT_DESCRIPTION)
+def batch_drift(
+    context: AssetCheckExecutionContext, config: DriftLimits, artifacts: ArtifactStore
+) -> AssetCheckResult:
+    batch = context.op_execution_context.partition_key
+    try:
+        drift.check_limits(config.max_far_share, config.max_js)
+        report = drift.batch_drift(artifacts.layout, batch)
+    except UserError as err:
+        return _warn(False, f"batch {batch}: cannot measure drift: {err}", {})
+    problems = report.problems(config.max_far_share, config.max_js)
+    description = (
+        f"batch {batch} drifted, a place to start retraining: " + "; ".join(problems)
+        if problems
+        else f"batch {batch} looks like the training data"
+    )
+    return _warn(not problems, description, report.as_dict())
+
+
+def _warn(passed: bool, description: str, figures: dict) -> AssetCheckResult:
+    return AssetCheckResult(
+        passed=passed, severity=AssetCheckSeverity.WARN, description=description, metadata=figures
+    )

@@ -3,7 +3,7 @@
 `train_epochs` is the GPU step: it carries the "gpu" pool (two runs never train on one GPU at once,
 given a pool limit of 1, see docs/orchestration.md), Kubernetes resource tags for per-step pods, and a
 RetryPolicy. It runs the training outside the Dagster process, through Dagster Pipes
-(`pipes_train.py`, under torchrun when `compute.nproc` > 1), which reports every epoch and the
+(`orchestration/pipes_train.py`, under torchrun when `compute.nproc` > 1), which reports every epoch and the
 MLflow run back. Only real failures are retried, and a retry resumes the staged checkpoint;
 terminating the Dagster run stops the training's whole process group and is never retried.
 """
@@ -35,11 +35,11 @@ from pydantic import Field
 
 from deepcluster import lineage, pipeline
 
-from . import metadata as md
-from .config import ROOT, TrainingConfig, training_params
-from .errors import user_errors_fail_plainly
-from .resources import ArtifactStore, ComputeResource, MlflowTracking
-from .versions import code_version
+from ... import metadata as md
+from ...config import ROOT, TrainingConfig, training_params
+from ...errors import user_errors_fail_plainly
+from ...versions import code_version
+from ..resources import ArtifactStore, ComputeResource, MlflowTracking
 
 TRAIN_RETRIES = 2
 STOP_GRACE_SECONDS = 30  # how long a stopped training may take to mark its run KILLED and exit

@@ -2,7 +2,7 @@
 
 Assets return metadata only. Every array and table stays a file under the artifacts root
 (`deepcluster.paths.Artifacts`), so nothing large goes through Dagster's pickling IO manager and the
-CLI, DVC and Dagster read each other's outputs. The `checkpoint` asset lives in `training.py`.
+CLI, DVC and Dagster read each other's outputs. The `checkpoint` asset is in `training.py`.
 """
 
 import warnings
@@ -27,12 +27,11 @@ from dagster import (
 from deepcluster import data, pipeline, tracking
 from deepcluster.paths import Artifacts
 
-from . import metadata as md
-from .config import EvalConfig, IngestConfig, RegisterConfig, experiment_params
-from .errors import user_errors_fail_plainly
-from .resources import ArtifactStore, ComputeResource, MlflowTracking
-from .training import checkpoint
-from .versions import code_version, observed_version
+from ... import metadata as md
+from ...config import EvalConfig, IngestConfig, RegisterConfig, experiment_params
+from ...errors import user_errors_fail_plainly
+from ...versions import code_version, observed_version
+from ..resources import ArtifactStore, ComputeResource, MlflowTracking
 
 GROUP = "deepcluster"
 
@@ -127,7 +126,7 @@ def _params(compute: ComputeResource, eval_config: EvalConfig | None = None):
 
 @asset(
     group_name=GROUP,
-    deps=[checkpoint],
+    deps=["checkpoint"],
     code_version=code_version("features"),
     kinds={"pytorch", "numpy"},
 )

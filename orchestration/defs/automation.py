@@ -1,4 +1,6 @@
-"""The job that materialises the whole graph, and the sensor that runs it on a new data version."""
+"""Jobs and sensors: the whole graph, observing data/, a run on a new data version, inbox batches."""
+
+from pathlib import Path
 
 from dagster import (
     AssetKey,
@@ -11,8 +13,11 @@ from dagster import (
     sensor,
 )
 
-from .resources import ArtifactStore
-from .versions import dvc_md5
+from deepcluster import inbox
+
+from ..versions import dvc_md5
+from .assets.curation import inbox_batches
+from .resources import ArtifactStore, InboxStore
 
 # An AssetSelection object rather than a selection string: strings need the antlr4 runtime, whose
 # version DVC pins differently (DVC lives in its own virtual environment here for that reason).
@@ -55,3 +60,34 @@ def data_version_sensor(context: SensorEvaluationContext, artifacts: ArtifactSto
         return SensorResult(skip_reason=f"already materialised on {md5}", cursor=md5)
     request = RunRequest(run_key=md5, tags={"deepcluster/data_md5": md5})
     return SensorResult(run_requests=[request], cursor=md5)
+
+
+new_images_job = define_asset_job(
+    "new_images_job",
+    selection=AssetSelection.assets("new_images"),
+    description="Assign one inbox batch with the champion and check it for drift.",
+)
+
+
+@sensor(
+    job=new_images_job,
+    minimum_interval_seconds=30,
+    default_status=DefaultSensorStatus.STOPPED,
+    description="Adds a new_images partition and requests its run for each settled inbox folder.",
+)
+def inbox_sensor(context: SensorEvaluationContext, inbox_store: InboxStore) -> SensorResult:
+    try:
+        batches = inbox.list_batches(Path(inbox_store.folder), inbox_store.settle_seconds)
+    except inbox.InboxError as err:
+        return SensorResult(skip_reason=str(err))
+    if batches.invalid:
+        context.log.warning(f"folder names that cannot be batch names: {batches.invalid}")
+    known = set(context.instance.get_dynamic_partitions(inbox_batches.name))
+    new = [name for name in batches.ready if name not in known]
+    if not new:
+        waiting = f"; still settling: {', '.join(batches.waiting)}" if batches.waiting else ""
+        return SensorResult(skip_reason=f"no new batch in {inbox_store.folder}{waiting}")
+    return SensorResult(
+        run_requests=[RunRequest(run_key=name, partition_key=name) for name in new],
+        dynamic_partitions_requests=[inbox_batches.build_add_request(new)],
+    )

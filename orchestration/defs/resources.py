@@ -12,12 +12,22 @@ import os
 from pathlib import Path
 from typing import Any
 
-from dagster import ConfigurableResource, EnvVar
+import yaml
+from dagster import (
+    ConfigurableResource,
+    Definitions,
+    EnvVar,
+    ExecutorDefinition,
+    definitions,
+    in_process_executor,
+    multiprocess_executor,
+)
 from pydantic import Field
 
+from deepcluster import inbox
 from deepcluster.paths import Artifacts
 
-from .config import DEFAULTS, ROOT
+from ..config import DEFAULTS, ROOT
 
 
 def from_env(**variables: str) -> dict[str, Any]:
@@ -110,3 +120,48 @@ class MlflowTracking(ConfigurableResource):
 
     def model_url(self, name: str, version: str) -> str:
         return f"{self.ui_url}/#/models/{name}/versions/{version}"
+
+
+class InboxStore(ConfigurableResource):
+    """The folder new batches arrive in (one sub-folder each) and the model that assigns them."""
+
+    folder: str = Field(str(ROOT / "inbox"), description="inbox folder; env DEEPCLUSTER_INBOX")
+    settle_seconds: float = Field(
+        30.0, description="a batch folder counts once nothing in it changed for this long"
+    )
+    model_uri: str = Field(inbox.DEFAULT_MODEL, description="the registered model that assigns")
+
+    @classmethod
+    def from_env(cls) -> "InboxStore":
+        return cls(**from_env(folder="DEEPCLUSTER_INBOX"))
+
+
+def executor() -> ExecutorDefinition:
+    """In-process by default: the graph is a chain, so a process per step buys no parallelism and
+    costs a fresh import of torch, Dagster and GX per step (about 10 s each on two busy cores).
+    DEEPCLUSTER_EXECUTOR=multiprocess isolates steps; =k8s runs each step in its own pod (needs
+    dagster-k8s), where train_epochs' tags ask for a GPU. DEEPCLUSTER_EXECUTOR_CONFIG (YAML or
+    JSON) is the executor's config, e.g. the k8s executor's `per_step_k8s_config` that puts
+    train_epochs on GPU nodes (deploy/helm/values.yaml)."""
+    name = os.environ.get("DEEPCLUSTER_EXECUTOR", "in_process")
+    if name == "k8s":
+        from dagster_k8s import k8s_job_executor  # only in the deploy image
+
+        chosen = k8s_job_executor
+    else:
+        chosen = {"in_process": in_process_executor, "multiprocess": multiprocess_executor}[name]
+    config = os.environ.get("DEEPCLUSTER_EXECUTOR_CONFIG")
+    return chosen.configured(yaml.safe_load(config)) if config else chosen
+
+
+@definitions
+def resources() -> Definitions:
+    return Definitions(
+        resources={
+            "artifacts": ArtifactStore.from_env(),
+            "compute": ComputeResource.from_env(),
+            "mlflow": MlflowTracking.from_env(),
+            "inbox_store": InboxStore.from_env(),
+        },
+        executor=executor(),
+    )

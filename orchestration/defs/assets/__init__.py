@@ -1,0 +1,1 @@
+"""The assets: the pipeline steps, training, and curation with new images."""
