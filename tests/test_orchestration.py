@@ -4,6 +4,7 @@ materialised in process on real digits images with every check passing."""
 import dataclasses
 import json
 import shutil
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,10 @@ import pytest
 from dagster import (
     AssetCheckKey,
     AssetKey,
-    AssetMaterialization,
     AssetSelection,
+    DefaultSensorStatus,
     Definitions,
-    RunRequest,
-    build_sensor_context,
+    evaluate_automation_conditions,
     instance_for_test,
     materialize,
 )
@@ -49,7 +49,7 @@ from orchestration.defs.assets.steps import (
     registered_model,
 )
 from orchestration.defs.assets.training import GPU_TAGS, checkpoint
-from orchestration.defs.automation import data_version_sensor
+from orchestration.defs.automation import observe_data_job
 from orchestration.defs.resources import ComputeResource
 from orchestration.versions import dvc_md5, observed_version
 from tests.conftest import fast_params
@@ -103,7 +103,6 @@ def test_definitions_load_and_validate() -> None:
     job = defs.resolve_job_def("deepcluster_job")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(MATERIALISED)
     assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == CHECK_NAMES
-    assert defs.resolve_sensor_def("data_version_sensor").job_name == "deepcluster_job"
 
 
 def test_training_op_is_a_retried_gpu_step() -> None:
@@ -188,38 +187,43 @@ def test_repo_data_dvc_parses() -> None:
     assert dvc_md5(repo_dvc).endswith(".dir")
 
 
-def test_sensor_runs_the_job_when_data_dvc_changes(digits_subset: Path, tmp_path: Path) -> None:
-    store = store_in(tmp_path, digits_subset)
-    dvc = Path(store.dvc_file)
+def test_a_new_data_version_requests_the_graph_and_an_unchanged_one_does_not(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    """The automation conditions on the assets, evaluated as the (stopped by default) sensor would:
+    raw_images is observed on its schedule; a data version not seen before requests every asset
+    after it, the same one again nothing."""
+    resources = resources_in(tmp_path, digits_subset)
+    graph = Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=[observe_data_job],
+                        resources=resources)  # fmt: skip
+    keys = graph.resolve_asset_graph().get_all_asset_keys()
     with instance_for_test() as instance:
+        cursor, now = None, datetime(2026, 1, 1, 0, 1)
 
-        def tick(cursor):
-            context = build_sensor_context(
-                instance=instance, cursor=cursor, resources={"artifacts": store}
+        def tick() -> set[str]:
+            nonlocal cursor, now
+            result = evaluate_automation_conditions(
+                defs=graph, instance=instance, cursor=cursor, evaluation_time=now
             )
-            return data_version_sensor(context)
+            cursor, now = result.cursor, now + timedelta(minutes=5)
+            return {k.to_user_string() for k in keys if result.get_requested_partitions(k)}
 
-        assert "no DVC pointer" in tick(None).skip_reason.skip_message
-        write_dvc(dvc, "aaaa.dir")
-        first = tick(None)
-        assert [r.run_key for r in first.run_requests] == [
-            "aaaa.dir"
-        ] and first.cursor == "aaaa.dir"
-        assert isinstance(first.run_requests[0], RunRequest)
-        assert first.run_requests[0].tags["deepcluster/data_md5"] == "aaaa.dir"
-        assert "unchanged" in tick("aaaa.dir").skip_reason.skip_message
-        write_dvc(dvc, "bbbb.dir")
-        second = tick("aaaa.dir")
-        assert [r.run_key for r in second.run_requests] == [
-            "bbbb.dir"
-        ] and second.cursor == "bbbb.dir"
+        def observe() -> None:
+            graph.resolve_job_def("observe_data").execute_in_process(instance=instance)
 
-        # switched on when the graph is already built on this version: nothing to run
-        built = AssetMaterialization("image_manifest", metadata={"data_version": "bbbb.dir"})
-        instance.report_runless_asset_event(built)
-        fresh = tick(None)
-        assert not fresh.run_requests and fresh.cursor == "bbbb.dir"
-        assert "already materialised" in fresh.skip_reason.skip_message
+        assert tick() == set()  # the first evaluation only starts the clocks
+        assert tick() == {"raw_images"}  # observed every five minutes
+        observe()  # no data.dvc: a hash of the folder listing, a version never built
+        assert tick() == {"raw_images", *MATERIALISED}
+        observe()
+        assert tick() == {"raw_images"}  # the same version again: nothing to run
+        write_dvc(Path(resources["artifacts"].dvc_file), "aaaa.dir")
+        observe()
+        assert tick() == {"raw_images", *MATERIALISED}  # data.dvc pins a new md5
+        observe()
+        assert tick() == {"raw_images"}
+    sensor = defs.resolve_sensor_def("data_version_sensor")
+    assert sensor.default_status == DefaultSensorStatus.STOPPED  # off unless switched on
 
 
 # --- Great Expectations suites on crafted tables --------------------------------------------------

@@ -1,10 +1,11 @@
-"""Jobs and sensors: the whole graph, observing data/, a run on a new data version, inbox batches."""
+"""Jobs and sensors: the whole graph, observing data/, the automation that runs the graph on a new
+data version (its conditions are declared on the assets), and one run per new inbox batch."""
 
 from pathlib import Path
 
 from dagster import (
-    AssetKey,
     AssetSelection,
+    AutomationConditionSensorDefinition,
     DefaultSensorStatus,
     RunRequest,
     SensorEvaluationContext,
@@ -15,52 +16,31 @@ from dagster import (
 
 from deepcluster import inbox
 
-from ..versions import dvc_md5
 from .assets.curation import inbox_batches
-from .resources import ArtifactStore, InboxStore
+from .resources import InboxStore
 
-# An AssetSelection object rather than a selection string: strings need the antlr4 runtime, whose
-# version DVC pins differently (DVC lives in its own virtual environment here for that reason).
-# new_images is left out: its runs are one inbox batch each (a partition), see curation.py.
+# AssetSelection objects, not selection strings: strings need the antlr4 runtime, which DVC pins to
+# another version (one reason DVC lives in its own .dvc-venv). new_images runs one batch at a time.
 deepcluster_job = define_asset_job(
     "deepcluster_job",
     selection=AssetSelection.all() - AssetSelection.assets("new_images"),
     description="Every asset and check, from the image folder to the evaluation report.",
 )
-
-# Records raw_images' data version (DVC md5), from which Dagster tells which assets are stale.
 observe_data_job = define_asset_job(
-    "observe_data", selection=AssetSelection.assets("raw_images"), description="Observe data/."
+    "observe_data",
+    selection=AssetSelection.assets("raw_images"),
+    description="Record data/'s data version (data.dvc's md5), from which Dagster tells what is stale.",
 )
 
-
-def last_materialised_md5(context: SensorEvaluationContext) -> str | None:
-    """The data version the image manifest was last built from (recorded in its metadata)."""
-    event = context.instance.get_latest_materialization_event(AssetKey("image_manifest"))
-    if event is None or event.asset_materialization is None:
-        return None
-    value = event.asset_materialization.metadata.get("data_version")
-    return None if value is None else str(value.value)
-
-
-@sensor(
-    job=deepcluster_job,
-    minimum_interval_seconds=60,
+# Evaluates the assets' automation conditions: raw_images is observed every five minutes, and when
+# its data version changes every asset after it is requested (eager). Stopped by default: switch it
+# on under Automation in the UI (it needs the daemon that `dg dev` starts).
+data_version_sensor = AutomationConditionSensorDefinition(
+    "data_version_sensor",
+    target=AssetSelection.all() | AssetSelection.assets("raw_images"),
     default_status=DefaultSensorStatus.STOPPED,
-    description="Runs deepcluster_job when data.dvc pins a new md5 (cursor: the last md5 seen).",
+    description="Runs the graph when data.dvc pins a new md5 (conditions declared on the assets).",
 )
-def data_version_sensor(context: SensorEvaluationContext, artifacts: ArtifactStore) -> SensorResult:
-    md5 = dvc_md5(artifacts.dvc_file)
-    if md5 is None:
-        return SensorResult(skip_reason=f"no DVC pointer at {artifacts.dvc_file}")
-    if md5 == context.cursor:
-        return SensorResult(skip_reason=f"data version {md5} unchanged")
-    if context.cursor is None and md5 == last_materialised_md5(context):
-        # first tick after the sensor is switched on: the graph is already on this version
-        return SensorResult(skip_reason=f"already materialised on {md5}", cursor=md5)
-    request = RunRequest(run_key=md5, tags={"deepcluster/data_md5": md5})
-    return SensorResult(run_requests=[request], cursor=md5)
-
 
 new_images_job = define_asset_job(
     "new_images_job",

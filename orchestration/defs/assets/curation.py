@@ -12,6 +12,7 @@ from pathlib import Path
 
 from dagster import (
     AssetExecutionContext,
+    AutomationCondition,
     Config,
     DynamicPartitionsDefinition,
     MaterializeResult,
@@ -67,6 +68,7 @@ def _sheets(sheets_dir: Path, shown: int) -> MetadataValue:
     deps=["cluster_assignments"],
     code_version=code_version("curate"),
     kinds={"faiss", "polars"},
+    automation_condition=AutomationCondition.eager(),
 )
 def curated_subset(
     config: CurateConfig, artifacts: ArtifactStore, mlflow: MlflowTracking

@@ -12,6 +12,7 @@ import polars as pl
 from dagster import (
     AssetExecutionContext,
     AssetSpec,
+    AutomationCondition,
     BetaWarning,
     DataVersion,
     MaterializeResult,
@@ -40,7 +41,9 @@ with warnings.catch_warnings():  # observable source assets are beta: said once,
     warnings.simplefilter("ignore", BetaWarning)
 
     @observable_source_asset(
-        group_name=GROUP, description="The image folder, as pinned by data.dvc."
+        group_name=GROUP,
+        description="The image folder, as pinned by data.dvc.",
+        automation_condition=AutomationCondition.cron_tick_passed("*/5 * * * *"),
     )
     def raw_images(artifacts: ArtifactStore) -> ObserveResult:
         version, source = observed_version(artifacts.dvc_file, artifacts.data_dir)
@@ -68,6 +71,7 @@ def _schema(frame: pl.DataFrame) -> TableSchema:
             deps=[raw_images],
             code_version=code_version("ingest"),
             kinds={"polars"},
+            automation_condition=AutomationCondition.eager(),
             description="One row per usable image (path, sha256, size, mode, label); unreadable "
             "files go to `rejected` with the reason.",
         ),
@@ -76,6 +80,7 @@ def _schema(frame: pl.DataFrame) -> TableSchema:
             deps=["image_manifest"],
             code_version=code_version("ingest"),
             kinds={"numpy"},
+            automation_condition=AutomationCondition.eager(),
             description="Every image decoded once to uint8 (N, 3, R, R), memory-mapped by training.",
         ),
     ],
@@ -129,6 +134,7 @@ def _params(compute: ComputeResource, eval_config: EvalConfig | None = None):
     deps=["checkpoint"],
     code_version=code_version("features"),
     kinds={"pytorch", "numpy"},
+    automation_condition=AutomationCondition.eager(),
 )
 def features(artifacts: ArtifactStore, compute: ComputeResource) -> MaterializeResult:
     """Embeddings of every image under the trained model (features.npy, one row per manifest row)."""
@@ -150,6 +156,7 @@ def features(artifacts: ArtifactStore, compute: ComputeResource) -> MaterializeR
     deps=[features],
     code_version=code_version("cluster"),
     kinds={"faiss", "polars"},
+    automation_condition=AutomationCondition.eager(),
 )
 def cluster_assignments(artifacts: ArtifactStore, compute: ComputeResource) -> MaterializeResult:
     """Image -> cluster and distance (assignments.parquet); whitening + centroids beside it."""
@@ -212,6 +219,7 @@ def _grid_gallery(art: Artifacts, table: pl.DataFrame, shown: int = 24) -> Metad
     deps=[cluster_assignments],
     code_version=code_version("evaluate"),
     kinds={"scikitlearn"},
+    automation_condition=AutomationCondition.eager(),
 )
 def eval_report(
     config: EvalConfig, artifacts: ArtifactStore, compute: ComputeResource, mlflow: MlflowTracking
@@ -247,6 +255,7 @@ def eval_report(
     deps=[eval_report],
     code_version=code_version("register"),
     kinds={"mlflow"},
+    automation_condition=AutomationCondition.eager(),
 )
 def registered_model(
     context: AssetExecutionContext,

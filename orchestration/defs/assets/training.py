@@ -16,6 +16,7 @@ from typing import Any
 
 from dagster import (
     AssetIn,
+    AutomationCondition,
     DagsterExecutionInterruptedError,
     Failure,
     In,
@@ -212,6 +213,7 @@ def training_config(config: PlanConfig) -> dict[str, Any]:
     config=training_config,
     code_version=code_version("train"),
     kinds={"pytorch"},
+    automation_condition=AutomationCondition.eager(),
     description="The trained DeepCluster network (artifacts/train/model.pt, its params and history).",
     ins={"image_cache": AssetIn(dagster_type=Nothing)},
 )
