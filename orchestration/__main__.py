@@ -85,14 +85,12 @@ def sync(args: argparse.Namespace) -> int:
     from dagster import DagsterInstance
 
     from .definitions import defs
-    from .resources import ArtifactStore
+    from .defs.resources import ArtifactStore
     from .sync import record_materialisations
 
     store = ArtifactStore.from_env().process_config_and_initialize()
     with DagsterInstance.get() as instance:
-        recorded = record_materialisations(
-            instance, defs, store.layout, store.dvc_file, store.data_dir
-        )
+        recorded = record_materialisations(instance, defs, store.layout)
     print(f"recorded in the Dagster instance at {home}: {', '.join(recorded) or 'nothing'}")
     return 0
 

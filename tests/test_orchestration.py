@@ -18,9 +18,11 @@ from dagster import (
     Definitions,
     evaluate_automation_conditions,
     instance_for_test,
+    load_from_defs_folder,
     materialize,
 )
 
+import orchestration
 from deepcluster import config as library_config
 from deepcluster.data import read_manifest
 from deepcluster.paths import Artifacts
@@ -224,6 +226,33 @@ def test_a_new_data_version_requests_the_graph_and_an_unchanged_one_does_not(
         assert tick() == {"raw_images"}
     sensor = defs.resolve_sensor_def("data_version_sensor")
     assert sensor.default_status == DefaultSensorStatus.STOPPED  # off unless switched on
+
+
+def test_dvc_repro_outputs_are_recorded_as_fresh_until_the_data_changes(
+    digits_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m orchestration sync` after `dvc repro`: Dagster's own stale-status rule sees every
+    asset whose files exist as fresh, and image_manifest as stale once data.dvc pins another md5."""
+    from dagster._utils.test.data_versions import get_stale_status_resolver  # the UI's rule
+
+    from orchestration.sync import asset_files, record_materialisations
+
+    art = Artifacts(tmp_path / "artifacts")
+    for path in (p for paths in asset_files(art).values() for p in paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("made by dvc repro")  # only their existence counts
+    dvc = write_dvc(tmp_path / "data.dvc", "aaaa.dir")
+    for name, value in (("ARTIFACTS", art.root), ("DATA", digits_subset), ("DVC_FILE", dvc)):
+        monkeypatch.setenv(f"DEEPCLUSTER_{name}", str(value))
+    location = load_from_defs_folder(path_within_project=Path(orchestration.__file__).parent)
+    with instance_for_test() as instance:
+        assert sorted(record_materialisations(instance, location, art)) == sorted(MATERIALISED)
+        status = get_stale_status_resolver(instance, list(location.assets)).get_status
+        assert {status(AssetKey(name)).value for name in MATERIALISED} == {"FRESH"}
+        write_dvc(dvc, "bbbb.dir")
+        location.resolve_job_def("observe_data").execute_in_process(instance=instance)
+        status = get_stale_status_resolver(instance, list(location.assets)).get_status
+        assert status(AssetKey("image_manifest")).value == "STALE"
 
 
 # --- Great Expectations suites on crafted tables --------------------------------------------------
