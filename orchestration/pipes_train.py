@@ -54,8 +54,6 @@ def main() -> int:
             row = asdict(stats)
             pipes.log.info(describe(stats, epochs))
             pipes.report_custom_message({"epoch": row})
-            if stats.epoch == extras.get("fail_after_epoch"):  # testing retries only
-                raise RuntimeError(f"injected failure after epoch {stats.epoch}")
 
         try:
             summary = _train(extras, on_epoch)

@@ -32,7 +32,6 @@ from dagster import (
     op,
     open_pipes_session,
 )
-from pydantic import Field
 
 from deepcluster import lineage, pipeline
 
@@ -50,21 +49,13 @@ GPU_TAGS = {
 }
 
 
-class PlanConfig(TrainingConfig):
-    fail_after_epoch: int | None = Field(
-        None,
-        description="TESTING ONLY: the first attempt of train_epochs fails after this epoch, "
-        "to show that the retry resumes from the epoch checkpoint",
-    )
-
-
 @op(
     description="Validate the parameters against the ingested images and resolve `auto` values.",
     ins={"image_cache": In(Nothing)},  # ordering only: the cache is read from its file
 )
 def prepare_training(
     context: OpExecutionContext,
-    config: PlanConfig,
+    config: TrainingConfig,
     artifacts: ArtifactStore,
     compute: ComputeResource,
 ) -> dict:
@@ -78,11 +69,7 @@ def prepare_training(
     start = "resuming a staged checkpoint if there is one" if config.resume else "from scratch"
     context.log.info(f"training {resolved.train.epochs} epochs on {len(images)} images ({start})")
     # a plan of plain values: the only thing these ops pass through the IO manager
-    return {
-        "params": params.to_dict(),
-        "fresh": not config.resume,
-        "fail_after_epoch": config.fail_after_epoch,
-    }
+    return {"params": params.to_dict(), "fresh": not config.resume}
 
 
 def training_command(nproc: int) -> list[str]:
@@ -157,7 +144,6 @@ def train_epochs(
         "dvc_file": artifacts.dvc_file,
         "fresh": plan["fresh"] and attempt == 1,  # retries resume the staged checkpoint
         "dagster_run_id": context.run.run_id,
-        "fail_after_epoch": plan["fail_after_epoch"] if attempt == 1 else None,
     }
     if attempt > 1:
         context.log.info(f"attempt {attempt}: resuming the staged checkpoint")
@@ -203,7 +189,7 @@ def export_model(
 
 
 @config_mapping
-def training_config(config: PlanConfig) -> dict[str, Any]:
+def training_config(config: TrainingConfig) -> dict[str, Any]:
     """One config block for the asset (`ops: checkpoint: config:`), handed to prepare_training."""
     return {"prepare_training": {"config": config.model_dump()}}
 
