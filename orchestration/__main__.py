@@ -1,9 +1,6 @@
-"""`python -m orchestration materialize` runs the whole graph through a real Dagster instance;
-`python -m orchestration dev` opens the UI on the same instance.
-
-Both default DAGSTER_HOME to .dagster/ at the repo root (gitignored) and give it this project's
-instance settings (orchestration/dagster.yaml) the first time.
-"""
+"""`python -m orchestration materialize` runs the whole graph through a real Dagster instance, `sync`
+records what `dvc repro` made, `dev` opens the UI on the same instance: DAGSTER_HOME, by default
+.dagster/ at the repo root, given this project's instance settings (dagster.yaml) the first time."""
 
 import argparse
 import os
@@ -14,11 +11,16 @@ from pathlib import Path
 from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
+QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}  # no step-event chatter
 
 
-def dagster_home() -> Path:
+def dagster_home(args: argparse.Namespace | None = None) -> Path:
+    """DAGSTER_HOME (absolute, as Dagster insists), and --data/--artifacts as the resources' env."""
+    for name in ("data", "artifacts"):
+        if getattr(args, name, None) is not None:
+            os.environ[f"DEEPCLUSTER_{name.upper()}"] = str(Path(getattr(args, name)).resolve())
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster"))).resolve()
-    os.environ["DAGSTER_HOME"] = str(home)  # Dagster insists on an absolute path
+    os.environ["DAGSTER_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         shutil.copy(Path(__file__).with_name("dagster.yaml"), home / "dagster.yaml")
@@ -29,10 +31,7 @@ def materialize(args: argparse.Namespace) -> int:
     # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: Dagster sees an interrupt, which
     # the training step turns into a stop of its process group, never a retry
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    for name, value in (("DEEPCLUSTER_DATA", args.data), ("DEEPCLUSTER_ARTIFACTS", args.artifacts)):
-        if value is not None:
-            os.environ[name] = str(Path(value).resolve())
-    home = dagster_home()
+    home = dagster_home(args)
     from dagster import DagsterInstance
 
     from deepcluster.config import load_params
@@ -40,12 +39,9 @@ def materialize(args: argparse.Namespace) -> int:
     from .config import run_config_for
     from .definitions import defs
 
-    quiet_log = {"console": {"config": {"log_level": "INFO"}}}  # no step-event chatter
-    run_config = run_config_for(load_params(args.params)) if args.params else {}
-    run_config["loggers"] = quiet_log
+    run_config = {**(run_config_for(load_params(args.params)) if args.params else {}), **QUIET}
     with DagsterInstance.get() as instance:
-        observe = defs.resolve_job_def("observe_data")
-        observe.execute_in_process(run_config={"loggers": quiet_log}, instance=instance)
+        defs.resolve_job_def("observe_data").execute_in_process(run_config=QUIET, instance=instance)
         result = defs.resolve_job_def("deepcluster_job").execute_in_process(
             run_config=run_config, instance=instance, raise_on_error=False
         )
@@ -54,9 +50,7 @@ def materialize(args: argparse.Namespace) -> int:
         print(f"check {check.asset_key.to_user_string()}:{check.check_name}: {verdict}")
     for failure in result.get_step_failure_events():
         data = failure.step_failure_data
-        reason = (
-            data.user_failure_data.description if data.user_failure_data else data.error.message
-        )
+        reason = data.user_failure_data.description if data.user_failure_data else data.error.message
         print(f"step {failure.step_key} failed: {reason}")
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'} (instance in {home})")
     if result.success:
@@ -78,10 +72,7 @@ def _record_for_dvc(args: argparse.Namespace) -> str:
 
 def sync(args: argparse.Namespace) -> int:
     """After `dvc repro`: record its outputs in the Dagster instance, so none shows as stale."""
-    for name, value in (("DEEPCLUSTER_DATA", args.data), ("DEEPCLUSTER_ARTIFACTS", args.artifacts)):
-        if value is not None:
-            os.environ[name] = str(Path(value).resolve())
-    home = dagster_home()
+    home = dagster_home(args)
     from dagster import DagsterInstance
 
     from .definitions import defs
@@ -103,8 +94,7 @@ def dev(extra: list[str]) -> NoReturn:
     os.environ["VIRTUAL_ENV"] = str(bin_dir.parent)  # dg warns unless the project venv is active
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     os.chdir(home)  # from anywhere; --target-path names the project
-    argv = [str(bin_dir / "dg"), "dev", "--target-path", str(ROOT), *extra]
-    os.execv(bin_dir / "dg", argv)
+    os.execv(bin_dir / "dg", [str(bin_dir / "dg"), "dev", "--target-path", str(ROOT), *extra])
 
 
 def main() -> int:
@@ -112,14 +102,11 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("materialize", help="materialise every asset and check once")
     run.add_argument("--params", type=Path, help="a params.yaml other than the repo's")
-    run.add_argument("--data", type=Path, help="image folder (default: data/)")
-    run.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
     record = commands.add_parser("sync", help="record dvc repro's outputs as materialisations")
-    record.add_argument("--data", type=Path, help="image folder (default: data/)")
-    record.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
-    commands.add_parser(
-        "dev", add_help=False, help="dg dev on the local instance (other args go to it)"
-    )
+    for command in (run, record):
+        command.add_argument("--data", type=Path, help="image folder (default: data/)")
+        command.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
+    commands.add_parser("dev", add_help=False, help="dg dev on the local instance (other args go to it)")
     args, extra = parser.parse_known_args()
     if args.command == "dev":
         return dev(extra)

@@ -13,14 +13,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from dagster import (
-    AssetSpec,
-    DagsterInstance,
-    Definitions,
-    MaterializeResult,
-    materialize,
-    multi_asset,
-)
+import dagster as dg
 
 from deepcluster.paths import Artifacts
 
@@ -32,42 +25,35 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
 def asset_files(art: Artifacts) -> dict[str, list[Path]]:
     """The files each asset writes, as DVC's stages list them."""
-    return {
-        "image_manifest": [art.manifest, art.rejected],
-        "image_cache": [art.cache],
-        "checkpoint": [art.model, art.trained_params, art.history],
-        "features": [art.features],
-        "cluster_assignments": [art.assignments, art.clustering],
-        "eval_report": [art.metrics],
-        "registered_model": [art.registration],
-        "curated_subset": [art.curated_subset],
-    }
+    return {"image_manifest": [art.manifest, art.rejected], "image_cache": [art.cache],
+            "checkpoint": [art.model, art.trained_params, art.history], "features": [art.features],
+            "cluster_assignments": [art.assignments, art.clustering], "eval_report": [art.metrics],
+            "registered_model": [art.registration], "curated_subset": [art.curated_subset]}
 
 
-def record_materialisations(instance: DagsterInstance, defs: Definitions, art: Artifacts) -> list[str]:
+def record_materialisations(instance: dg.DagsterInstance, defs: dg.Definitions,
+                            art: Artifacts) -> list[str]:
     """Observe data/, then record every asset whose files all exist and whose inputs are recorded
     too; returns their names, in graph order."""
     defs.resolve_job_def("observe_data").execute_in_process(run_config=QUIET, instance=instance)
-    graph, files, recorded = defs.resolve_asset_graph(), asset_files(art), ["raw_images"]
+    graph, files, recorded = defs.resolve_asset_graph(), asset_files(art), []
     for key in graph.toposorted_asset_keys:
         name, parents = key.to_user_string(), graph.get(key).parent_keys
-        if name in files and all(path.exists() for path in files[name]) and all(
-            parent.to_user_string() in recorded for parent in parents
-        ):
+        inputs_recorded = all(p.to_user_string() in ["raw_images", *recorded] for p in parents)
+        if name in files and all(path.exists() for path in files[name]) and inputs_recorded:
             recorded.append(name)
-    recorded = recorded[1:]  # raw_images was observed, not recorded
-    specs = [spec for spec in defs.resolve_all_asset_specs() if spec.key.to_user_string() in recorded]
+    specs = [s for s in defs.resolve_all_asset_specs() if s.key.to_user_string() in recorded]
     if specs:
-        materialize([_stand_in(spec) for spec in specs], instance=instance, run_config=QUIET,
-                    tags={"deepcluster/recorded_from": "dvc repro"})  # fmt: skip
+        dg.materialize([_stand_in(spec) for spec in specs], instance=instance, run_config=QUIET,
+                       tags={"deepcluster/recorded_from": "dvc repro"})
     return recorded
 
 
-def _stand_in(spec: AssetSpec):
-    @multi_asset(specs=[spec.replace_attributes(automation_condition=None)],
-                 name=f"record_{spec.key.to_python_identifier()}")  # fmt: skip
-    def record() -> MaterializeResult:
-        return MaterializeResult(metadata={"recorded_from": "dvc repro"})
+def _stand_in(spec: dg.AssetSpec):
+    @dg.multi_asset(specs=[spec.replace_attributes(automation_condition=None)],
+                    name=f"record_{spec.key.to_python_identifier()}")
+    def record() -> dg.MaterializeResult:
+        return dg.MaterializeResult(metadata={"recorded_from": "dvc repro"})
 
     return record
 

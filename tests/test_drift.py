@@ -29,7 +29,7 @@ from deepcluster.errors import UserError
 from deepcluster.paths import Artifacts
 from orchestration.defs.assets.curation import inbox_batches, new_images
 from orchestration.defs.automation import inbox_sensor, new_images_job
-from orchestration.defs.checks import DRIFT_DESCRIPTION, batch_drift
+from orchestration.defs.checks import batch_drift
 from orchestration.defs.resources import ArtifactStore, InboxStore, MlflowTracking
 
 from .conftest import PER_CLASS, build_artifacts, fast_params
@@ -161,7 +161,8 @@ def test_drift_check_passes_held_back_digits_and_warns_on_inverted_ones(world, s
     assert "a place to start retraining" in inverted.description
     assert inverted.metadata["far_share"].value > 0.5
     assert held.metadata["far_share"].value < drift.MAX_FAR_SHARE
-    assert "where retraining starts" in DRIFT_DESCRIPTION
+    [spec] = batch_drift.check_specs
+    assert "where retraining starts" in spec.description
 
 
 def test_a_folder_still_being_copied_waits_and_a_bad_name_is_skipped(world, tmp_path) -> None:

@@ -255,7 +255,7 @@ def test_dvc_repro_outputs_are_recorded_as_fresh_until_the_data_changes(
         assert status(AssetKey("image_manifest")).value == "STALE"
 
 
-# --- Great Expectations suites on crafted tables --------------------------------------------------
+# --- checks on crafted arrays and tables ---------------------------------------------------------
 
 
 HEALTHY = {"largest_cluster_share_kmeans": 0.05, "empty_clusters_kmeans": 0}
@@ -265,33 +265,46 @@ def test_collapse_check_fails_on_one_giant_cluster() -> None:
     k, n = 30, 600
     giant = np.zeros(n, dtype=np.int64)
     giant[:30] = np.arange(30)  # every cluster used, but cluster 0 holds 571 of 600 images
-    table = pl.DataFrame({"cluster": giant, "distance": np.ones(n, dtype=np.float32)})
-    outcome = expectations.collapse_outcome(table, k, n, HEALTHY, 0.5, 0.1)
-    assert not outcome.passed
-    assert outcome.failed == ["expect_column_max_to_be_between"]
-    assert "**NO**" in outcome.markdown()
-
-    balanced = table.with_columns(pl.Series("cluster", np.arange(n) % k))
-    assert expectations.collapse_outcome(balanced, k, n, HEALTHY, 0.5, 0.1).passed
+    result = checks.collapse_result(giant, n, {**HEALTHY, "k": k}, 0.5, 0.1)
+    assert not result.passed
+    assert result.description == "the largest cluster holds 95% of the images (at most 50%)"
+    assert result.metadata["largest_cluster_share"].value == pytest.approx(571 / 600)
+    assert checks.collapse_result(np.arange(n) % k, n, {**HEALTHY, "k": k}, 0.5, 0.1).passed
 
 
 def test_collapse_check_sees_what_reseeding_hides() -> None:
     """Balanced final assignments can hide a collapse: k-means put 90% in one cluster and the
     empty ones were re-seeded by splitting it. The check reads k-means' own figures too."""
     k, n = 10, 100
-    table = pl.DataFrame({"cluster": np.arange(n) % k, "distance": np.ones(n)})
-    collapsed = {"largest_cluster_share_kmeans": 0.9, "empty_clusters_kmeans": 8}
-    outcome = expectations.collapse_outcome(table, k, n, collapsed, 0.5, 0.5)
-    assert not outcome.passed
-    assert [r["frame"] for r in outcome.rows if not r["passed"]] == ["kmeans_before_reseeding"] * 2
+    collapsed = {"largest_cluster_share_kmeans": 0.9, "empty_clusters_kmeans": 8, "k": k}
+    result = checks.collapse_result(np.arange(n) % k, n, collapsed, 0.5, 0.5)
+    assert not result.passed
+    assert [part.split(" before")[0] for part in result.description.split("; ")] == [
+        "k-means put 90% in one cluster", "k-means left 8 of 10 clusters empty"
+    ]  # fmt: skip
 
 
-def test_collapse_check_counts_empty_clusters() -> None:
+def test_collapse_check_counts_empty_clusters_and_invalid_ids() -> None:
     k, n = 10, 100
-    table = pl.DataFrame({"cluster": np.arange(n) % 9, "distance": np.ones(n)})  # cluster 9 empty
-    assert expectations.collapse_outcome(table, k, n, HEALTHY, 0.5, max_empty_share=0.1).passed
-    outcome = expectations.collapse_outcome(table, k, n, HEALTHY, 0.5, max_empty_share=0.0)
-    assert outcome.failed == ["expect_column_values_to_be_between"]
+    clusters = np.arange(n) % 9  # cluster 9 is empty
+    assert checks.collapse_result(clusters, n, {**HEALTHY, "k": k}, 0.5, max_empty=0.1).passed
+    result = checks.collapse_result(clusters, n, {**HEALTHY, "k": k}, 0.5, max_empty=0.0)
+    assert result.description == "1 of 10 clusters are empty (at most 0% of them)"
+    clusters[:3] = [-1, 10, 11]
+    result = checks.collapse_result(clusters, n + 1, {**HEALTHY, "k": k}, 0.5, 0.5)
+    assert result.description == "100 assignments for 101 images; 3 cluster ids outside 0..9"
+
+
+def test_unit_norm_check() -> None:
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(50, 8))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    assert checks.unit_norm_result(unit, 1e-3).passed
+    unit[4] *= 2
+    unit[7] = np.nan
+    result = checks.unit_norm_result(unit, 1e-3)
+    assert result.description == "2 of 50 norms are further than 0.001 from 1"
+    assert result.metadata["max_norm"].value == pytest.approx(2.0)
 
 
 def test_shortcut_check_warns_when_clusters_follow_colour(tmp_path: Path) -> None:
@@ -332,14 +345,16 @@ def test_manifest_check_fails_on_duplicates_and_rejections(digits_subset: Path) 
 def test_features_check_fails_on_nan_and_wrong_shape() -> None:
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(50, 8)).astype(np.float32)
-    assert expectations.features_outcome(feats, 50, 8, 0.5).passed
+    assert checks.features_result(feats, 50, 8, 0.5).passed
     feats[3, 2] = np.nan
-    assert (
-        "expect_column_values_to_be_in_set"
-        in expectations.features_outcome(feats, 50, 8, 0.5).failed
-    )
-    assert not expectations.features_outcome(np.ones((50, 8)), 50, 8, 0.5).passed  # no variance
-    assert len(expectations.features_outcome(rng.normal(size=(40, 8)), 50, 16, 0.5).failed) == 2
+    result = checks.features_result(feats, 50, 8, 0.5)
+    assert result.description == "1 rows hold NaN or infinity" and result.metadata["rows"].value == 50
+    still = checks.features_result(np.ones((50, 8)), 50, 8, 0.5)  # no dimension varies
+    assert still.description == "0% of the dimensions vary (least 50%)"
+    zero = checks.features_result(np.zeros((50, 8)), 50, 8, 0.0)
+    assert zero.description == "50 rows are zero vectors"
+    wrong = checks.features_result(rng.normal(size=(40, 8)), 50, 16, 0.5)
+    assert wrong.description == "40 rows for 50 images; 8 dimensions, the model embeds in 16"
 
 
 # --- the whole graph, in process ------------------------------------------------------------------

@@ -1,27 +1,16 @@
-"""Where the pipeline reads and writes (ArtifactStore), what it computes on (ComputeResource) and
-where it tracks runs and registers models (MlflowTracking).
+"""Resources: the folders (ArtifactStore), the machine (ComputeResource), MLflow (MlflowTracking),
+the inbox of new batches (InboxStore); and the executor.
 
-All default to this checkout (data/, artifacts/, data.dvc and mlflow.db at the repo root) and the
-`compute` section of params.yaml. An environment variable, when set, configures a field as
-Dagster's `EnvVar` (the UI shows where the value came from): DEEPCLUSTER_DATA,
-DEEPCLUSTER_ARTIFACTS, DEEPCLUSTER_DVC_FILE, DEEPCLUSTER_DEVICE, DEEPCLUSTER_THREADS,
-MLFLOW_TRACKING_URI, DEEPCLUSTER_MLFLOW_UI.
+Each field defaults to this checkout and params.yaml's `compute` section; when its environment
+variable is set, the field reads it as an `EnvVar`, and the UI shows where the value came from.
 """
 
 import os
 from pathlib import Path
 from typing import Any
 
+import dagster as dg
 import yaml
-from dagster import (
-    ConfigurableResource,
-    Definitions,
-    EnvVar,
-    ExecutorDefinition,
-    definitions,
-    in_process_executor,
-    multiprocess_executor,
-)
 from pydantic import Field
 
 from deepcluster import inbox
@@ -32,38 +21,27 @@ from ..config import DEFAULTS, ROOT
 
 def from_env(**variables: str) -> dict[str, Any]:
     """Field -> EnvVar(name) for each variable that is set; unset ones keep their defaults."""
-    return {field: EnvVar(name) for field, name in variables.items() if name in os.environ}
+    return {field: dg.EnvVar(name) for field, name in variables.items() if name in os.environ}
 
 
-class ArtifactStore(ConfigurableResource):
-    """The image folder, its DVC pointer, and the artifacts root laid out as `deepcluster.paths`."""
+class ArtifactStore(dg.ConfigurableResource):
+    """The image folder, its DVC pointer, and the artifacts root (`deepcluster.paths.Artifacts`)."""
 
     root: str = Field(str(ROOT / "artifacts"), description="artifacts root (the CLI's --artifacts)")
     data_dir: str = Field(str(ROOT / "data"), description="the image folder")
-    dvc_file: str = Field(
-        str(ROOT / "data.dvc"), description="DVC pointer whose md5 versions data/"
-    )
+    dvc_file: str = Field(str(ROOT / "data.dvc"), description="DVC pointer whose md5 versions data/")
 
     @classmethod
     def from_env(cls) -> "ArtifactStore":
-        return cls(
-            **from_env(
-                root="DEEPCLUSTER_ARTIFACTS",
-                data_dir="DEEPCLUSTER_DATA",
-                dvc_file="DEEPCLUSTER_DVC_FILE",
-            )
-        )
+        return cls(**from_env(root="DEEPCLUSTER_ARTIFACTS", data_dir="DEEPCLUSTER_DATA",
+                              dvc_file="DEEPCLUSTER_DVC_FILE"))  # fmt: skip
 
     @property
     def layout(self) -> Artifacts:
         return Artifacts(Path(self.root))
 
-    @property
-    def data_path(self) -> Path:
-        return Path(self.data_dir)
 
-
-class ComputeResource(ConfigurableResource):
+class ComputeResource(dg.ConfigurableResource):
     """params.yaml's `compute` section: the machine a step runs on, not the experiment."""
 
     device: str = Field(DEFAULTS.compute.device, description="auto | cpu | cuda")
@@ -80,30 +58,18 @@ class ComputeResource(ConfigurableResource):
     def section(self) -> dict[str, Any]:
         """The `compute` section of Params."""
         threads = int(self.threads) if self.threads.isdigit() else self.threads
-        return {
-            "device": self.device,
-            "amp": self.amp,
-            "threads": threads,
-            "workers": self.workers,
-            "sync_bn": self.sync_bn,
-        }
+        return {"device": self.device, "amp": self.amp, "threads": threads,
+                "workers": self.workers, "sync_bn": self.sync_bn}  # fmt: skip
 
 
-class MlflowTracking(ConfigurableResource):
-    """The MLflow store the training runs and the model registry live in (`deepcluster.tracking`).
+class MlflowTracking(dg.ConfigurableResource):
+    """The MLflow store of the runs and the registry (a small resource over MLflow's own client;
+    dagster-mlflow is a legacy integration): set for the step and its subprocesses, and the base
+    of links to the MLflow UI."""
 
-    A small resource over MLflow's own client instead of dagster-mlflow (a legacy integration): it
-    points MLflow at the store for the run (and the training subprocess) and builds links to the
-    MLflow UI for metadata.
-    """
-
-    tracking_uri: str = Field(
-        f"sqlite:///{ROOT / 'mlflow.db'}",
-        description="MLflow tracking and registry store; MLflow's default file at the repo root",
-    )
-    ui_url: str = Field(
-        "http://127.0.0.1:5000", description="where `mlflow ui` serves this store (for links)"
-    )
+    tracking_uri: str = Field(f"sqlite:///{ROOT / 'mlflow.db'}",
+                              description="MLflow tracking and registry store")  # fmt: skip
+    ui_url: str = Field("http://127.0.0.1:5000", description="where `mlflow ui` serves it (links)")
 
     @classmethod
     def from_env(cls) -> "MlflowTracking":
@@ -122,13 +88,11 @@ class MlflowTracking(ConfigurableResource):
         return f"{self.ui_url}/#/models/{name}/versions/{version}"
 
 
-class InboxStore(ConfigurableResource):
+class InboxStore(dg.ConfigurableResource):
     """The folder new batches arrive in (one sub-folder each) and the model that assigns them."""
 
     folder: str = Field(str(ROOT / "inbox"), description="inbox folder; env DEEPCLUSTER_INBOX")
-    settle_seconds: float = Field(
-        30.0, description="a batch folder counts once nothing in it changed for this long"
-    )
+    settle_seconds: float = Field(30.0, description="a batch counts once unchanged this long")
     model_uri: str = Field(inbox.DEFAULT_MODEL, description="the registered model that assigns")
 
     @classmethod
@@ -136,32 +100,26 @@ class InboxStore(ConfigurableResource):
         return cls(**from_env(folder="DEEPCLUSTER_INBOX"))
 
 
-def executor() -> ExecutorDefinition:
+def executor() -> dg.ExecutorDefinition:
     """In-process by default: the graph is a chain, so a process per step buys no parallelism and
-    costs a fresh import of torch, Dagster and GX per step (about 10 s each on two busy cores).
-    DEEPCLUSTER_EXECUTOR=multiprocess isolates steps; =k8s runs each step in its own pod (needs
-    dagster-k8s), where train_epochs' tags ask for a GPU. DEEPCLUSTER_EXECUTOR_CONFIG (YAML or
-    JSON) is the executor's config, e.g. the k8s executor's `per_step_k8s_config` that puts
-    train_epochs on GPU nodes (deploy/helm/values.yaml)."""
+    costs a fresh import of torch, Dagster and GX (about 10 s a step on two busy cores).
+    DEEPCLUSTER_EXECUTOR=multiprocess isolates steps; =k8s runs each in its own pod (dagster-k8s);
+    DEEPCLUSTER_EXECUTOR_CONFIG (YAML) is the executor's config (deploy/helm/values.yaml)."""
     name = os.environ.get("DEEPCLUSTER_EXECUTOR", "in_process")
     if name == "k8s":
         from dagster_k8s import k8s_job_executor  # only in the deploy image
 
         chosen = k8s_job_executor
     else:
-        chosen = {"in_process": in_process_executor, "multiprocess": multiprocess_executor}[name]
+        chosen = {"in_process": dg.in_process_executor,
+                  "multiprocess": dg.multiprocess_executor}[name]
     config = os.environ.get("DEEPCLUSTER_EXECUTOR_CONFIG")
     return chosen.configured(yaml.safe_load(config)) if config else chosen
 
 
-@definitions
-def resources() -> Definitions:
-    return Definitions(
-        resources={
-            "artifacts": ArtifactStore.from_env(),
-            "compute": ComputeResource.from_env(),
-            "mlflow": MlflowTracking.from_env(),
-            "inbox_store": InboxStore.from_env(),
-        },
-        executor=executor(),
-    )
+@dg.definitions
+def resources() -> dg.Definitions:
+    return dg.Definitions(executor=executor(), resources={
+        "artifacts": ArtifactStore.from_env(), "compute": ComputeResource.from_env(),
+        "mlflow": MlflowTracking.from_env(), "inbox_store": InboxStore.from_env(),
+    })  # fmt: skip
