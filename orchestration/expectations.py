@@ -15,7 +15,8 @@ from deepcluster.data import MIN_SIDE
 
 @dataclass
 class Outcome:
-    """Whether every expectation held, with one row per expectation for people to read."""
+    """Whether every expectation held; a row per expectation (frame, expectation, column, passed,
+    observed) for people to read."""
 
     passed: bool
     rows: list[dict]
@@ -26,14 +27,6 @@ class Outcome:
     @property
     def failed(self) -> list[str]:
         return [row["expectation"] for row in self.rows if not row["passed"]]
-
-    def markdown(self) -> str:
-        lines = ["| frame | expectation | column | passed | observed |", "| --- | --- | --- | --- | --- |"]
-        for row in self.rows:
-            cells = [row["frame"], row["expectation"], row["column"] or "",
-                     "yes" if row["passed"] else "**NO**", row["observed"]]  # fmt: skip
-            lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
-        return "\n".join(lines)
 
 
 def _observed(result: dict) -> str:

@@ -326,7 +326,7 @@ def test_manifest_check_fails_on_duplicates_and_rejections(digits_subset: Path) 
 
     manifest, rejected = scan_images(digits_subset)
     ok = expectations.manifest_outcome(manifest, rejected, 100, 10_000, ["L"], 0.05)
-    assert ok.passed, ok.markdown()
+    assert ok.passed, ok.rows
     duplicated = pl.concat(
         [manifest, manifest.head(1).with_columns(pl.lit("copy.png").alias("path"))]
     )

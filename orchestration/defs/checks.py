@@ -13,10 +13,12 @@ from pydantic import Field
 from deepcluster import drift, health
 from deepcluster.errors import UserError
 
+from .. import metadata as md
 from .. import reads
 from .resources import ArtifactStore
 
 Result, WARN = dg.AssetCheckResult, dg.AssetCheckSeverity.WARN
+EXPECTATION_COLUMNS = {key: key for key in ("frame", "expectation", "column", "passed", "observed")}
 # PIL modes that ingest decodes to RGB: bilevel, grey, palette, colour, high bit depth
 PIL_MODES = ["1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr",
              "LAB", "HSV", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"]  # fmt: skip
@@ -115,7 +117,7 @@ def manifest_is_valid(config: ManifestLimits, artifacts: ArtifactStore) -> Resul
     figures = {"images": manifest.height, "rejected": rejected.height, "rejected_share": share}
     failed = outcome.failed and "failed: " + ", ".join(outcome.failed)
     return Result(passed=outcome.passed, description=failed or None, metadata={
-        "expectations": dg.MetadataValue.md(outcome.markdown()), **figures})  # fmt: skip
+        "expectations": md.table(outcome.rows, EXPECTATION_COLUMNS), **figures})  # fmt: skip
 
 
 @dg.asset_check(asset="features", blocking=True)
