@@ -1,6 +1,6 @@
-"""`python -m orchestration materialize` runs the whole graph through a real Dagster instance, `sync`
-records what `dvc repro` made, `dev` opens the UI on the same instance: DAGSTER_HOME, by default
-.dagster/ at the repo root, given this project's instance settings (dagster.yaml) the first time."""
+"""`python -m orchestration materialize` runs the whole graph through a real Dagster instance,
+`sync` records what `dvc repro` made, `dev` opens the UI on the same instance: DAGSTER_HOME, by
+default .dagster/ at the repo root, given this project's settings (dagster.yaml) the first time."""
 
 import argparse
 import os
@@ -50,8 +50,8 @@ def materialize(args: argparse.Namespace) -> int:
         print(f"check {check.asset_key.to_user_string()}:{check.check_name}: {verdict}")
     for failure in result.get_step_failure_events():
         data = failure.step_failure_data
-        reason = data.user_failure_data.description if data.user_failure_data else data.error.message
-        print(f"step {failure.step_key} failed: {reason}")
+        user = data.user_failure_data
+        print(f"step {failure.step_key} failed: {user.description if user else data.error.message}")
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'} (instance in {home})")
     if result.success:
         print(_record_for_dvc(args))
@@ -67,7 +67,9 @@ def _record_for_dvc(args: argparse.Namespace) -> str:
     if args.params or args.data or args.artifacts:
         return "dvc.lock not updated: the run used other params, data or artifacts than dvc.yaml"
     problem = dvc_commit()
-    return f"dvc.lock not updated: {problem}" if problem else "dvc.lock updated: dvc status is clean"
+    if problem:
+        return f"dvc.lock not updated: {problem}"
+    return "dvc.lock updated: dvc status is clean"
 
 
 def sync(args: argparse.Namespace) -> int:
@@ -106,7 +108,7 @@ def main() -> int:
     for command in (run, record):
         command.add_argument("--data", type=Path, help="image folder (default: data/)")
         command.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
-    commands.add_parser("dev", add_help=False, help="dg dev on the local instance (other args go to it)")
+    commands.add_parser("dev", add_help=False, help="dg dev on the instance (other args go to it)")
     args, extra = parser.parse_known_args()
     if args.command == "dev":
         return dev(extra)

@@ -1,4 +1,4 @@
-"""Run config generated from params.yaml: one Config class per section of `deepcluster.config.Params`
+"""Run config generated from params.yaml: a Config class per section of `deepcluster.config.Params`
 (the `compute` section is `ComputeResource`'s), each field defaulting to its value there, so a
 parameter added to the library appears in the launchpad with no change here. Values that may be
 `auto` are strings in the launchpad ("auto" or a number)."""
@@ -78,9 +78,9 @@ class TrainingConfig(Config):
     cluster: ClusterConfig = ClusterConfig()  # type: ignore[valid-type]
     train: TrainConfig = TrainConfig()  # type: ignore[valid-type]
     augment: AugmentConfig = AugmentConfig()  # type: ignore[valid-type]
-    resume: bool = Field(False, description="continue an interrupted run's staged checkpoint (op "
-                         "retries always do); otherwise a new materialisation trains from scratch. "
-                         "The published model is only replaced when a training finishes.")  # fmt: skip
+    resume: bool = Field(False, description="continue the staged checkpoint of an interrupted run "
+                         "(op retries always do); otherwise a new materialisation trains from "
+                         "scratch. The published model is replaced only when a training ends.")
 
 
 class RegisterConfig(Config):
@@ -100,7 +100,8 @@ def experiment_params(sections: dict[str, Any], compute: dict[str, Any]) -> Para
 
 
 def training_params(config: TrainingConfig, compute: dict[str, Any]) -> Params:
-    return experiment_params({name: getattr(config, name).model_dump() for name in TRAINING}, compute)
+    sections = {name: getattr(config, name).model_dump() for name in TRAINING}
+    return experiment_params(sections, compute)
 
 
 def run_config_for(params: Params) -> dict[str, Any]:

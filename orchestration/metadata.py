@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
-from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
+from dagster import MetadataValue, TableColumn, TableMetadataValue, TableRecord, TableSchema
 
 EPOCH_COLUMNS = {
     "epoch": "epoch", "loss": "loss", "kmeans_loss": "k-means loss", "nmi_prev": "NMI(t-1,t)",
@@ -16,7 +16,6 @@ EPOCH_COLUMNS = {
     "reseeded": "re-seeded", "lr": "lr", "seconds": "seconds",
 }  # fmt: skip
 SIZES = {"cluster": "cluster", "len": "images"}  # columns of a `group_by("cluster").len()` table
-_KINDS = {bool: "bool", int: "int", float: "float"}
 
 
 def _cell(value: Any) -> Any:
@@ -32,8 +31,8 @@ def table(rows: Iterable[Mapping[str, Any]], columns: Mapping[str, str]) -> Meta
     """A Dagster table of `rows`; `columns` maps each row key to its column title."""
     rows = [{title: _cell(row.get(key)) for key, title in columns.items()} for row in rows]
 
-    def kind(title: str) -> str:
-        kinds = {_KINDS.get(type(row[title]), "string") for row in rows if row[title] != "–"}
+    def kind(t: str) -> str:
+        kinds = {TableMetadataValue.infer_column_type(row[t]) for row in rows if row[t] != "–"}
         return kinds.pop() if len(kinds) == 1 else "string"
 
     schema = TableSchema(columns=[TableColumn(title, kind(title)) for title in columns.values()])

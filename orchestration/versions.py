@@ -25,7 +25,8 @@ def listing_hash(folder: Path) -> str:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(n for n in filenames if not n.startswith(".")):
             path = Path(current, name)
-            digest.update(f"{path.relative_to(folder).as_posix()}\t{path.stat().st_size}\n".encode())
+            relative = path.relative_to(folder).as_posix()
+            digest.update(f"{relative}\t{path.stat().st_size}\n".encode())
     return digest.hexdigest()
 
 

@@ -255,24 +255,27 @@ def test_the_registry_mutex_admits_one_holder_at_a_time(store, monkeypatch):
     client = MlflowClient()
     client.create_registered_model("mutex4")
     monkeypatch.setattr(promotion, "SETTLE", 0.3)  # above a contended sqlite write
-    counter, inside, overlaps = [0], [0], []
+    counter, inside, overlaps, errors = [0], [0], [], []
 
     def contender() -> None:
-        for _ in range(3):
-            with promotion.registry_mutex(client, "mutex4", timeout=60):
-                inside[0] += 1
-                overlaps.append(inside[0])
-                value = counter[0]
-                time.sleep(0.02)
-                counter[0] = value + 1
-                inside[0] -= 1
+        try:
+            for _ in range(3):
+                with promotion.registry_mutex(client, "mutex4", timeout=60):
+                    inside[0] += 1
+                    overlaps.append(inside[0])
+                    value = counter[0]
+                    time.sleep(0.02)
+                    counter[0] = value + 1
+                    inside[0] -= 1
+        except Exception as error:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(error)
 
     threads = [threading.Thread(target=contender) for _ in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
-    assert counter[0] == 12 and max(overlaps) == 1
+    assert not errors and counter[0] == 12 and max(overlaps) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ class ArtifactStore(dg.ConfigurableResource):
 
     root: str = Field(str(ROOT / "artifacts"), description="artifacts root (the CLI's --artifacts)")
     data_dir: str = Field(str(ROOT / "data"), description="the image folder")
-    dvc_file: str = Field(str(ROOT / "data.dvc"), description="DVC pointer whose md5 versions data/")
+    dvc_file: str = Field(str(ROOT / "data.dvc"), description="DVC pointer: data/'s md5")
 
     @classmethod
     def from_env(cls) -> "ArtifactStore":

@@ -207,18 +207,22 @@ def registry_mutex(client: MlflowClient, name: str, timeout: float = LOCK_TIMEOU
     us, and we wait again. Safe while every contender writes within SETTLE seconds of reading the
     tag absent; should one ever take longer, `promote` still re-reads the alias before and after
     setting it. Nothing is registered for it: the tag shows on the model only while held."""
-    token = json.dumps({"holder": f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}",
-                        "since": time.time()})  # fmt: skip
-    deadline = time.monotonic() + timeout
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline, token, problem = time.monotonic() + timeout, None, ""
     while True:
         held = _lock_tag(client, name)
         if held is None or time.time() - _since(held) > STALE_LOCK:
-            client.set_registered_model_tag(name, TAG_LOCK, token)
-            time.sleep(SETTLE)
-            if _lock_tag(client, name) == token:
-                break
+            token = json.dumps({"holder": holder, "since": time.time()})
+            try:
+                client.set_registered_model_tag(name, TAG_LOCK, token)
+            except MlflowException as error:  # a store whose upsert fails on a concurrent insert
+                problem = f" (last write failed: {error.message})"
+            else:
+                time.sleep(SETTLE)
+                if _lock_tag(client, name) == token:
+                    break
         if time.monotonic() > deadline:
-            raise UserError(f"promotion lock of {name!r} held for {timeout:g} s by {held}")
+            raise UserError(f"promotion lock of {name!r} held for {timeout:g} s by {held}{problem}")
         time.sleep(0.2)
     try:
         yield
