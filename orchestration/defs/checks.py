@@ -115,8 +115,8 @@ def manifest_is_valid(config: ManifestLimits, artifacts: ArtifactStore) -> Resul
                                config.allowed_modes, config.max_rejected_share)  # fmt: skip
     share = rejected.height / max(manifest.height + rejected.height, 1)
     figures = {"images": manifest.height, "rejected": rejected.height, "rejected_share": share}
-    failed = outcome.failed and "failed: " + ", ".join(outcome.failed)
-    return Result(passed=outcome.passed, description=failed or None, metadata={
+    failed = "failed: " + ", ".join(outcome.failed) if outcome.failed else None
+    return Result(passed=outcome.passed, description=failed, metadata={
         "expectations": md.table(outcome.rows, EXPECTATION_COLUMNS), **figures})  # fmt: skip
 
 

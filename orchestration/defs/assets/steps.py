@@ -19,18 +19,20 @@ from . import EAGER, GROUP, step_asset, user_errors_fail_plainly
 
 BASELINES = ("nmi", "ari", "accuracy", "nmi_k", "purity_k", "knn_top1", "linear_top1", "shortcut")
 GRIDS = 24  # the largest clusters' grids inline; the rest are files in eval/grids/
-path = dg.MetadataValue.path
+md_path = dg.MetadataValue.path
 
 with warnings.catch_warnings():  # observable source assets are beta: said once, in the docs
     warnings.simplefilter("ignore", dg.BetaWarning)
 
-    @dg.observable_source_asset(group_name=GROUP, automation_condition=dg.AutomationCondition
-                                .cron_tick_passed("*/5 * * * *"))  # observed every five minutes
+    @dg.observable_source_asset(
+        group_name=GROUP,  # observed every five minutes while data_version_sensor is on
+        automation_condition=dg.AutomationCondition.cron_tick_passed("*/5 * * * *"),
+    )
     def raw_images(artifacts: ArtifactStore) -> dg.ObserveResult:
         """The image folder, as pinned by data.dvc."""
         version, source = observed_version(artifacts.dvc_file, artifacts.data_dir)
         return dg.ObserveResult(data_version=dg.DataVersion(version), metadata={
-            "path": path(artifacts.data_dir), "data_version_source": source})  # fmt: skip
+            "path": md_path(artifacts.data_dir), "data_version_source": source})  # fmt: skip
 
 
 def _spec(key: str, dep: str, kind: str, description: str) -> dg.AssetSpec:
@@ -60,12 +62,12 @@ def ingest(config: IngestConfig, artifacts: ArtifactStore, compute: ComputeResou
         # lineage: DVC's md5 of the folder as ingested, and whether data.dvc pins it
         "data_version": summary.data_version.md5,
         "data_version_tracked_by_dvc": summary.data_version.tracked,
-        "path": path(str(art.manifest)),
+        "path": md_path(str(art.manifest)),
     })  # fmt: skip
     yield dg.MaterializeResult(asset_key="image_cache", metadata={
         "shape": str(more["cache_shape"]), "resolution": summary.resolution,
         "auto": md.as_json(summary.auto), "megabytes": more["cache_megabytes"],
-        "path": path(str(art.cache)),
+        "path": md_path(str(art.cache)),
     })  # fmt: skip
 
 
@@ -83,7 +85,7 @@ def features(artifacts: ArtifactStore, compute: ComputeResource) -> dg.Materiali
         feats = pipeline.features(art, _params(compute), show=False)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": feats.shape[0], "dim": feats.shape[1],
-        "mean_norm": float(np.linalg.norm(feats, axis=1).mean()), "path": path(str(art.features)),
+        "mean_norm": float(np.linalg.norm(feats, axis=1).mean()), "path": md_path(str(art.features)),
     })  # fmt: skip
 
 
@@ -97,7 +99,7 @@ def cluster_assignments(artifacts: ArtifactStore, compute: ComputeResource) -> d
         "dagster/row_count": table.height,
         **reads.cluster_figures(art, table["cluster"].to_numpy()),
         "largest_clusters": md.table(md.largest_clusters(table, 10).to_dicts(), md.SIZES),
-        "path": path(str(art.assignments)),
+        "path": md_path(str(art.assignments)),
     })  # fmt: skip
 
 
@@ -128,7 +130,7 @@ def eval_report(config: EvalConfig, artifacts: ArtifactStore, compute: ComputeRe
                                       for c, n in largest.iter_rows()}),
         "mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
         **{key: value for key, value in metrics.items() if isinstance(value, (int, float))},
-        "path": path(str(art.metrics)),
+        "path": md_path(str(art.metrics)),
     })  # fmt: skip
 
 
@@ -148,5 +150,5 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisterConfig,
         "champion_before": reg.champion_before or "none", "champion_value": reg.champion_value,
         "mlflow_run_id": reg.run_id,
         "mlflow_model": dg.MetadataValue.url(mlflow.model_url(reg.name, reg.version)),
-        "path": path(str(art.registration)),
+        "path": md_path(str(art.registration)),
     })  # fmt: skip
