@@ -1,9 +1,6 @@
-"""`python -m orchestration materialize` runs the whole graph through a real Dagster instance;
-`python -m orchestration dev` opens the UI on the same instance.
-
-Both default DAGSTER_HOME to .dagster/ at the repo root (gitignored) and give it this project's
-instance settings (orchestration/dagster.yaml) the first time.
-
+"""`python -m orchestration materialize` runs the whole graph through a real Dagster instance,
+`sync` records what `dvc repro` made, `dev` opens the UI on the same instance: DAGSTER_HOME, by
+default .dagster/ at the repo root, given this project's settings (dagster.yaml) the first time.
 A stopped `materialize` (Ctrl-C, SIGTERM) says in one line where it stopped and what that leaves.
 """
 
@@ -23,9 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 SESSION_ENV = "DEEPCLUSTER_MATERIALIZE_PARENT"
 
 
-def dagster_home() -> Path:
+def dagster_home(args: argparse.Namespace | None = None) -> Path:
+    """DAGSTER_HOME (absolute, as Dagster insists), and --data/--artifacts as the resources' env."""
+    for name in ("data", "artifacts"):
+        if getattr(args, name, None) is not None:
+            os.environ[f"DEEPCLUSTER_{name.upper()}"] = str(Path(getattr(args, name)).resolve())
     home = Path(os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster"))).resolve()
-    os.environ["DAGSTER_HOME"] = str(home)  # Dagster insists on an absolute path
+    os.environ["DAGSTER_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
         shutil.copy(Path(__file__).with_name("dagster.yaml"), home / "dagster.yaml")
@@ -126,10 +127,7 @@ def materialize(args: argparse.Namespace) -> int:
     # SIGTERM (a scheduler, `kill`) stops the run like Ctrl-C: Dagster sees an interrupt, which
     # the training step turns into a stop of its process group, never a retry
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    for name, value in (("DEEPCLUSTER_DATA", args.data), ("DEEPCLUSTER_ARTIFACTS", args.artifacts)):
-        if value is not None:
-            os.environ[name] = str(Path(value).resolve())
-    home = dagster_home()
+    home = dagster_home(args)
     from dagster import DagsterInstance
 
     from deepcluster.config import load_params
@@ -161,10 +159,8 @@ def materialize(args: argparse.Namespace) -> int:
         print(f"check {check.asset_key.to_user_string()}:{check.check_name}: {verdict}")
     for failure in result.get_step_failure_events():
         data = failure.step_failure_data
-        reason = (
-            data.user_failure_data.description if data.user_failure_data else data.error.message
-        )
-        print(f"step {failure.step_key} failed: {reason}")
+        user = data.user_failure_data
+        print(f"step {failure.step_key} failed: {user.description if user else data.error.message}")
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'} (instance in {home})")
     if result.success:
         print(_record_for_dvc(args))
@@ -180,26 +176,23 @@ def _record_for_dvc(args: argparse.Namespace) -> str:
     if args.params or args.data or args.artifacts:
         return "dvc.lock not updated: the run used other params, data or artifacts than dvc.yaml"
     problem = dvc_commit()
-    return f"dvc.lock not updated: {problem}" if problem else "dvc.lock updated: dvc status is clean"
+    if problem:
+        return f"dvc.lock not updated: {problem}"
+    return "dvc.lock updated: dvc status is clean"
 
 
 def sync(args: argparse.Namespace) -> int:
     """After `dvc repro`: record its outputs in the Dagster instance, so none shows as stale."""
-    for name, value in (("DEEPCLUSTER_DATA", args.data), ("DEEPCLUSTER_ARTIFACTS", args.artifacts)):
-        if value is not None:
-            os.environ[name] = str(Path(value).resolve())
-    home = dagster_home()
+    home = dagster_home(args)
     from dagster import DagsterInstance
 
     from .definitions import defs
-    from .resources import ArtifactStore
+    from .defs.resources import ArtifactStore
     from .sync import record_materialisations
 
     store = ArtifactStore.from_env().process_config_and_initialize()
     with DagsterInstance.get() as instance:
-        recorded = record_materialisations(
-            instance, defs, store.layout, store.dvc_file, store.data_dir
-        )
+        recorded = record_materialisations(instance, defs, store.layout)
     print(f"recorded in the Dagster instance at {home}: {', '.join(recorded) or 'nothing'}")
     return 0
 
@@ -212,8 +205,7 @@ def dev(extra: list[str]) -> NoReturn:
     os.environ["VIRTUAL_ENV"] = str(bin_dir.parent)  # dg warns unless the project venv is active
     os.environ["PATH"] = f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
     os.chdir(home)  # from anywhere; --target-path names the project
-    argv = [str(bin_dir / "dg"), "dev", "--target-path", str(ROOT), *extra]
-    os.execv(bin_dir / "dg", argv)
+    os.execv(bin_dir / "dg", [str(bin_dir / "dg"), "dev", "--target-path", str(ROOT), *extra])
 
 
 def main() -> int:
@@ -221,14 +213,11 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("materialize", help="materialise every asset and check once")
     run.add_argument("--params", type=Path, help="a params.yaml other than the repo's")
-    run.add_argument("--data", type=Path, help="image folder (default: data/)")
-    run.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
     record = commands.add_parser("sync", help="record dvc repro's outputs as materialisations")
-    record.add_argument("--data", type=Path, help="image folder (default: data/)")
-    record.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
-    commands.add_parser(
-        "dev", add_help=False, help="dg dev on the local instance (other args go to it)"
-    )
+    for command in (run, record):
+        command.add_argument("--data", type=Path, help="image folder (default: data/)")
+        command.add_argument("--artifacts", type=Path, help="artifacts root (default: artifacts/)")
+    commands.add_parser("dev", add_help=False, help="dg dev on the instance (other args go to it)")
     args, extra = parser.parse_known_args()
     if args.command == "dev":
         return dev(extra)

@@ -1,11 +1,7 @@
-"""Run configuration for the assets, derived from params.yaml (the one home of hyperparameters).
-
-Each Config class has one field per key of one section of `deepcluster.config.Params`, defaulting
-to that key's value in params.yaml. The classes are generated from the Params dataclasses rather
-than written out, so a parameter added to the library appears in the Dagster launchpad with no
-change here. The `compute` section describes the machine, not the experiment: it is
-`ComputeResource`'s. Values that may be `auto` are strings in the launchpad ("auto" or a number).
-"""
+"""Run config generated from params.yaml: a Config class per section of `deepcluster.config.Params`
+(the `compute` section is `ComputeResource`'s), each field defaulting to its value there, so a
+parameter added to the library appears in the launchpad with no change here. Values that may be
+`auto` are strings in the launchpad ("auto" or a number)."""
 
 import dataclasses
 from pathlib import Path
@@ -20,20 +16,12 @@ from deepcluster.figures import PROMOTION_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = load_params(ROOT / "params.yaml")
+TRAINING = ("data", "model", "cluster", "train", "augment")  # the sections `checkpoint` takes
 
-# the annotations deepcluster.config uses, as pydantic types (YAML lists, not tuples)
-_TYPES = {
-    "int": int,
-    "float": float,
-    "str": str,
-    "bool": bool,
-    # "auto" or a value, as text; checked by deepcluster.config
-    "IntOrAuto": str,
-    "FloatOrAuto": str,
-    "BoolOrAuto": str,
-    "tuple[float, float]": list[float],
-    "tuple[float, ...]": list[float],
-}
+# the annotations of deepcluster.config, as pydantic types ("auto" or a value: text)
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "IntOrAuto": str,
+          "FloatOrAuto": str, "BoolOrAuto": str, "tuple[float, float]": list[float],
+          "tuple[float, ...]": list[float]}  # fmt: skip
 
 
 def _launchpad(value: Any, kind: str) -> Any:
@@ -45,8 +33,7 @@ def _launchpad(value: Any, kind: str) -> Any:
 
 
 def _library(value: Any) -> Any:
-    """A launchpad value back into the library's form ("32" -> 32, "true" -> True, "auto"
-    stays); other text stays text."""
+    """A launchpad value back into the library's form ("32" -> 32, "true" -> True, "auto" stays)."""
     if isinstance(value, str) and value != AUTO:
         parsed = yaml.safe_load(value)
         if isinstance(parsed, (bool, int, float)):
@@ -54,15 +41,19 @@ def _library(value: Any) -> Any:
     return value
 
 
+def _section(params: Params, name: str) -> dict[str, Any]:
+    values = getattr(params, name)
+    return {f.name: _launchpad(getattr(values, f.name), str(f.type))
+            for f in dataclasses.fields(values)}  # fmt: skip
+
+
 def section_config(section: str) -> type[Config]:
     """A Config class for one params.yaml section, each field defaulting to its value there."""
-    values = getattr(DEFAULTS, section)
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(values):
-        default = _launchpad(getattr(values, f.name), str(f.type))
-        fields[f.name] = (_TYPES[str(f.type)], Field(default, description=f"{section}.{f.name}"))
-    name = f"{section.capitalize()}Config"
-    return create_model(name, __base__=Config, __module__=__name__, **fields)
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(getattr(DEFAULTS, section))}
+    fields = {name: (_TYPES[kinds[name]], Field(value, description=f"{section}.{name}"))
+              for name, value in _section(DEFAULTS, section).items()}  # fmt: skip
+    return create_model(f"{section.capitalize()}Config", __base__=Config, __module__=__name__,
+                        **fields)  # fmt: skip
 
 
 DataConfig = section_config("data")
@@ -87,12 +78,17 @@ class TrainingConfig(Config):
     cluster: ClusterConfig = ClusterConfig()  # type: ignore[valid-type]
     train: TrainConfig = TrainConfig()  # type: ignore[valid-type]
     augment: AugmentConfig = AugmentConfig()  # type: ignore[valid-type]
-    resume: bool = Field(
-        False,
-        description="continue an interrupted run's staged checkpoint (op retries always do); "
-        "otherwise a new materialisation trains from scratch. The published model is only "
-        "replaced when a training finishes.",
-    )
+    resume: bool = Field(False, description="continue the staged checkpoint of an interrupted run "
+                         "(op retries always do); otherwise a new materialisation trains from "
+                         "scratch. The published model is replaced only when a training ends.")
+
+
+class RegisterConfig(Config):
+    """The `registered_model` asset: which figure decides the `champion` alias, and the name."""
+
+    metric: str = Field("auto", description="metrics.json figure, higher wins: auto (nmi with "
+                        f"labels, else nmi_stability) or one of {', '.join(PROMOTION_METRICS)}")
+    name: str = Field("deepcluster", description="registered model name in MLflow")
 
 
 def experiment_params(sections: dict[str, Any], compute: dict[str, Any]) -> Params:
@@ -100,42 +96,20 @@ def experiment_params(sections: dict[str, Any], compute: dict[str, Any]) -> Para
     raw = DEFAULTS.to_dict()
     for name, values in sections.items():
         raw[name] = {key: _library(value) for key, value in values.items()}
-    raw["compute"] = compute
-    return params_from_dict(raw)
+    return params_from_dict({**raw, "compute": compute})
 
 
 def training_params(config: TrainingConfig, compute: dict[str, Any]) -> Params:
-    sections = ("data", "model", "cluster", "train", "augment")
-    return experiment_params({name: getattr(config, name).model_dump() for name in sections}, compute)
+    sections = {name: getattr(config, name).model_dump() for name in TRAINING}
+    return experiment_params(sections, compute)
 
 
 def run_config_for(params: Params) -> dict[str, Any]:
-    """The run config that makes the asset graph use `params` (a params.yaml other than the repo's)."""
-    p = {name: _launchpad_section(params, name) for name in params.to_dict()}
-    training = {name: p[name] for name in ("data", "model", "cluster", "train", "augment")}
+    """The run config that makes the graph use `params` (a params.yaml other than the repo's)."""
+    p = {name: _section(params, name) for name in params.to_dict()}
     return {
-        "ops": {
-            "ingest": {"config": {"data": p["data"]}},
-            "checkpoint": {"config": training},
-            "eval_report": {"config": p["eval"]},
-        },
+        "ops": {"ingest": {"config": {"data": p["data"]}},
+                "checkpoint": {"config": {name: p[name] for name in TRAINING}},
+                "eval_report": {"config": p["eval"]}},
         "resources": {"compute": {"config": p["compute"]}},
-    }
-
-
-def _launchpad_section(params: Params, name: str) -> dict[str, Any]:
-    values = getattr(params, name)
-    return {
-        f.name: _launchpad(getattr(values, f.name), str(f.type)) for f in dataclasses.fields(values)
-    }
-
-
-class RegisterConfig(Config):
-    """The `registered_model` asset: which figure decides the `champion` alias, and the name."""
-
-    metric: str = Field(
-        "auto",
-        description="metrics.json figure, higher wins: auto (nmi with labels, else "
-        f"nmi_stability) or one of {', '.join(PROMOTION_METRICS)}",
-    )
-    name: str = Field("deepcluster", description="registered model name in MLflow")
+    }  # fmt: skip

@@ -1,29 +1,25 @@
-"""Metadata a person reads in the Dagster UI: tables, and pictures embedded as data URIs."""
+"""Metadata people read in the UI: tables, JSON, and pictures embedded as data URIs (the UI cannot
+reach the artifacts folder)."""
 
 import base64
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from dagster import MetadataValue, TableColumn, TableRecord, TableSchema
+import polars as pl
+from dagster import MetadataValue, TableColumn, TableMetadataValue, TableRecord, TableSchema
 
 EPOCH_COLUMNS = {
-    "epoch": "epoch",
-    "loss": "loss",
-    "kmeans_loss": "k-means loss",
-    "nmi_prev": "NMI(t-1,t)",
-    "nmi_labels": "NMI(labels)",
-    "largest_cluster_share": "largest cluster",
-    "reseeded": "re-seeded",
-    "lr": "lr",
-    "seconds": "seconds",
-}
-_KINDS = {bool: "bool", int: "int", float: "float"}
+    "epoch": "epoch", "loss": "loss", "kmeans_loss": "k-means loss", "nmi_prev": "NMI(t-1,t)",
+    "nmi_labels": "NMI(labels)", "largest_cluster_share": "largest cluster",
+    "reseeded": "re-seeded", "lr": "lr", "seconds": "seconds",
+}  # fmt: skip
+SIZES = {"cluster": "cluster", "len": "images"}  # columns of a `group_by("cluster").len()` table
 
 
-def _plain(value: Any) -> Any:
-    """A table cell: numbers as they are (rounded floats), anything else as text, None as '–'."""
+def _cell(value: Any) -> Any:
+    """Numbers as they are (floats rounded), anything else as text, None as '–'."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -33,36 +29,33 @@ def _plain(value: Any) -> Any:
 
 def table(rows: Iterable[Mapping[str, Any]], columns: Mapping[str, str]) -> MetadataValue:
     """A Dagster table of `rows`; `columns` maps each row key to its column title."""
-    rows = [{title: _plain(row.get(key)) for key, title in columns.items()} for row in rows]
-    schema = TableSchema(
-        columns=[
-            TableColumn(title, _column_kind([row[title] for row in rows]))
-            for title in columns.values()
-        ]
-    )
+    rows = [{title: _cell(row.get(key)) for key, title in columns.items()} for row in rows]
+
+    def kind(t: str) -> str:
+        kinds = {TableMetadataValue.infer_column_type(row[t]) for row in rows if row[t] != "–"}
+        return kinds.pop() if len(kinds) == 1 else "string"
+
+    schema = TableSchema(columns=[TableColumn(title, kind(title)) for title in columns.values()])
     return MetadataValue.table([TableRecord(row) for row in rows], schema=schema)
 
 
-def _column_kind(values: list[Any]) -> str:
-    kinds = {_KINDS.get(type(v), "string") for v in values if v != "–"}
-    return kinds.pop() if len(kinds) == 1 else "string"
+def largest_clusters(table: pl.DataFrame, shown: int) -> pl.DataFrame:
+    return table.group_by("cluster").len().sort("len", descending=True).head(shown)
 
 
-def epoch_table(history: Sequence[Mapping[str, Any]]) -> MetadataValue:
-    return table(history, EPOCH_COLUMNS)
+def schema(columns: Mapping[str, Any]) -> TableSchema:
+    return TableSchema(columns=[TableColumn(name, str(kind)) for name, kind in columns.items()])
 
 
 def picture(path: Path, title: str) -> str:
-    """Markdown showing the PNG at `path` inline (the UI cannot reach the artifact folder)."""
-    encoded = base64.b64encode(Path(path).read_bytes()).decode()
-    return f"![{title}](data:image/png;base64,{encoded})"
+    """Markdown showing the PNG at `path` inline."""
+    return f"![{title}](data:image/png;base64,{base64.b64encode(Path(path).read_bytes()).decode()})"
 
 
 def pictures(items: Mapping[str, Path]) -> MetadataValue:
     """One markdown block with a heading and a picture for each existing file."""
-    parts = [
-        f"**{title}**\n\n{picture(path, title)}" for title, path in items.items() if path.exists()
-    ]
+    parts = [f"**{title}**\n\n{picture(path, title)}" for title, path in items.items()
+             if path.exists()]  # fmt: skip
     return MetadataValue.md("\n\n".join(parts) or "no pictures were written")
 
 

@@ -1,10 +1,6 @@
-"""The training process Dagster launches (`python -m orchestration.pipes_train`, or under
-torchrun): the library's train step, reporting through Dagster Pipes.
-
-It imports `dagster_pipes` (the small, dependency-free side of Pipes) and the library, never
-Dagster itself. Each epoch goes back as a log line and a custom message; the end as a `result`
-message with the MLflow run id. A user error is reported as such, so Dagster does not retry it.
-"""
+"""The training process Dagster launches (`python -m orchestration.pipes_train`, or under torchrun):
+the library's train step, reporting each epoch (a log line and a message) and its result through
+`dagster_pipes`, which is all of Dagster it imports. A user error is reported as one: no retry."""
 
 import ctypes
 import os
@@ -32,15 +28,10 @@ def _die_with_parent() -> None:
 
 def _train(extras: dict, on_epoch) -> pipeline.TrainSummary:
     return pipeline.train(
-        params_from_dict(extras["params"]),
-        Artifacts(extras["artifacts"]),
-        fresh=extras["fresh"],
-        on_epoch=on_epoch,
-        show=False,
-        tags={"dagster_run_id": extras["dagster_run_id"]},
-        source="dagster train_epochs",
-        dvc_file=extras["dvc_file"],
-    )
+        params_from_dict(extras["params"]), Artifacts(extras["artifacts"]), fresh=extras["fresh"],
+        on_epoch=on_epoch, show=False, tags={"dagster_run_id": extras["dagster_run_id"]},
+        source="dagster train_epochs", dvc_file=extras["dvc_file"],
+    )  # fmt: skip
 
 
 def main() -> int:
@@ -51,29 +42,19 @@ def main() -> int:
         epochs = extras["params"]["train"]["epochs"]
 
         def on_epoch(stats) -> None:
-            row = asdict(stats)
             pipes.log.info(describe(stats, epochs))
-            pipes.report_custom_message({"epoch": row})
-            if stats.epoch == extras.get("fail_after_epoch"):  # testing retries only
-                raise RuntimeError(f"injected failure after epoch {stats.epoch}")
+            pipes.report_custom_message({"epoch": asdict(stats)})
 
         try:
             summary = _train(extras, on_epoch)
         except UserError as err:
             pipes.report_custom_message({"user_error": str(err)})
             return 2
-        pipes.report_custom_message(
-            {
-                "result": {
-                    "history": [asdict(h) for h in summary.history],
-                    "resumed_from": summary.resumed_from,
-                    "epochs": summary.params.train.epochs,
-                    "params": summary.params.to_dict(),
-                    "auto": summary.auto,
-                    "mlflow_run_id": summary.run_id,
-                }
-            }
-        )
+        pipes.report_custom_message({"result": {
+            "history": [asdict(h) for h in summary.history], "resumed_from": summary.resumed_from,
+            "epochs": summary.params.train.epochs, "params": summary.params.to_dict(),
+            "auto": summary.auto, "mlflow_run_id": summary.run_id,
+        }})  # fmt: skip
     return 0
 
 

@@ -1,10 +1,6 @@
-"""Versions Dagster compares to tell what is stale: the data's (DVC md5) and the code's (source hash).
-
-Code versions are hashes of the source of the library modules each step runs (the table
-`deepcluster.pipeline.STEP_MODULES`, which dvc.yaml's `deps` follow too), not constants bumped by
-hand: a forgotten bump would hide a real change, while a comment-only edit merely marks an asset
-stale, and the UI lets a person decide whether to re-materialise.
-"""
+"""The versions Dagster compares to tell what is stale: the data's (DVC md5) and the code's (a hash
+of the source of the library modules each step runs, `deepcluster.pipeline.STEP_MODULES`, which
+dvc.yaml's `deps` follow too: no constant to forget to bump)."""
 
 import hashlib
 import importlib
@@ -29,17 +25,14 @@ def listing_hash(folder: Path) -> str:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(n for n in filenames if not n.startswith(".")):
             path = Path(current, name)
-            digest.update(
-                f"{path.relative_to(folder).as_posix()}\t{path.stat().st_size}\n".encode()
-            )
+            relative = path.relative_to(folder).as_posix()
+            digest.update(f"{relative}\t{path.stat().st_size}\n".encode())
     return digest.hexdigest()
 
 
 def observed_version(dvc_file: Path | str, data_dir: Path | str) -> tuple[str, str]:
-    """(version, where it came from) of the image folder, without reading any image.
-
-    DVC's md5 when a data.dvc pointer exists; otherwise a hash of the folder listing.
-    """
+    """(version, where it came from) of the image folder, without reading an image: DVC's md5 when
+    a data.dvc pointer exists, else a hash of the folder listing."""
     md5 = dvc_md5(dvc_file)
     if md5 is not None:
         return md5, f"md5 pinned by {dvc_file}"
@@ -53,6 +46,5 @@ def code_version(step: str) -> str:
     """A short hash of the source of the library modules the pipeline step runs."""
     digest = hashlib.sha256()
     for name in STEP_MODULES[step]:
-        module = importlib.import_module(f"deepcluster.{name}")
-        digest.update(inspect.getsource(module).encode())
+        digest.update(inspect.getsource(importlib.import_module(f"deepcluster.{name}")).encode())
     return digest.hexdigest()[:12]

@@ -4,7 +4,7 @@ pointing at tmp (the `digits_subset` folder they run on is a fixture in conftest
 from pathlib import Path
 
 from orchestration.config import run_config_for
-from orchestration.resources import ArtifactStore, ComputeResource, MlflowTracking
+from orchestration.defs.resources import ArtifactStore, ComputeResource, MlflowTracking
 from tests.conftest import fast_params
 
 # What the whole graph must produce: every asset but the observed source, and each check by asset.

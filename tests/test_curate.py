@@ -36,8 +36,8 @@ from deepcluster.errors import MissingArtifact, ParamError
 from deepcluster.evaluate import pixel_features
 from deepcluster.models import build_model
 from deepcluster.paths import Artifacts
-from orchestration.curation import curated_subset
-from orchestration.resources import ArtifactStore, MlflowTracking
+from orchestration.defs.assets.curation import curated_subset
+from orchestration.defs.resources import ArtifactStore, MlflowTracking
 
 from .conftest import fast_params, run_cli
 

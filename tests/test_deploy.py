@@ -23,7 +23,7 @@ import typer
 import yaml
 from dagster_k8s.models import k8s_model_from_dict, k8s_snake_case_dict
 
-from orchestration.training import checkpoint
+from orchestration.defs.assets.training import checkpoint
 from tests.conftest import ROOT
 
 DEPLOY = ROOT / "deploy"
@@ -119,7 +119,7 @@ def unread(names, also_read: set[str] = frozenset()) -> list[str]:
 
 
 def test_the_scan_finds_the_variables_the_resources_read() -> None:
-    """The scan itself can fail: these are read in orchestration/resources.py and definitions.py."""
+    """The scan itself can fail: these are read in orchestration/defs/resources.py."""
     assert {"DEEPCLUSTER_ARTIFACTS", "MLFLOW_TRACKING_URI", "DEEPCLUSTER_EXECUTOR"} <= (
         variables_read_by_code()
     )

@@ -35,16 +35,10 @@ from PIL import Image
 from deepcluster import drift, inbox, pipeline, registry
 from deepcluster.errors import UserError
 from deepcluster.paths import Artifacts
-from orchestration.curation import (
-    DRIFT_DESCRIPTION,
-    InboxStore,
-    batch_drift,
-    inbox_batches,
-    inbox_sensor,
-    new_images,
-    new_images_job,
-)
-from orchestration.resources import ArtifactStore, MlflowTracking
+from orchestration.defs.assets.curation import inbox_batches, new_images
+from orchestration.defs.automation import inbox_sensor, new_images_job
+from orchestration.defs.checks import batch_drift
+from orchestration.defs.resources import ArtifactStore, InboxStore, MlflowTracking
 
 from .conftest import build_artifacts, fast_params
 
@@ -179,7 +173,8 @@ def test_drift_check_passes_held_back_digits_and_warns_on_inverted_ones(world, s
     assert held.check_name == "batch_drift" and held.passed, held.description
     assert not inverted.passed and inverted.severity == AssetCheckSeverity.WARN
     assert "a place to start retraining" in inverted.description
-    assert "where retraining starts" in DRIFT_DESCRIPTION
+    [spec] = batch_drift.check_specs
+    assert "where retraining starts" in spec.description
     assert held.metadata["far_share"].value == reports["heldback"].far_share
     assert inverted.metadata["far_share"].value == reports["inverted"].far_share
 

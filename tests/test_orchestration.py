@@ -4,6 +4,7 @@ materialised in process on real digits images with every check passing."""
 import dataclasses
 import json
 import shutil
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import numpy as np
@@ -12,29 +13,20 @@ import pytest
 from dagster import (
     AssetCheckKey,
     AssetKey,
-    AssetMaterialization,
     AssetSelection,
+    DefaultSensorStatus,
     Definitions,
-    RunRequest,
-    build_sensor_context,
+    evaluate_automation_conditions,
     instance_for_test,
+    load_from_defs_folder,
     materialize,
 )
 
+import orchestration
 from deepcluster import config as library_config
 from deepcluster.data import read_manifest
 from deepcluster.paths import Artifacts
 from orchestration import expectations
-from orchestration.assets import (
-    cluster_assignments,
-    eval_report,
-    features,
-    ingest,
-    raw_images,
-    registered_model,
-)
-from orchestration.automation import data_version_sensor
-from orchestration.checks import CHECKS
 from orchestration.config import (
     DEFAULTS,
     AugmentConfig,
@@ -47,10 +39,20 @@ from orchestration.config import (
     run_config_for,
     training_params,
 )
-from orchestration.curation import curated_subset
 from orchestration.definitions import defs
-from orchestration.resources import ComputeResource
-from orchestration.training import GPU_TAGS, checkpoint
+from orchestration.defs import checks
+from orchestration.defs.assets.curation import curated_subset
+from orchestration.defs.assets.steps import (
+    cluster_assignments,
+    eval_report,
+    features,
+    ingest,
+    raw_images,
+    registered_model,
+)
+from orchestration.defs.assets.training import GPU_TAGS, checkpoint
+from orchestration.defs.automation import observe_data_job
+from orchestration.defs.resources import ComputeResource
 from orchestration.versions import dvc_md5, observed_version
 from tests.conftest import fast_params
 from tests.orchestration_fixtures import (
@@ -75,6 +77,13 @@ ASSETS = [
     registered_model,
     curated_subset,
 ]
+CHECKS = [
+    checks.manifest_is_valid,
+    checks.features_are_sound,
+    checks.no_cluster_collapse,
+    checks.whitened_features_unit_norm,
+    checks.clusters_follow_content,
+]
 
 
 def write_dvc(path: Path, md5: str) -> Path:
@@ -96,7 +105,6 @@ def test_definitions_load_and_validate() -> None:
     job = defs.resolve_job_def("deepcluster_job")
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == set(MATERIALISED)
     assert {k.name for k in job.asset_layer.asset_graph.asset_check_keys} == CHECK_NAMES
-    assert defs.resolve_sensor_def("data_version_sensor").job_name == "deepcluster_job"
 
 
 def test_training_op_is_a_retried_gpu_step() -> None:
@@ -181,41 +189,73 @@ def test_repo_data_dvc_parses() -> None:
     assert dvc_md5(repo_dvc).endswith(".dir")
 
 
-def test_sensor_runs_the_job_when_data_dvc_changes(digits_subset: Path, tmp_path: Path) -> None:
-    store = store_in(tmp_path, digits_subset)
-    dvc = Path(store.dvc_file)
+def test_a_new_data_version_requests_the_graph_and_an_unchanged_one_does_not(
+    digits_subset: Path, tmp_path: Path
+) -> None:
+    """The automation conditions on the assets, evaluated as the (stopped by default) sensor would:
+    raw_images is observed on its schedule; a data version not seen before requests every asset
+    after it, the same one again nothing."""
+    resources = resources_in(tmp_path, digits_subset)
+    graph = Definitions(assets=ASSETS, asset_checks=CHECKS, jobs=[observe_data_job],
+                        resources=resources)  # fmt: skip
+    keys = graph.resolve_asset_graph().get_all_asset_keys()
     with instance_for_test() as instance:
+        cursor, now = None, datetime(2026, 1, 1, 0, 1)
 
-        def tick(cursor):
-            context = build_sensor_context(
-                instance=instance, cursor=cursor, resources={"artifacts": store}
+        def tick() -> set[str]:
+            nonlocal cursor, now
+            result = evaluate_automation_conditions(
+                defs=graph, instance=instance, cursor=cursor, evaluation_time=now
             )
-            return data_version_sensor(context)
+            cursor, now = result.cursor, now + timedelta(minutes=5)
+            return {k.to_user_string() for k in keys if result.get_requested_partitions(k)}
 
-        assert "no DVC pointer" in tick(None).skip_reason.skip_message
-        write_dvc(dvc, "aaaa.dir")
-        first = tick(None)
-        assert [r.run_key for r in first.run_requests] == [
-            "aaaa.dir"
-        ] and first.cursor == "aaaa.dir"
-        assert isinstance(first.run_requests[0], RunRequest)
-        assert first.run_requests[0].tags["deepcluster/data_md5"] == "aaaa.dir"
-        assert "unchanged" in tick("aaaa.dir").skip_reason.skip_message
+        def observe() -> None:
+            graph.resolve_job_def("observe_data").execute_in_process(instance=instance)
+
+        assert tick() == set()  # the first evaluation only starts the clocks
+        assert tick() == {"raw_images"}  # observed every five minutes
+        observe()  # no data.dvc: a hash of the folder listing, a version never built
+        assert tick() == {"raw_images", *MATERIALISED}
+        observe()
+        assert tick() == {"raw_images"}  # the same version again: nothing to run
+        write_dvc(Path(resources["artifacts"].dvc_file), "aaaa.dir")
+        observe()
+        assert tick() == {"raw_images", *MATERIALISED}  # data.dvc pins a new md5
+        observe()
+        assert tick() == {"raw_images"}
+    sensor = defs.resolve_sensor_def("data_version_sensor")
+    assert sensor.default_status == DefaultSensorStatus.STOPPED  # off unless switched on
+
+
+def test_dvc_repro_outputs_are_recorded_as_fresh_until_the_data_changes(
+    digits_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m orchestration sync` after `dvc repro`: Dagster's own stale-status rule sees every
+    asset whose files exist as fresh, and image_manifest as stale once data.dvc pins another md5."""
+    from dagster._utils.test.data_versions import get_stale_status_resolver  # the UI's rule
+
+    from orchestration.sync import asset_files, record_materialisations
+
+    art = Artifacts(tmp_path / "artifacts")
+    for path in (p for paths in asset_files(art).values() for p in paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("made by dvc repro")  # only their existence counts
+    dvc = write_dvc(tmp_path / "data.dvc", "aaaa.dir")
+    for name, value in (("ARTIFACTS", art.root), ("DATA", digits_subset), ("DVC_FILE", dvc)):
+        monkeypatch.setenv(f"DEEPCLUSTER_{name}", str(value))
+    location = load_from_defs_folder(path_within_project=Path(orchestration.__file__).parent)
+    with instance_for_test() as instance:
+        assert sorted(record_materialisations(instance, location, art)) == sorted(MATERIALISED)
+        status = get_stale_status_resolver(instance, list(location.assets)).get_status
+        assert {status(AssetKey(name)).value for name in MATERIALISED} == {"FRESH"}
         write_dvc(dvc, "bbbb.dir")
-        second = tick("aaaa.dir")
-        assert [r.run_key for r in second.run_requests] == [
-            "bbbb.dir"
-        ] and second.cursor == "bbbb.dir"
-
-        # switched on when the graph is already built on this version: nothing to run
-        built = AssetMaterialization("image_manifest", metadata={"data_version": "bbbb.dir"})
-        instance.report_runless_asset_event(built)
-        fresh = tick(None)
-        assert not fresh.run_requests and fresh.cursor == "bbbb.dir"
-        assert "already materialised" in fresh.skip_reason.skip_message
+        location.resolve_job_def("observe_data").execute_in_process(instance=instance)
+        status = get_stale_status_resolver(instance, list(location.assets)).get_status
+        assert status(AssetKey("image_manifest")).value == "STALE"
 
 
-# --- Great Expectations suites on crafted tables --------------------------------------------------
+# --- checks on crafted arrays and tables ---------------------------------------------------------
 
 
 HEALTHY = {"largest_cluster_share_kmeans": 0.05, "empty_clusters_kmeans": 0}
@@ -225,49 +265,60 @@ def test_collapse_check_fails_on_one_giant_cluster() -> None:
     k, n = 30, 600
     giant = np.zeros(n, dtype=np.int64)
     giant[:30] = np.arange(30)  # every cluster used, but cluster 0 holds 571 of 600 images
-    table = pl.DataFrame({"cluster": giant, "distance": np.ones(n, dtype=np.float32)})
-    outcome = expectations.collapse_outcome(table, k, n, HEALTHY, 0.5, 0.1)
-    assert not outcome.passed
-    assert outcome.failed == ["expect_column_max_to_be_between"]
-    assert "**NO**" in outcome.markdown()
-
-    balanced = table.with_columns(pl.Series("cluster", np.arange(n) % k))
-    assert expectations.collapse_outcome(balanced, k, n, HEALTHY, 0.5, 0.1).passed
+    result = checks.collapse_result(giant, n, {**HEALTHY, "k": k}, 0.5, 0.1)
+    assert not result.passed
+    assert result.description == "the largest cluster holds 95% of the images (at most 50%)"
+    assert result.metadata["largest_cluster_share"].value == pytest.approx(571 / 600)
+    assert checks.collapse_result(np.arange(n) % k, n, {**HEALTHY, "k": k}, 0.5, 0.1).passed
 
 
 def test_collapse_check_sees_what_reseeding_hides() -> None:
     """Balanced final assignments can hide a collapse: k-means put 90% in one cluster and the
     empty ones were re-seeded by splitting it. The check reads k-means' own figures too."""
     k, n = 10, 100
-    table = pl.DataFrame({"cluster": np.arange(n) % k, "distance": np.ones(n)})
-    collapsed = {"largest_cluster_share_kmeans": 0.9, "empty_clusters_kmeans": 8}
-    outcome = expectations.collapse_outcome(table, k, n, collapsed, 0.5, 0.5)
-    assert not outcome.passed
-    assert [r["frame"] for r in outcome.rows if not r["passed"]] == ["kmeans_before_reseeding"] * 2
+    collapsed = {"largest_cluster_share_kmeans": 0.9, "empty_clusters_kmeans": 8, "k": k}
+    result = checks.collapse_result(np.arange(n) % k, n, collapsed, 0.5, 0.5)
+    assert not result.passed
+    assert [part.split(" before")[0] for part in result.description.split("; ")] == [
+        "k-means put 90% in one cluster", "k-means left 8 of 10 clusters empty"
+    ]  # fmt: skip
 
 
-def test_collapse_check_counts_empty_clusters() -> None:
+def test_collapse_check_counts_empty_clusters_and_invalid_ids() -> None:
     k, n = 10, 100
-    table = pl.DataFrame({"cluster": np.arange(n) % 9, "distance": np.ones(n)})  # cluster 9 empty
-    assert expectations.collapse_outcome(table, k, n, HEALTHY, 0.5, max_empty_share=0.1).passed
-    outcome = expectations.collapse_outcome(table, k, n, HEALTHY, 0.5, max_empty_share=0.0)
-    assert outcome.failed == ["expect_column_values_to_be_between"]
+    clusters = np.arange(n) % 9  # cluster 9 is empty
+    assert checks.collapse_result(clusters, n, {**HEALTHY, "k": k}, 0.5, max_empty=0.1).passed
+    result = checks.collapse_result(clusters, n, {**HEALTHY, "k": k}, 0.5, max_empty=0.0)
+    assert result.description == "1 of 10 clusters are empty (at most 0% of them)"
+    clusters[:3] = [-1, 10, 11]
+    result = checks.collapse_result(clusters, n + 1, {**HEALTHY, "k": k}, 0.5, 0.5)
+    assert result.description == "100 assignments for 101 images; 3 cluster ids outside 0..9"
+
+
+def test_unit_norm_check() -> None:
+    rng = np.random.default_rng(0)
+    unit = rng.normal(size=(50, 8))
+    unit /= np.linalg.norm(unit, axis=1, keepdims=True)
+    assert checks.unit_norm_result(unit, 1e-3).passed
+    unit[4] *= 2
+    unit[7] = np.nan
+    result = checks.unit_norm_result(unit, 1e-3)
+    assert result.description == "2 of 50 norms are further than 0.001 from 1"
+    assert result.metadata["max_norm"].value == pytest.approx(2.0)
 
 
 def test_shortcut_check_warns_when_clusters_follow_colour(tmp_path: Path) -> None:
     from dagster import AssetCheckSeverity
 
-    from orchestration.checks import clusters_follow_content
-
     store = store_in(tmp_path, tmp_path / "data")
     store.layout.metrics.parent.mkdir(parents=True)
     figures = {"shortcut_random_init": 0.33, "shortcut_pixels": 0.4}
     store.layout.metrics.write_text(json.dumps({"shortcut": 0.35, **figures}))
-    warned = clusters_follow_content(artifacts=store)
+    warned = checks.clusters_follow_content(artifacts=store)
     assert not warned.passed and warned.severity == AssetCheckSeverity.WARN
     assert "model.sobel" in warned.description and warned.metadata["shortcut"].value == 0.35
     store.layout.metrics.write_text(json.dumps({"shortcut": 0.1, **figures}))
-    assert clusters_follow_content(artifacts=store).passed
+    assert checks.clusters_follow_content(artifacts=store).passed
 
 
 def test_manifest_check_fails_on_duplicates_and_rejections(digits_subset: Path) -> None:
@@ -275,7 +326,7 @@ def test_manifest_check_fails_on_duplicates_and_rejections(digits_subset: Path) 
 
     manifest, rejected = scan_images(digits_subset)
     ok = expectations.manifest_outcome(manifest, rejected, 100, 10_000, ["L"], 0.05)
-    assert ok.passed, ok.markdown()
+    assert ok.passed, ok.rows
     duplicated = pl.concat(
         [manifest, manifest.head(1).with_columns(pl.lit("copy.png").alias("path"))]
     )
@@ -294,14 +345,16 @@ def test_manifest_check_fails_on_duplicates_and_rejections(digits_subset: Path) 
 def test_features_check_fails_on_nan_and_wrong_shape() -> None:
     rng = np.random.default_rng(0)
     feats = rng.normal(size=(50, 8)).astype(np.float32)
-    assert expectations.features_outcome(feats, 50, 8, 0.5).passed
+    assert checks.features_result(feats, 50, 8, 0.5).passed
     feats[3, 2] = np.nan
-    assert (
-        "expect_column_values_to_be_in_set"
-        in expectations.features_outcome(feats, 50, 8, 0.5).failed
-    )
-    assert not expectations.features_outcome(np.ones((50, 8)), 50, 8, 0.5).passed  # no variance
-    assert len(expectations.features_outcome(rng.normal(size=(40, 8)), 50, 16, 0.5).failed) == 2
+    result = checks.features_result(feats, 50, 8, 0.5)
+    assert result.description == "1 rows hold NaN or infinity" and result.metadata["rows"].value == 50
+    still = checks.features_result(np.ones((50, 8)), 50, 8, 0.5)  # no dimension varies
+    assert still.description == "0% of the dimensions vary (least 50%)"
+    zero = checks.features_result(np.zeros((50, 8)), 50, 8, 0.0)
+    assert zero.description == "50 rows are zero vectors"
+    wrong = checks.features_result(rng.normal(size=(40, 8)), 50, 16, 0.5)
+    assert wrong.description == "40 rows for 50 images; 8 dimensions, the model embeds in 16"
 
 
 # --- the whole graph, in process ------------------------------------------------------------------

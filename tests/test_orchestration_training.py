@@ -16,8 +16,9 @@ import yaml
 from dagster import AssetKey, DagsterEventType, instance_for_test, materialize
 from mlflow.tracking import MlflowClient
 
-from orchestration.assets import ingest
-from orchestration.training import checkpoint
+from orchestration.defs.assets import training
+from orchestration.defs.assets.steps import ingest
+from orchestration.defs.assets.training import checkpoint
 from tests.conftest import FAST, ROOT
 from tests.orchestration_fixtures import (
     fast_run_config,
@@ -64,11 +65,12 @@ def test_training_runs_in_a_pipes_process_that_reports_every_epoch(
 
 
 def test_failed_training_op_is_retried_and_resumes_from_its_checkpoint(
-    digits_subset: Path,
-    tmp_path: Path,
+    digits_subset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The training process of tests/pipes_train_failing.py fails after epoch 1 of a fresh start."""
+    failing = [sys.executable, "-m", "tests.pipes_train_failing"]
+    monkeypatch.setattr(training, "training_command", lambda nproc: failing)
     run_config = only_ops(fast_run_config(), "ingest", "checkpoint")
-    run_config["ops"]["checkpoint"]["config"]["fail_after_epoch"] = 1
     resources = resources_in(tmp_path, digits_subset)
     with instance_for_test(overrides=project_instance_settings()) as instance:
         result = materialize(

@@ -176,32 +176,39 @@ def test_a_collapsed_model_is_refused(models, tmp_path):
                                    name="collapsed").promoted  # fmt: skip
 
 
-def test_concurrent_registrations_end_with_the_better_champion(models, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lock", ["file", "registry"])
+def test_concurrent_registrations_end_with_the_better_champion(models, tmp_path, monkeypatch, lock):
     """B (0.2) decides to beat the champion (0.1); before B sets the alias, A (0.3) registers.
     Unguarded, A promotes itself and B then overwrites it: the worse model ends as champion.
-    Under the guard A waits for B's decision, then beats B."""
+    Under the guard A waits for B's decision, then beats B; under the file lock of a local
+    store and under the tag lock a tracking server gets (forced here on the local store)."""
+    name = f"race-{lock}"
+    if lock == "registry":
+        monkeypatch.setattr(promotion, "local_store_path", lambda uri: None)
+        monkeypatch.setattr(promotion, "SETTLE", 0.1)
     base = registry.register_model(
-        with_metrics(models["low"], tmp_path / "c", nmi=0.1), name="race"
+        with_metrics(models["low"], tmp_path / "c", nmi=0.1), name=name
     )
     b_art = with_metrics(models["low"], tmp_path / "b", nmi=0.2)
     a_art = with_metrics(models["high"], tmp_path / "a", nmi=0.3)
     results: dict[str, registry.Registration] = {}
-    a_thread = threading.Thread(target=lambda: results.update(a=_register(a_art, "race")))
+    a_thread = threading.Thread(target=lambda: results.update(a=_register(a_art, name)))
     set_alias, started = MlflowClient.set_registered_model_alias, []
 
-    def b_sets_champion_late(self, name, alias, version):
-        if alias == "champion" and name == "race" and not started:
+    def b_sets_champion_late(self, model, alias, version):
+        if alias == "champion" and model == name and not started:
             started.append(a_thread)
             a_thread.start()  # A registers now, between B's decision and B's write
-            _wait_for_version_or_end(a_thread, "race", version=3)
-        return set_alias(self, name, alias, version)
+            _wait_for_version_or_end(a_thread, name, version=3)
+        return set_alias(self, model, alias, version)
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", b_sets_champion_late)
-    results["b"] = _register(b_art, "race")
+    results["b"] = _register(b_art, name)
     a_thread.join(timeout=120)
     assert base.promoted and results["b"].promoted  # B beat the champion it saw
     assert results["a"].promoted and results["a"].champion_before == results["b"].version
-    assert _champion("race") == results["a"].version
+    assert _champion(name) == results["a"].version
+    assert promotion.TAG_LOCK not in MlflowClient().get_registered_model(name).tags
 
 
 def _register(art: Artifacts, name: str) -> registry.Registration:
@@ -219,10 +226,13 @@ def _wait_for_version_or_end(thread: threading.Thread, name: str, version: int) 
         time.sleep(0.2)
 
 
-def test_the_registry_mutex_excludes_and_breaks_stale_locks(store, monkeypatch):
-    """The lock used with a remote registry, exercised here on the sqlite one."""
+def test_the_registry_mutex_excludes_breaks_stale_locks_and_registers_nothing(store, monkeypatch):
+    """The lock a tracking server gets, exercised here on the sqlite store: a tag on the model,
+    present only while held, never a registered model of its own."""
     client = MlflowClient()
-    held = "registered model 'mutex.lock' held for 1 s"
+    client.create_registered_model("mutex")
+    monkeypatch.setattr(promotion, "SETTLE", 0.05)
+    held = "promotion lock of 'mutex' held for 1 s by .*holder"
     with (
         promotion.registry_mutex(client, "mutex"),
         pytest.raises(UserError, match=held),
@@ -230,12 +240,42 @@ def test_the_registry_mutex_excludes_and_breaks_stale_locks(store, monkeypatch):
     ):
         pass
     with promotion.registry_mutex(client, "mutex", timeout=1):  # released on exit
-        pass
-    client.create_registered_model("mutex.lock")  # left by a process that died
-    monkeypatch.setattr(promotion, "STALE_LOCK", 0.0)
+        assert promotion.TAG_LOCK in client.get_registered_model("mutex").tags
+    assert promotion.TAG_LOCK not in client.get_registered_model("mutex").tags
+    stale = json.dumps({"holder": "a process that died", "since": time.time() - 3600})
+    client.set_registered_model_tag("mutex", promotion.TAG_LOCK, stale)
     with promotion.registry_mutex(client, "mutex", timeout=5):
         pass
-    assert client.search_registered_models("name = 'mutex.lock'") == []
+    assert promotion.TAG_LOCK not in client.get_registered_model("mutex").tags
+    assert not [m.name for m in client.search_registered_models() if m.name.endswith(".lock")]
+
+
+def test_the_registry_mutex_admits_one_holder_at_a_time(store, monkeypatch):
+    """Four contenders, each reading and writing a shared counter inside the lock."""
+    client = MlflowClient()
+    client.create_registered_model("mutex4")
+    monkeypatch.setattr(promotion, "SETTLE", 0.3)  # above a contended sqlite write
+    counter, inside, overlaps, errors = [0], [0], [], []
+
+    def contender() -> None:
+        try:
+            for _ in range(3):
+                with promotion.registry_mutex(client, "mutex4", timeout=60):
+                    inside[0] += 1
+                    overlaps.append(inside[0])
+                    value = counter[0]
+                    time.sleep(0.02)
+                    counter[0] = value + 1
+                    inside[0] -= 1
+        except Exception as error:  # noqa: BLE001 - reported below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=contender) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors and counter[0] == 12 and max(overlaps) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,21 +1,25 @@
-"""One writer per artifacts folder: an exclusive lock held for the whole of a step.
+"""Every file lock of the project, from `filelock` (flock on Unix: the kernel releases a lock when
+its holder dies, even by kill -9, so a stale lock never blocks anyone).
 
-Two trainings into one folder would both finish and one result would silently win. The lock is
-`flock` on `<artifacts>/.lock`: the kernel releases it when the holder exits, even after kill -9,
-so a stale lock never blocks anyone. The file records who holds it, for the error message. The
-lock is re-entrant within a thread: the CLI takes it before its heavy imports, so a second writer is
-refused at once, and the step it then calls takes it again. This module stays light to import.
+- `writing`: one writer per artifacts folder for the whole of a step; a second writer is refused
+  at once, with the holder named. Re-entrant within a thread: the CLI takes it before its heavy
+  imports, the step takes it again.
+- `waiting`: wait (polling) up to a timeout for a lock another process holds briefly: a local
+  MLflow store's first migration, a registry's promotion.
+
+Light to import: no torch, no MLflow.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
-import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 from .errors import UserError
 from .paths import Artifacts
@@ -25,41 +29,54 @@ class Busy(UserError):
     """Another process is writing into the same artifacts folder."""
 
 
-_held = threading.local()  # .locks: the lock files this thread holds
+def _lock(path: Path | str) -> FileLock:
+    # one object per file, so a thread re-enters its own lock; its state is per thread, so another
+    # thread of the same process is refused like another process
+    return FileLock(os.path.realpath(path), is_singleton=True, thread_local=True)
 
 
 def holds(art: Artifacts) -> bool:
     """Whether this thread holds the lock of `art` (inside a `writing` block)."""
-    return os.path.realpath(art.lock) in getattr(_held, "locks", set())
+    return _lock(art.lock).is_locked
 
 
 @contextlib.contextmanager
 def writing(art: Artifacts, step: str) -> Iterator[None]:
     """Hold the folder's lock while `step` writes into it; refuse at once if another holds it."""
     art.root.mkdir(parents=True, exist_ok=True)
-    if holds(art):  # taken earlier by this thread (the CLI): keep it
-        yield
-        return
-    key = os.path.realpath(art.lock)
-    fd = os.open(art.lock, os.O_RDWR | os.O_CREAT, 0o644)
+    lock = _lock(art.lock)
+    outermost = not lock.is_locked
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise Busy(f"{art.root} is being written by {_holder(fd)}; wait for it to finish "
-                       "or use another --artifacts folder") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "step": step, "since": time.time()}).encode(), 0)
-        _held.locks = getattr(_held, "locks", set()) | {key}
+        lock.acquire(blocking=False)
+    except Timeout:
+        raise Busy(f"{art.root} is being written by {_holder(art.lock)}; wait for it to finish "
+                   "or use another --artifacts folder") from None
+    try:
+        if outermost:  # who holds it, for the message of a refused writer
+            who = {"pid": os.getpid(), "step": step, "since": time.time()}
+            Path(lock.lock_file).write_text(json.dumps(who))
         yield
     finally:
-        _held.locks = getattr(_held, "locks", set()) - {key}
-        os.close(fd)  # closing releases the lock
+        lock.release()
 
 
-def _holder(fd: int) -> str:
+@contextlib.contextmanager
+def waiting(path: Path, timeout: float, what: str) -> Iterator[None]:
+    """Hold the lock file `path`, waiting up to `timeout` seconds (-1: for ever) for its holder."""
+    lock = _lock(path)
     try:
-        who = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        lock.acquire(timeout=timeout, poll_interval=0.05)
+    except Timeout:
+        raise UserError(f"{what} held {path} for {timeout:g} s") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _holder(path: Path) -> str:
+    try:
+        who = json.loads(Path(path).read_text() or "{}")
         since = time.strftime("%H:%M:%S", time.localtime(who["since"]))
         return f"`deepcluster {who['step']}` (pid {who['pid']}, since {since})"
     except (ValueError, KeyError, OSError):

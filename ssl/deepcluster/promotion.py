@@ -19,11 +19,12 @@ alias re-read before and after setting (`promote`). See `promotion_lock` for whi
 
 from __future__ import annotations
 
-import fcntl
+import json
 import math
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,15 +35,17 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from . import figures
+from . import figures, lock
 from .errors import UserError
 
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_METRIC, TAG_VALUE, TAG_DATA = "promotion_metric", "promotion_value", "data_md5"
 TAG_PROMOTED, TAG_REASON = "promoted", "promotion_reason"
 TAG_DIGEST = "model_digest"  # sha256 of the registered weights, clustering and figures
+TAG_LOCK = "promotion_lock"  # registered-model tag of `registry_mutex`, present only while held
 LOCK_TIMEOUT = 120.0  # seconds to wait for another registration's decision (it takes < 1 s)
 STALE_LOCK = 300.0  # a registry lock older than this was left by a process that died
+SETTLE = 1.0  # registry_mutex: seconds between writing the token and reading it back
 ROUNDS = 5  # decide-and-set attempts while other writers keep moving the alias
 
 
@@ -171,16 +174,17 @@ def _run_data_md5(client: MlflowClient, run_id: str | None) -> str | None:
 def promotion_lock(client: MlflowClient, name: str) -> Iterator[None]:
     """Mutual exclusion for deciding and setting `champion` of model `name`.
 
-    A registry in a local file (sqlite, or a file store) is locked with flock on the folder that
-    holds it: no lock file to leave behind, the same lock whatever the temp folder or home of the
-    process, and released by the kernel when a holder dies. (Not the database file itself:
-    closing another descriptor of it would drop SQLite's own locks.) Any other registry (a
-    tracking server, a database) is locked through the registry itself, `registry_mutex`.
+    A registry in a local file (sqlite, a file store) is locked with the file lock beside it
+    (`<store>.lock`, the one a local store's first migration takes too). Any other registry (a
+    tracking server) through the registry itself: `registry_mutex`.
     """
     path = local_store_path(mlflow.get_registry_uri())
-    folder = (path if path.is_dir() else path.parent) if path else None
-    with file_lock(folder) if folder else registry_mutex(client, name):
-        yield
+    if path is None:
+        with registry_mutex(client, name):
+            yield
+    else:
+        with lock.waiting(path.with_name(path.name + ".lock"), LOCK_TIMEOUT, "another registration"):
+            yield
 
 
 def local_store_path(uri: str) -> Path | None:
@@ -195,52 +199,44 @@ def local_store_path(uri: str) -> Path | None:
 
 
 @contextmanager
-def file_lock(path: Path, timeout: float = LOCK_TIMEOUT) -> Iterator[None]:
-    fd = os.open(path, os.O_RDONLY)  # a folder opens read-only, and flock needs no more
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise UserError(f"another registration held {path} for {timeout:.0f} s")
-                time.sleep(0.05)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-@contextmanager
 def registry_mutex(client: MlflowClient, name: str, timeout: float = LOCK_TIMEOUT):
-    """A lock any MLflow registry provides: creating a registered model is atomic and fails with
-    RESOURCE_ALREADY_EXISTS when the name is taken. The lock is a model named `<name>.lock`,
-    deleted on release; one left by a dead process is broken after STALE_LOCK seconds."""
-    lock = f"{name}.lock"
-    holder = f"promotion lock of {name!r}, held by {socket.gethostname()}:{os.getpid()}"
-    deadline = time.monotonic() + timeout
+    """A lock any MLflow registry can hold, without a compare-and-set: Fischer's algorithm on the
+    tag `promotion_lock` of registered model `name`. Wait until the tag is absent (or stale: set
+    more than STALE_LOCK seconds ago, by a process that died), write our token, wait SETTLE
+    seconds, and hold the lock if the token is still ours; otherwise another contender wrote after
+    us, and we wait again. Safe while every contender writes within SETTLE seconds of reading the
+    tag absent; should one ever take longer, `promote` still re-reads the alias before and after
+    setting it. Nothing is registered for it: the tag shows on the model only while held."""
+    holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    deadline, token, problem = time.monotonic() + timeout, None, ""
     while True:
-        try:
-            client.create_registered_model(lock, description=holder)
-            break
-        except MlflowException as error:
-            if error.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        _break_if_stale(client, lock)
+        held = _lock_tag(client, name)
+        if held is None or time.time() - _since(held) > STALE_LOCK:
+            token = json.dumps({"holder": holder, "since": time.time()})
+            try:
+                client.set_registered_model_tag(name, TAG_LOCK, token)
+            except MlflowException as error:  # a store whose upsert fails on a concurrent insert
+                problem = f" (last write failed: {error.message})"
+            else:
+                time.sleep(SETTLE)
+                if _lock_tag(client, name) == token:
+                    break
         if time.monotonic() > deadline:
-            raise UserError(f"registered model {lock!r} held for {timeout:.0f} s: {holder}")
+            raise UserError(f"promotion lock of {name!r} held for {timeout:g} s by {held}{problem}")
         time.sleep(0.2)
     try:
         yield
     finally:
-        client.delete_registered_model(lock)
+        if _lock_tag(client, name) == token:
+            client.delete_registered_model_tag(name, TAG_LOCK)
 
 
-def _break_if_stale(client: MlflowClient, lock: str) -> None:
+def _lock_tag(client: MlflowClient, name: str) -> str | None:
+    return client.get_registered_model(name).tags.get(TAG_LOCK)
+
+
+def _since(token: str) -> float:
     try:
-        created = client.get_registered_model(lock).creation_timestamp
-        if time.time() - created / 1000 > STALE_LOCK:
-            client.delete_registered_model(lock)
-    except MlflowException:
-        pass  # released meanwhile
+        return float(json.loads(token)["since"])
+    except (ValueError, KeyError, TypeError):
+        return 0.0  # not ours to read: stale

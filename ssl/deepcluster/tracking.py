@@ -9,7 +9,6 @@ directory. The run id is written beside the model (`Artifacts.run_file`), so the
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_SOURCE_TYPE,
 )
 
-from . import data, lineage
+from . import data, lineage, lock
 from .checkpoint import params_fingerprint, saved_params
 from .config import Params
 from .errors import Stopped, UserError
@@ -99,8 +98,7 @@ def _initialise_once(uri: str, database: Path) -> None:
     if uri in _initialised:
         return
     database.parent.mkdir(parents=True, exist_ok=True)
-    with open(database.with_name(database.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    with lock.waiting(database.with_name(database.name + ".lock"), -1, "a migration"):
         MlflowClient(uri).search_experiments(max_results=1)
     _initialised.add(uri)
 

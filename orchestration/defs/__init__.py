@@ -1,0 +1,1 @@
+"""The definitions, by kind: assets/, checks.py, automation.py, resources.py."""

@@ -1,0 +1,140 @@
+"""The `checkpoint` asset: the training as a graph of ops, prepare -> train_epochs -> export.
+
+`train_epochs` trains in its own process under Dagster Pipes (`orchestration/pipes_train.py`; under
+torchrun when `compute.nproc` > 1), in the "gpu" pool, and asks per-step pods for a GPU. A failure
+is retried and resumes the staged checkpoint; a terminated run stops the process group, no retry.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Any
+
+import dagster as dg
+
+from deepcluster import pipeline
+
+from ... import metadata as md
+from ... import reads
+from ...config import ROOT, TrainingConfig, training_params
+from ...versions import code_version
+from ..resources import ArtifactStore, ComputeResource, MlflowTracking
+from . import EAGER, GROUP, user_errors_fail_plainly
+
+TRAIN_RETRIES = 2
+STOP_GRACE_SECONDS = 30  # how long a stopped training may take to mark its run KILLED and exit
+GPU_TAGS = {  # a per-step pod (k8s executor) asks for one GPU
+    "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}
+}
+
+
+@dg.op(ins={"image_cache": dg.In(dg.Nothing)})  # ordering only: the cache is read from its file
+def prepare_training(context: dg.OpExecutionContext, config: TrainingConfig,
+                     artifacts: ArtifactStore, compute: ComputeResource) -> dict:
+    """Validate the parameters against the ingested images and resolve `auto` values."""
+    art = artifacts.layout
+    params = training_params(config, compute.section())
+    with user_errors_fail_plainly():
+        manifest, images = pipeline.ingested(art)
+        resolved, notes = pipeline.training_params(params, art, manifest, images)
+    for key, note in notes.items():
+        context.log.info(f"auto: {key} = {note}")
+    start = "resuming a staged checkpoint if there is one" if config.resume else "from scratch"
+    context.log.info(f"training {resolved.train.epochs} epochs on {len(images)} images ({start})")
+    return {"params": params.to_dict(), "fresh": not config.resume}  # plain values only
+
+
+def training_command(nproc: int) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    return [*(launcher if nproc > 1 else [sys.executable]), "-m", "orchestration.pipes_train"]
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the training's process group (torchrun and every rank), SIGKILL if it lingers."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=STOP_GRACE_SECONDS)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    except ProcessLookupError:
+        pass
+
+
+def run_training(context: dg.OpExecutionContext, extras: dict, nproc: int) -> list[dict]:
+    """Run the training process under Pipes; its custom messages, in order."""
+    with dg.open_pipes_session(context=context, extras=extras,
+                               context_injector=dg.PipesTempFileContextInjector(),
+                               message_reader=dg.PipesTempFileMessageReader()) as session:
+        process = subprocess.Popen(training_command(nproc), cwd=ROOT, start_new_session=True,
+                                   env={**os.environ, **session.get_bootstrap_env_vars()})
+        try:
+            code = process.wait()
+        except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
+            context.log.info("run terminated: stopping the training process group")
+            _stop_group(process)
+            raise dg.Failure("training stopped: the Dagster run was terminated (its MLflow run is "
+                             "KILLED; the staged checkpoint is kept for `resume: true`)",
+                             allow_retries=False) from None
+    messages = list(session.get_custom_messages())
+    user_errors = [m["user_error"] for m in messages if "user_error" in m]
+    if user_errors:  # a person has to fix it: retrying cannot
+        raise dg.Failure(user_errors[0], allow_retries=False)
+    if code != 0:
+        raise RuntimeError(f"the training process failed with exit code {code}")
+    return messages
+
+
+@dg.op(retry_policy=dg.RetryPolicy(max_retries=TRAIN_RETRIES), pool="gpu", tags=GPU_TAGS)
+def train_epochs(context: dg.OpExecutionContext, plan: dict, artifacts: ArtifactStore,
+                 compute: ComputeResource, mlflow: MlflowTracking) -> dg.Output[dict]:
+    """DeepCluster epochs in a training process: cluster -> train on pseudo-labels."""
+    attempt = context.retry_number + 1
+    extras = {
+        "params": {**plan["params"], "compute": compute.section()}, "artifacts": artifacts.root,
+        "dvc_file": artifacts.dvc_file, "dagster_run_id": context.run.run_id,
+        "fresh": plan["fresh"] and attempt == 1,  # retries resume the staged checkpoint
+    }
+    if attempt > 1:
+        context.log.info(f"attempt {attempt}: resuming the staged checkpoint")
+    [result] = [m["result"] for m in run_training(context, extras, compute.nproc) if "result" in m]
+    if result["resumed_from"]:
+        context.log.info(f"resumed at epoch {result['resumed_from']} of {result['epochs']}")
+    run = result["mlflow_run_id"]
+    context.log.info(f"MLflow run {run}: {mlflow.run_url(run)}")
+    # in a Pipes session Dagster takes returned values as events: wrap the output explicitly
+    return dg.Output({**result, "attempt": attempt})
+
+
+@dg.op
+def export_model(summary: dict, artifacts: ArtifactStore, mlflow: MlflowTracking) -> dg.Output:
+    """Describe the published model and its run."""
+    history, run_id = summary["history"], summary["mlflow_run_id"]
+    if not history:
+        raise dg.Failure("training recorded no epoch")
+    last = history[-1]
+    return dg.Output(None, metadata={
+        "epochs": len(history), "final_loss": last["loss"], "final_nmi_prev": last["nmi_prev"],
+        "final_nmi_labels": last["nmi_labels"],
+        "largest_cluster_share": last["largest_cluster_share"],
+        "per_epoch": md.table(history, md.EPOCH_COLUMNS),
+        "resumed_from_epoch": summary["resumed_from"], "attempt": summary["attempt"],
+        "auto": md.as_json(summary["auto"]), "params": md.as_json(summary["params"]),
+        "mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
+        **reads.code_state(ROOT), "path": dg.MetadataValue.path(str(artifacts.layout.model)),
+    })  # fmt: skip
+
+
+@dg.config_mapping
+def training_config(config: TrainingConfig) -> dict[str, Any]:
+    """One config block for the asset (`ops: checkpoint: config:`), handed to prepare_training."""
+    return {"prepare_training": {"config": config.model_dump()}}
+
+
+@dg.graph_asset(group_name=GROUP, config=training_config, code_version=code_version("train"),
+                kinds={"pytorch"}, automation_condition=EAGER,
+                ins={"image_cache": dg.AssetIn(dagster_type=dg.Nothing)})
+def checkpoint(image_cache):
+    """The trained DeepCluster network (artifacts/train/model.pt, its params and history)."""
+    return export_model(train_epochs(prepare_training(image_cache)))
