@@ -116,20 +116,19 @@ def test_colour_is_told_from_grey_and_near_grey(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("colour", [True, False])
-def test_colour_rules_resolve_once_the_images_are_decoded(tmp_path: Path, colour: bool) -> None:
+def test_sobel_resolves_once_the_images_are_decoded(tmp_path: Path, colour: bool) -> None:
     from deepcluster import autoparams
 
     manifest, _ = data.scan_images(folder_of(tmp_path, 4, (28, 28)), workers=0)
     params = load_params(ROOT / "params.yaml")
     _, before = pipeline.resolve_params(params, manifest)  # sizes only: colour waits
-    assert not {"model.sobel", "augment.jitter", "augment.grayscale"} & set(before)
+    assert "model.sobel" not in before
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, 3, 28, 28), dtype=np.uint8)
     if not colour:
         images = np.repeat(images[:, :1], 3, axis=1)
     resolved, notes = pipeline.resolve_params(params, manifest, images)
+    assert resolved.model.sobel is colour
     assert resolved.model.sobel is autoparams.sobel(autoparams.DataFacts(4, 28, colour))[0]
-    assert resolved.augment.jitter == autoparams.COLOUR_JITTER[colour]
-    assert (resolved.augment.grayscale > 0) is colour
     assert not resolved.auto_keys()
     assert ("colour images" if colour else "grey images") in notes["model.sobel"]

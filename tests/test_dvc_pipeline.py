@@ -203,7 +203,7 @@ def test_training_is_an_mlflow_run_in_the_default_store(repo: Repo) -> None:
     client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     run_id = json.loads((repo.path / "artifacts/train/mlflow_run.json").read_text())["run_id"]
     run = client.get_run(run_id)
-    params = load_params(repo.path / "params.yaml")
+    params = load_params(repo.path / "params.yaml", {"model.sobel": False})  # auto: grey digits
     assert run.data.params == {k: str(v) for k, v in params.flat().items()}
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     assert steps == [1, 2]

@@ -100,33 +100,17 @@ def epochs(method: str, facts: DataFacts) -> tuple[int, str]:
     return value, f"about {seen:,} images seen ({method}), within {EPOCH_BOUNDS[0]}..{EPOCH_BOUNDS[1]}"
 
 
-# colour: k-means on a convnet's features groups colour first (docs/learning.md, "Colour")
-COLOUR_JITTER = {True: 0.8, False: 0.4}  # v2 paper's strength on colour; brightness/contrast on grey
-COLOUR_GRAYSCALE = 0.2  # the v2 paper's probability (colour images only)
-
-
+# colour: k-means on a convnet's features groups colour first; the paper's Sobel layer takes it away
+# (docs/learning.md, "Colour": stronger colour jitter or grayscale did not, for either method)
 def sobel(facts: DataFacts) -> tuple[bool, str]:
     if facts.colour:
         return True, "colour images: k-means would group them by colour, not content"
     return False, "grey images: no colour to take away"
 
 
-def jitter(facts: DataFacts) -> tuple[float, str]:
-    value = COLOUR_JITTER[bool(facts.colour)]
-    if facts.colour:
-        return value, "colour images: the DeepCluster-v2 paper's strength"
-    return value, "grey images: brightness and contrast only"
-
-
-def grayscale(facts: DataFacts) -> tuple[float, str]:
-    if facts.colour:
-        return COLOUR_GRAYSCALE, "colour images: the DeepCluster-v2 paper's probability"
-    return 0.0, "grey images: already grey"
-
-
 def resolve(params: Params, facts: DataFacts) -> tuple[Params, dict[str, str]]:
     """`params` with every `auto` replaced; and, for each one replaced, `value (why)`. The colour
-    rules wait while `facts.colour` is unknown (ingest sizes the cache before decoding it)."""
+    rule waits while `facts.colour` is unknown (ingest sizes the cache before decoding it)."""
     raw = params.to_dict()
     notes: dict[str, str] = {}
 
@@ -138,8 +122,6 @@ def resolve(params: Params, facts: DataFacts) -> tuple[Params, dict[str, str]]:
 
     if facts.colour is not None:
         fill("model", "sobel", lambda: sobel(facts))
-        fill("augment", "jitter", lambda: jitter(facts))
-        fill("augment", "grayscale", lambda: grayscale(facts))
     fill("data", "resolution", lambda: resolution(params.model.arch, facts))
     fill("cluster", "k", lambda: k(facts))
     fill("cluster", "pca_dim", lambda: pca_dim(raw["cluster"]["k"], params.model.embed_dim))

@@ -31,11 +31,10 @@ MAX_SEED = 2**32 - 1
 
 # `auto` values are resolved from the data at run time (`deepcluster.autoparams`)
 IntOrAuto = int | str
-FloatOrAuto = float | str
 BoolOrAuto = bool | str
 RESOLVED_KEYS = (
     "data.resolution", "model.sobel", "cluster.k", "cluster.pca_dim", "train.batch_size",
-    "train.epochs", "augment.jitter", "augment.grayscale",
+    "train.epochs",
 )  # fmt: skip
 
 
@@ -93,8 +92,8 @@ class AugmentParams:
     local_crops: int = 4  # v2 multi-crop: small crops per image besides the two global ones
     local_size: float = 0.5  # side of a local crop as a share of data.resolution
     local_scale: tuple[float, float] = (0.1, 0.4)
-    jitter: FloatOrAuto = AUTO  # brightness and contrast (and saturation, hue on colour data)
-    grayscale: FloatOrAuto = AUTO  # probability, colour data only
+    jitter: float = 0.4  # brightness and contrast (and saturation, hue on colour data)
+    grayscale: float = 0.2  # probability, colour data only
     blur: float = 0.3  # probability of a Gaussian blur
     solarize: float = 0.1  # probability of solarisation
 
@@ -200,10 +199,8 @@ def _coerce(where: str, value: Any, kind: Any) -> Any:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise ParamError(f"{where} = {value!r}: must be a whole number or auto")
-    if kind in ("FloatOrAuto", "BoolOrAuto"):
-        if value == AUTO:
-            return value
-        return _coerce(where, value, "float" if kind == "FloatOrAuto" else "bool")
+    if kind == "BoolOrAuto":
+        return value if value == AUTO else _coerce(where, value, "bool")
     if kind == "tuple[float, ...]":
         if isinstance(value, (list, tuple)) and value:
             return tuple(_coerce(where, v, "float") for v in value)
@@ -289,11 +286,10 @@ def validate(p: Params) -> Params:
     _share_range("augment.local_scale", a.local_scale)
     _range("augment.local_crops", a.local_crops, 0, 64)
     _require(0 < a.local_size <= 1, "augment.local_size", a.local_size, "must be in (0, 1]")
-    _range("augment.jitter", a.jitter, 0, 1, auto=True)
+    _require(0 <= a.jitter <= 1, "augment.jitter", a.jitter, "must be in [0, 1]")
     for name in ("grayscale", "blur", "solarize"):
         value = getattr(a, name)
-        if value != AUTO:
-            _require(0 <= value <= 1, f"augment.{name}", value, "must be a probability in [0, 1]")
+        _require(0 <= value <= 1, f"augment.{name}", value, "must be a probability in [0, 1]")
     _in("compute.device", p.compute.device, DEVICES)
     _range("compute.threads", p.compute.threads, 1, 1024, auto=True)
     _range("compute.workers", p.compute.workers, 0, 256)
