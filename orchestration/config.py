@@ -3,31 +3,39 @@
 parameter added to the library appears in the launchpad with no change here. Values that may be
 `auto` are strings in the launchpad ("auto" or a number)."""
 
-import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from dagster import Config
 from pydantic import Field, create_model
 
-from deepcluster.config import AUTO, Params, load_params, params_from_dict
+from deepcluster.config import AUTO, TRAINING, Params, load_params, params_from_dict
 from deepcluster.figures import PROMOTION_METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS = load_params(ROOT / "params.yaml")
-TRAINING = ("data", "model", "cluster", "train", "augment")  # the sections `checkpoint` takes
-
-# the annotations of deepcluster.config, as pydantic types ("auto" or a value: text)
-_TYPES = {"int": int, "float": float, "str": str, "bool": bool, "IntOrAuto": str,
-          "FloatOrAuto": str, "BoolOrAuto": str, "tuple[float, float]": list[float],
-          "tuple[float, ...]": list[float]}  # fmt: skip
 
 
-def _launchpad(value: Any, kind: str) -> Any:
+def _launchpad_type(kind: Any) -> Any:
+    """Dagster's type for a field of `Params`: text where `auto` is allowed ("auto" or a value),
+    lists for tuples, choices as text, else the base type."""
+    if get_origin(kind) is Annotated:
+        return _launchpad_type(get_args(kind)[0])
+    if get_origin(kind) in (Union, type(int | str)):
+        parts = get_args(kind)
+        if any(get_origin(a) is Literal for a in parts):
+            return str
+        return _launchpad_type(next(a for a in parts if a is not type(None))) | None
+    if get_origin(kind) is tuple:
+        return list[float]
+    return str if get_origin(kind) is Literal else kind
+
+
+def _launchpad(value: Any, kind: type) -> Any:
     if isinstance(value, tuple):
         return list(value)
-    if kind.endswith("OrAuto"):
+    if kind is str and not isinstance(value, str):  # auto-or-value fields hold text
         return str(value).lower() if isinstance(value, bool) else str(value)
     return value
 
@@ -41,19 +49,25 @@ def _library(value: Any) -> Any:
     return value
 
 
+def _kinds(section: str) -> dict[str, Any]:
+    fields = Params.model_fields[section].annotation.model_fields
+    return {name: _launchpad_type(f.annotation) for name, f in fields.items()}
+
+
 def _section(params: Params, name: str) -> dict[str, Any]:
-    values = getattr(params, name)
-    return {f.name: _launchpad(getattr(values, f.name), str(f.type))
-            for f in dataclasses.fields(values)}  # fmt: skip
+    kinds = _kinds(name)
+    return {key: _launchpad(value, kinds[key]) for key, value in dict(getattr(params, name)).items()}
 
 
 def section_config(section: str) -> type[Config]:
     """A Config class for one params.yaml section, each field defaulting to its value there."""
-    kinds = {f.name: str(f.type) for f in dataclasses.fields(getattr(DEFAULTS, section))}
-    fields = {name: (_TYPES[kinds[name]], Field(value, description=f"{section}.{name}"))
+    fields = Params.model_fields[section].annotation.model_fields
+    kinds = _kinds(section)
+    config = {name: (kinds[name], Field(value, description=f"{section}.{name}: "
+                                        f"{fields[name].description or ''}".rstrip(": ")))
               for name, value in _section(DEFAULTS, section).items()}  # fmt: skip
     return create_model(f"{section.capitalize()}Config", __base__=Config, __module__=__name__,
-                        **fields)  # fmt: skip
+                        **config)  # fmt: skip
 
 
 DataConfig = section_config("data")
@@ -62,6 +76,7 @@ ClusterConfig = section_config("cluster")
 TrainConfig = section_config("train")
 AugmentConfig = section_config("augment")
 EvalConfig = section_config("eval")  # eval_report
+CurateConfig = section_config("curate")  # curated_subset
 
 
 class IngestConfig(Config):
@@ -91,12 +106,12 @@ class RegisterConfig(Config):
     name: str = Field("deepcluster", description="registered model name in MLflow")
 
 
-def experiment_params(sections: dict[str, Any], compute: dict[str, Any]) -> Params:
+def experiment_params(sections: dict[str, Any], compute: dict[str, Any] | None = None) -> Params:
     """Validated Params from launchpad sections (missing ones: params.yaml) and the machine."""
     raw = DEFAULTS.to_dict()
     for name, values in sections.items():
         raw[name] = {key: _library(value) for key, value in values.items()}
-    return params_from_dict({**raw, "compute": compute})
+    return params_from_dict({**raw, "compute": compute or raw["compute"]})
 
 
 def training_params(config: TrainingConfig, compute: dict[str, Any]) -> Params:
@@ -110,6 +125,7 @@ def run_config_for(params: Params) -> dict[str, Any]:
     return {
         "ops": {"ingest": {"config": {"data": p["data"]}},
                 "checkpoint": {"config": {name: p[name] for name in TRAINING}},
-                "eval_report": {"config": p["eval"]}},
+                "eval_report": {"config": p["eval"]},
+                "curated_subset": {"config": p["curate"]}},
         "resources": {"compute": {"config": p["compute"]}},
     }  # fmt: skip

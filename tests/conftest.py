@@ -9,7 +9,6 @@ leaves `compute.threads` at auto gets the same count.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import subprocess
@@ -41,7 +40,7 @@ COMPUTE_ENV = "DEEPCLUSTER_TEST_COMPUTE"
 
 def compute_settings(text: str) -> dict:
     """`key=value,...` of params.yaml's compute section (values in YAML), checked as params are."""
-    keys = {f.name for f in dataclasses.fields(ComputeParams)}
+    keys = set(ComputeParams.model_fields)
     settings = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         key, sep, value = (part.strip() for part in item.partition("="))

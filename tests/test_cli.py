@@ -66,13 +66,13 @@ def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
     (tmp_path / "binary.yaml").write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff")
     cases = [
         (["ingest", "no/such/folder"], "error: data folder not found: no/such/folder"),
-        (["train", "-S", "train.lr=-3"], "error: train.lr = -3: must be > 0"),
+        (["train", "-S", "train.lr=-3"], "error: train.lr = -3: must be a number in (0, 100]"),
         (["train", "-S", "train.lr=inf"], "error: train.lr = 'inf': must be a number"),
-        (["train", "-S", "train.lr=.inf"], "error: train.lr = inf: must be > 0 and at most 100"),
+        (["train", "-S", "train.lr=.inf"], "error: train.lr = inf: must be a number in (0, 100]"),
         (["train", "-S", "train.lr=[1"], "error: --set 'train.lr=[1': '[1' is not a valid value"),
         (["train", "-S", "model.embed_dim=100000000"], "model.embed_dim = 100000000: must be"),
-        (["train", "-S", "train.seed=-1"], "error: train.seed = -1: must be 0..4294967295"),
-        (["train", "-S", "eval.grid_images=0"], "error: eval.grid_images = 0: must be 1..1000"),
+        (["train", "-S", "train.seed=-1"], "error: train.seed = -1: must be a whole number in 0..4294967295"),
+        (["train", "-S", "eval.grid_images=0"], "error: eval.grid_images = 0: must be a whole number in 1..1000"),
         (["train", "-S", "train.lr=1", "-S", "train.lr=2"], "error: --set train.lr: given twice"),
         (["train", "--params", "missing.yaml"], "error: missing.yaml: parameter file not found"),
         (["train", "--params", "list.yaml"], "the top level must be a mapping of sections"),

@@ -21,9 +21,9 @@ from sklearn.datasets import load_digits
 
 from deepcluster import checkpoint, pipeline, tracking
 from deepcluster.cluster import cluster_features
+from deepcluster.config import CurateParams, params_from_dict
 from deepcluster.curate import (
     Pool,
-    Settings,
     class_coverage,
     curate,
     curate_step,
@@ -31,7 +31,6 @@ from deepcluster.curate import (
     water_fill,
 )
 from deepcluster.data import load_cache
-from deepcluster.dedup import DEFAULT_EPS
 from deepcluster.errors import MissingArtifact, ParamError
 from deepcluster.evaluate import pixel_features
 from deepcluster.models import build_model
@@ -79,7 +78,7 @@ def planted(digits_subset: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="module")
 def curated(planted):
     art, _ = planted
-    return curate_step(art, Settings(budget=BUDGET))
+    return curate_step(art, CurateParams(budget=BUDGET))
 
 
 def test_water_fill_gives_equal_shares_capped_by_size() -> None:
@@ -126,18 +125,18 @@ def test_planted_duplicates_are_dropped_and_recorded_with_their_twin(planted, cu
         for copy, original in planted_pairs:
             [row] = dups.filter(pl.col("path").is_in([copy, original])).to_dicts()
             assert row["kind"] == kind and {row["path"], row["twin"]} == {copy, original}
-            assert row["similarity"] > 1 - DEFAULT_EPS
+            assert row["similarity"] > 1 - CurateParams().eps
     chosen = set(curated.subset["path"])
     assert not chosen & set(dups["path"])
     assert curated.summary["exact_duplicates"] == 3 and curated.summary["near_duplicates"] == 3
-    everything = curate_step(art, Settings(budget=10_000, eps=0.0))  # no near-duplicate removal
+    everything = curate_step(art, CurateParams(budget=10_000, eps=0.0))  # no near-duplicate removal
     assert everything.summary["exact_duplicates"] == 3  # exact copies go whatever eps is
     assert everything.subset.height == 306 - 3
 
 
 def test_hierarchical_sampling_shares_the_budget_between_parent_groups(planted) -> None:
     art, _ = planted
-    result = curate_step(art, Settings(budget=60, method="hierarchical", parents=5))
+    result = curate_step(art, CurateParams(budget=60, method="hierarchical", parents=5))
     subset = result.subset
     assert subset.height == 60 and subset["parent"].null_count() == 0
     pool = pl.read_parquet(art.assignments).filter(
@@ -178,7 +177,7 @@ def test_on_a_skewed_set_curation_covers_more_classes_than_random() -> None:
         labels=labels,
     )
     budget = 30
-    curated = [curate(pool, Settings(budget=budget, seed=s)).subset["row"] for s in range(5)]
+    curated = [curate(pool, CurateParams(budget=budget, seed=s)).subset["row"] for s in range(5)]
     rng = np.random.default_rng(0)
     randoms = [rng.choice(len(labels), budget, replace=False) for _ in range(20)]
 
@@ -202,21 +201,20 @@ def test_class_coverage_figures() -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        (Settings(budget=0), r"budget = 0: must be a whole number of images, >= 1"),
-        (Settings(budget=5, method="kmeans"), r"method = 'kmeans': choose one of bins, hier"),
-        (Settings(budget=5, eps=1.5), r"eps = 1.5: must be in \[0, 1\)"),
-        (Settings(budget=5, bins=0), r"bins = 0: must be >= 1"),
+        ({"budget": 0}, r"curate.budget = 0: must be a whole number >= 1$"),
+        ({"method": "kmeans"}, r"curate.method = 'kmeans': must be one of bins, hierarchical"),
+        ({"eps": 1.5}, r"curate.eps = 1.5: must be a number in \[0, 1\)"),
+        ({"bins": 0}, r"curate.bins = 0: must be a whole number in 1..1000"),
     ],
 )
-def test_bad_settings_get_a_one_line_error(planted, settings, message) -> None:
-    art, _ = planted
+def test_bad_settings_get_a_one_line_error(settings, message) -> None:
     with pytest.raises(ParamError, match=message):
-        curate_step(art, settings)
+        params_from_dict({"curate": settings})
 
 
 def test_missing_inputs_name_the_step_to_run(tmp_path: Path) -> None:
     with pytest.raises(MissingArtifact, match=r"run `deepcluster cluster` first"):
-        curate_step(Artifacts(tmp_path), Settings(budget=5))
+        curate_step(Artifacts(tmp_path), CurateParams(budget=5))
 
 
 @pytest.mark.slow

@@ -127,6 +127,7 @@ def test_the_check_sees_a_changed_source_parameter_and_command(tmp_path: Path) -
     (tmp_path / "params.yaml").write_text(params.replace("knn_k: 20", "knn_k: 5"))
     assert "evaluate: params.yaml eval changed" in dagster_and_params()
     stages = (tmp_path / "dvc.yaml").read_text()
-    (tmp_path / "dvc.yaml").write_text(stages.replace("--budget 200", "--budget 300"))
-    assert "curate: command 'deepcluster curate --budget 200' in dvc.lock, " \
-        "'deepcluster curate --budget 300' in dvc.yaml" in dagster_and_params()
+    edited = stages.replace("cmd: deepcluster curate", "cmd: deepcluster curate -S curate.bins=8")
+    (tmp_path / "dvc.yaml").write_text(edited)
+    assert "curate: command 'deepcluster curate' in dvc.lock, " \
+        "'deepcluster curate -S curate.bins=8' in dvc.yaml" in dagster_and_params()

@@ -1,7 +1,6 @@
 """The Dagster code location: definitions, config, versions, automation, checks, and the whole graph
 materialised in process on real digits images with every check passing."""
 
-import dataclasses
 import json
 import shutil
 from datetime import datetime, timedelta
@@ -31,6 +30,7 @@ from orchestration.config import (
     DEFAULTS,
     AugmentConfig,
     ClusterConfig,
+    CurateConfig,
     DataConfig,
     EvalConfig,
     ModelConfig,
@@ -137,7 +137,7 @@ def test_string_selections_parse() -> None:
 
 
 def _fields(cls) -> set[str]:
-    return {f.name for f in dataclasses.fields(cls)}
+    return set(cls.model_fields)
 
 
 def test_config_classes_mirror_params_yaml() -> None:
@@ -148,6 +148,7 @@ def test_config_classes_mirror_params_yaml() -> None:
     assert set(TrainConfig.model_fields) == _fields(library_config.TrainParams)
     assert set(AugmentConfig.model_fields) == _fields(library_config.AugmentParams)
     assert set(EvalConfig.model_fields) == _fields(library_config.EvalParams)
+    assert set(CurateConfig.model_fields) == _fields(library_config.CurateParams)
     assert ClusterConfig().k == "auto" == DEFAULTS.cluster.k  # auto values are strings here
     assert AugmentConfig().crop_scale == list(DEFAULTS.augment.crop_scale)
 

@@ -9,7 +9,6 @@ are in docs/learning.md.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,4 +131,4 @@ def resolve(params: Params, facts: DataFacts) -> tuple[Params, dict[str, str]]:
 
 def with_resolution(params: Params, side: int) -> Params:
     """The params with `data.resolution` set to the image cache's side."""
-    return dataclasses.replace(params, data=dataclasses.replace(params.data, resolution=side))
+    return params.replace("data", resolution=side)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Params, params_from_dict
+from .config import TRAINING, Params, params_from_dict
 from .device import memory_format
 from .io import atomic_path, write_json
 from .models import DeepClusterNet, build_model
@@ -26,10 +26,9 @@ def params_fingerprint(params: Params) -> str:
     cosine schedule depends on the length, so there it is part of the fingerprint. How a model is
     evaluated and which machine trains it are not part of the run.
     """
-    d = params.to_dict()
+    d = {section: values for section, values in params.to_dict().items() if section in TRAINING}
     if params.train.schedule == "constant":
         d["train"] = {k: v for k, v in d["train"].items() if k != "epochs"}
-    d["eval"] = d["compute"] = {}
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

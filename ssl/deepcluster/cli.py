@@ -295,22 +295,22 @@ def register(
 @app.command()
 def curate(
     artifacts: ArtifactsOpt = Path("artifacts"),
-    budget: Annotated[int, typer.Option(help="Images to choose.")] = 200,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    set_: SetOpt = None,
+    budget: Annotated[int | None, typer.Option(help="Images to choose (curate.budget).")] = None,
     method: Annotated[
-        str, typer.Option(help="bins (DeepCluster++) or hierarchical (Vo et al. 2024).")
-    ] = "bins",
-    bins: Annotated[int, typer.Option(help="Equal-frequency distance bins per cluster.")] = 4,
-    eps: Annotated[float, typer.Option(help="Near duplicates: cosine similarity above 1 - eps.")] = 5e-4,
-    parents: Annotated[int | None, typer.Option(help="hierarchical: parent groups.")] = None,
-    seed: Annotated[int, typer.Option(help="Random draws within bins and clusters.")] = 0,
+        str | None, typer.Option(help="bins (DeepCluster++) or hierarchical (curate.method).")
+    ] = None,
 ) -> None:
-    """Choose a diverse subset for labelling: every cluster, typical to unusual, no duplicates."""
+    """Choose a diverse subset for labelling: every cluster, typical to unusual, no duplicates.
+    Settings: params.yaml's `curate` section (-S curate.bins=8, curate.eps, curate.seed, ...)."""
+    given = {"curate.budget": budget, "curate.method": method}
+    set_ = [*(set_ or []), *(f"{key}={value}" for key, value in given.items() if value is not None)]
     art = _artifacts(artifacts)
     with _writing(art, "curate"):
         from . import pipeline
-        from .curate import Settings
 
-        result = pipeline.curate(art, Settings(budget, method, bins, eps, parents, seed))
+        result = pipeline.curate(art, _params(params, set_).curate)
     s = result.summary
     typer.echo(
         f"{s['chosen']} of {s['candidates']} images chosen ({s['method']}, budget {s['budget']}); "

@@ -19,7 +19,6 @@ CLI, a DVC stage and the Dagster asset call (through `pipeline.curate`); it writ
 
 from __future__ import annotations
 
-import numbers
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from .dedup import DEFAULT_EPS, Duplicates, find_duplicates
-from .errors import ParamError, UserError
+from .config import CurateParams
+from .dedup import Duplicates, find_duplicates
+from .errors import UserError
 from .io import atomic_path, write_json
 from .paths import Artifacts
 
-METHODS = ("bins", "hierarchical")
 SHEET_COLUMNS = 8
 
 
@@ -47,28 +46,6 @@ class Pool:
     centroids: np.ndarray  # (k, pca_dim)
     pixels: np.ndarray | None = None  # (n, 3, R, R) uint8: exact copies and contact sheets
     labels: np.ndarray | None = None  # folder labels, for coverage figures only
-
-
-@dataclass(frozen=True)
-class Settings:
-    budget: int
-    method: str = "bins"
-    bins: int = 4
-    eps: float = DEFAULT_EPS
-    parents: int | None = None  # hierarchical: parent groups; None = round(sqrt(k))
-    seed: int = 0
-
-    def validate(self) -> Settings:
-        whole = isinstance(self.budget, numbers.Integral) and not isinstance(self.budget, bool)
-        if not whole or self.budget < 1:
-            raise ParamError(f"budget = {self.budget!r}: must be a whole number of images, >= 1")
-        if self.method not in METHODS:
-            raise ParamError(f"method = {self.method!r}: choose one of {', '.join(METHODS)}")
-        if self.bins < 1:
-            raise ParamError(f"bins = {self.bins}: must be >= 1")
-        if self.parents is not None and self.parents < 1:
-            raise ParamError(f"parents = {self.parents}: must be >= 1")
-        return self
 
 
 @dataclass
@@ -161,9 +138,9 @@ def sample_hierarchical(clusters, parent_of: np.ndarray, budget: int, rng):
 # Curating a pool
 
 
-def curate(pool: Pool, settings: Settings) -> Curation:
+def curate(pool: Pool, settings: CurateParams) -> Curation:
     """Drop duplicates, then draw `settings.budget` images (fewer when fewer are left)."""
-    s = settings.validate()
+    s = settings
     dups = find_duplicates(pool.embeddings, pool.clusters, pool.distances, s.eps, pool.pixels)
     rows = np.setdiff1d(np.arange(len(pool.clusters)), dups.dropped)
     clusters, distances = pool.clusters[rows], pool.distances[rows]
@@ -241,7 +218,7 @@ def class_coverage(chosen: np.ndarray, classes: np.ndarray) -> dict:
     }
 
 
-def _summary(pool: Pool, s: Settings, dups: Duplicates, rows, subset: pl.DataFrame) -> dict:
+def _summary(pool: Pool, s: CurateParams, dups: Duplicates, rows, subset: pl.DataFrame) -> dict:
     summary = {
         "method": s.method,
         "budget": s.budget,
@@ -293,7 +270,7 @@ def load_pool(art: Artifacts) -> Pool:
     )
 
 
-def curate_step(art: Artifacts, settings: Settings) -> Curation:
+def curate_step(art: Artifacts, settings: CurateParams) -> Curation:
     """Curate the pipeline's images and write subset, duplicates, summary and contact sheets."""
     pool = load_pool(art)
     result = curate(pool, settings)

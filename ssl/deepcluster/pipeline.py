@@ -11,7 +11,6 @@ logging. Parameters follow one rule: `train` takes the experiment's parameters a
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import shutil
 from collections.abc import Callable
@@ -313,7 +312,9 @@ def _staged_history(art: Artifacts) -> list[dict]:
 def trained_params(art: Artifacts, params: Params) -> Params:
     """The model's own parameters, with the caller's `eval` and `compute` sections."""
     trained = saved_params(require(art.model, "train"))
-    return dataclasses.replace(trained, eval=params.eval, compute=params.compute)
+    return trained.model_copy(
+        update={"eval": params.eval, "curate": params.curate, "compute": params.compute}
+    )
 
 
 def features(art: Artifacts, params: Params, show: bool = True) -> np.ndarray:

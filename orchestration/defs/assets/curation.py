@@ -4,12 +4,12 @@ partition per inbox folder, added by `inbox_sensor`; `batch_drift` checks each).
 from pathlib import Path
 
 import dagster as dg
-from pydantic import Field
 
-from deepcluster import curate, pipeline
+from deepcluster import pipeline
 
 from ... import metadata as md
 from ... import reads
+from ...config import CurateConfig, experiment_params
 from ...versions import code_version
 from ..resources import ArtifactStore, InboxStore, MlflowTracking
 from . import GROUP, step_asset, user_errors_fail_plainly
@@ -19,15 +19,6 @@ SUBSET = {"path": "path", "cluster": "cluster", "bin": "bin", "reason": "reason"
 DUPLICATES = {"path": "dropped", "twin": "kept twin", "similarity": "cosine", "kind": "kind"}
 
 inbox_batches = dg.DynamicPartitionsDefinition(name="inbox_batches")
-
-
-class CurateConfig(dg.Config):
-    budget: int = Field(200, description="images to choose")
-    method: str = Field("bins", description="bins (DeepCluster++) | hierarchical (Vo et al.)")
-    bins: int = Field(4, description="equal-frequency distance bins per cluster")
-    eps: float = Field(curate.DEFAULT_EPS, description="near duplicates: cosine above 1 - eps")
-    parents: int | None = Field(None, description="hierarchical: parent groups (sqrt(k) if null)")
-    seed: int = Field(0, description="random draws within bins and clusters")
 
 
 def _sheets(folder: Path, shown: int) -> dg.MetadataValue:
@@ -45,7 +36,7 @@ def curated_subset(config: CurateConfig, artifacts: ArtifactStore,
     after removing exact and near duplicates; a contact sheet per cluster."""
     art = artifacts.layout
     with user_errors_fail_plainly():
-        result = pipeline.curate(art, curate.Settings(**config.model_dump()))
+        result = pipeline.curate(art, experiment_params({"curate": config.model_dump()}).curate)
     run_id = reads.mlflow_run(art)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": result.subset.height,
