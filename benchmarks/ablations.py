@@ -156,9 +156,13 @@ def main() -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--only", nargs="*", default=None, help="variant names (default: all)")
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--table", action="store_true", help="print the stored results, train nothing")
     args = parser.parse_args()
     out = ROOT / "benchmarks/results" / f"ablations-{args.set}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
+    if args.table:
+        print(markdown(results, args.epochs, args.seeds, args.only))
+        return 0
     print(quality.machine_line(), flush=True)
     for seed in args.seeds:
         for name in args.only or VARIANTS:
@@ -187,14 +191,17 @@ def run_variant(name: str, dataset: str, epochs: int | None, seed: int, results:
     print(f"{name:18s} seed {seed} {figures} cpu {scores['cpu_seconds']:.0f}s", flush=True)
 
 
-def markdown(results: dict, epochs: int | None, seeds: list[int]) -> str:
-    """One row per variant: the mean over `seeds` (± std when there are several), and in
-    brackets the untrained network with the variant's settings."""
+def markdown(results: dict, epochs: int | None, seeds: list[int], only: list[str] | None = None) -> str:
+    """One row per variant: the mean over the `seeds` run so far (± std when there are several;
+    how many in the last column), and in brackets the untrained network with its settings."""
     metrics = [m for m in quality.METRICS if all(m in r for k, r in results.items() if "@" in k)]
-    lines = ["| variant | " + " | ".join(metrics) + " | CPU-s |", "|" + " --- |" * (len(metrics) + 2)]
+    header = "| variant | " + " | ".join(metrics) + " | CPU-s | seeds |"
+    lines = [header, "|" + " --- |" * (len(metrics) + 3)]
     for name, b in results.get("_baselines", {}).items():
-        lines.append(f"| *{name} (baseline)* | " + " | ".join(f"{b[m]:.3f}" for m in metrics) + " | |")
+        lines.append(f"| *{name} (baseline)* | " + " | ".join(f"{b[m]:.3f}" for m in metrics) + " | | |")
     for name, (description, _, _) in VARIANTS.items():
+        if only and name not in only:
+            continue
         runs = [results.get(f"{name}@{epochs or 'auto'}:{seed}") for seed in seeds]
         runs = [r for r in runs if r]
         if runs:
@@ -204,7 +211,7 @@ def markdown(results: dict, epochs: int | None, seeds: list[int]) -> str:
                 for m in metrics
             ]
             cpu = sum(r["cpu_seconds"] for r in runs) / len(runs)
-            lines.append(f"| {description} | " + " | ".join(cells) + f" | {cpu:.0f} |")
+            lines.append(f"| {description} | " + " | ".join(cells) + f" | {cpu:.0f} | {len(runs)} |")
     return "\n".join(lines)
 
 

@@ -118,22 +118,35 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def _cell(row: dict, metric: str) -> str:
+    """trained (pixels / random init); trained in bold where it beats both (shortcut: lower)."""
+    trained = row["trained"].get(metric)
+    if not trained:  # nmi_k, purity_k and shortcut: absent before 2026-12-02
+        return "n/a"
+    base = [float(np.mean(row[b][metric])) for b in BASELINES]
+    sign = -1 if metric == "shortcut" else 1
+    text = mean_std(trained)
+    if all(sign * np.mean(trained) > sign * b for b in base):
+        text = f"**{text}**"
+    return f"{text} ({base[0]:.3f} / {base[1]:.3f})"
+
+
+def _settings(row: dict) -> str:
+    """The method, and the input layer when it is Sobel (colour's auto choice)."""
+    sobel = row.get("params", {}).get("model.sobel") is True
+    return row["method"] + (" + Sobel" if sobel else "")
+
+
 def table(rows: list[dict]) -> str:
     """Markdown: one row per (set, method); each metric as trained (pixels / random init)."""
     head = "| set | method | " + " | ".join(METRICS) + f" | {EMBEDDING} | CPU-s |"
     lines = [head, "|" + " --- |" * (len(METRICS) + 4)]
     for row in rows:
-        cells = [
-            f"**{mean_std(row['trained'][m])}** ({np.mean(row['pixels'][m]):.3f} / "
-            f"{np.mean(row['random_init'][m]):.3f})"
-            if row["trained"].get(m)  # nmi_k and shortcut: absent before 2026-12-02
-            else "n/a"
-            for m in METRICS
-        ]
+        cells = [_cell(row, m) for m in METRICS]
         embedding = row["trained"].get(EMBEDDING)  # absent from results before 2026-11-24
         cells.append(mean_std(embedding) if embedding else "n/a")
         cpu = f"{np.mean(row['cpu_seconds']):.0f}"
-        lines.append(f"| {row['set']} | {row['method']} | " + " | ".join(cells) + f" | {cpu} |")
+        lines.append(f"| {row['set']} | {_settings(row)} | " + " | ".join(cells) + f" | {cpu} |")
     return "\n".join(lines)
 
 

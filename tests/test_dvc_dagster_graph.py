@@ -114,3 +114,15 @@ def test_stage_deps_and_code_versions_come_from_one_module_table() -> None:
         if stage in STEP_MODULES:
             for asset in assets:
                 assert graph.get(AssetKey(asset)).code_version == code_version(stage), asset
+
+
+def test_a_step_depends_on_every_module_its_modules_import() -> None:
+    """The step table follows the imports: features and train both run embed.compute_features, so
+    editing embed.py marks both stale; any module a listed module imports is listed too."""
+    from deepcluster import sources
+    from deepcluster.pipeline import STEP_MODULES
+
+    assert "embed" in STEP_MODULES["features"] and "embed" in STEP_MODULES["train"]
+    for step, modules in STEP_MODULES.items():
+        for name in set(modules) - {"pipeline"}:
+            assert sources.imported_by(name) - sources.PLUMBING <= set(modules), (step, name)

@@ -31,6 +31,7 @@ from . import (
     lock,
     plots,
     progress,
+    sources,
     tracking,
 )
 from .checkpoint import load, load_model, params_fingerprint, saved_params
@@ -45,19 +46,20 @@ from .train import train as train_loop
 
 # The library modules each step runs. Dagster's code versions and dvc.yaml's `deps` both come
 # from this table (tests/test_dvc_dagster_graph.py keeps dvc.yaml in step with it).
-STEP_MODULES: dict[str, tuple[str, ...]] = {
-    "ingest": ("pipeline", "data", "imagefile", "autoparams", "lineage"),
-    "train": (
-        "pipeline", "train", "models", "augment", "cluster", "sampler", "health", "device",
-        "checkpoint", "autoparams",
-    ),
-    "features": ("pipeline", "train", "models", "device", "checkpoint"),
-    "cluster": ("pipeline", "cluster"),
-    "evaluate": ("pipeline", "evaluate", "plots", "cluster", "train", "models", "device"),
-    "register": ("pipeline", "registry", "serving", "promotion", "figures"),
-    "curate": ("pipeline", "curate", "dedup", "plots"),
-    "assign": ("pipeline", "inbox", "data", "imagefile", "drift"),
-}  # fmt: skip
+# the modules each step calls (besides this one); STEP_MODULES adds everything they import, read
+# from the source (`sources.closure`), so a step's code version and its DVC stage's deps follow an
+# import without anyone keeping the table: editing embed.py marks features and train stale
+STEP_CALLS: dict[str, tuple[str, ...]] = {
+    "ingest": ("data", "imagefile", "autoparams", "lineage"),
+    "train": ("train", "cluster", "health", "checkpoint", "autoparams", "embed"),
+    "features": ("embed", "checkpoint", "device"),
+    "cluster": ("cluster",),
+    "evaluate": ("evaluate", "plots", "cluster", "embed", "shortcut"),
+    "register": ("registry", "serving", "promotion", "figures"),
+    "curate": ("curate", "dedup", "plots"),
+    "assign": ("inbox", "data", "imagefile", "drift"),
+}
+STEP_MODULES = {step: ("pipeline", *sources.closure(calls)) for step, calls in STEP_CALLS.items()}
 
 
 def module_paths(step: str) -> list[str]:
