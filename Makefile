@@ -13,7 +13,7 @@ DVC_PACKAGES := 'dvc>=3.67,<4' 'dvc-s3>=3.3,<4'
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
 .PHONY: install services-deps data push-data demo dvc-lock dagster serve test test-fast lint clean \
-	test-numerics numerics-v2-learning numerics-others
+	test-numerics numerics-grey-learning numerics-others
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
 # The services extra (PostgreSQL, S3 and Kubernetes clients, moto) is for deploy/ and its tests.
@@ -98,21 +98,21 @@ test: install services-deps
 # The tests that train and assert on what came out (marker `numerics`: learning margins, collapse,
 # drift, exact resume, two-process training, the whole graph's checks) on another numeric path than
 # this CPU's own: as an AVX2-only CPU runs them (no AVX512 kernels, so fp32: no bf16 autocast), with
-# one torch thread, in two pytest processes side by side (one per core; v2's learning test is as
-# long as all the others). NUMERICS_THREADS=2 runs them one after the other with two threads.
+# one torch thread, in two pytest processes side by side (one per core; the grey learning cases
+# take about as long as all the others). NUMERICS_THREADS=2 runs them one after the other with two threads.
 # DEEPCLUSTER_TEST_COMPUTE carries the settings to every test that trains (docs/testing.md).
 NUMERICS_THREADS ?= 1
 NUMERICS_ENV = ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 OMP_NUM_THREADS=$(NUMERICS_THREADS) \
 	DEEPCLUSTER_TEST_COMPUTE=amp=false,threads=$(NUMERICS_THREADS)
-NUMERICS_SPLIT = test_learning and deepcluster-v2
-numerics-v2-learning: NUMERICS_K = $(NUMERICS_SPLIT)
+NUMERICS_SPLIT = test_learning and not deepcluster-colour
+numerics-grey-learning: NUMERICS_K = $(NUMERICS_SPLIT)
 numerics-others: NUMERICS_K = not ($(NUMERICS_SPLIT))
 
 test-numerics: install
 	@$(MAKE) --no-print-directory -j$(if $(filter 1,$(NUMERICS_THREADS)),2,1) --output-sync=target \
-	  numerics-v2-learning numerics-others
+	  numerics-grey-learning numerics-others
 
-numerics-v2-learning numerics-others:  # run by test-numerics, after its install
+numerics-grey-learning numerics-others:  # run by test-numerics, after its install
 	$(NUMERICS_ENV) $(BIN)/python -m pytest -m numerics -k "$(NUMERICS_K)"
 
 # the unit tests (no `slow` marker: no training for minutes, no servers), for a quick loop

@@ -111,6 +111,6 @@ def test_the_clustering_settles_and_stays_healthy(learned) -> None:
     assert result.params.data.resolution == CASES[case][2].get("data.resolution", 28)
 
 
-def test_auto_takes_the_sobel_layer_on_colour_only(learned) -> None:
+def test_auto_chooses_the_sobel_layer_by_the_images(learned) -> None:
     case, result, _ = learned
     assert result.params.model.sobel is (CASES[case][0] == "colour")
