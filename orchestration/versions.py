@@ -1,5 +1,5 @@
 """The versions Dagster compares to tell what is stale: the data's (DVC md5) and the code's (a hash
-of the source of the library modules each step runs, `deepcluster.pipeline.STEP_MODULES`, which
+of the source of the library modules each step runs, `deepcluster.pipeline.step_modules`, which
 dvc.yaml's `deps` follow too: no constant to forget to bump)."""
 
 import hashlib
@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from deepcluster import lineage
-from deepcluster.pipeline import STEP_MODULES
+from deepcluster.pipeline import step_modules
 
 
 def dvc_md5(dvc_file: Path | str) -> str | None:
@@ -45,6 +45,6 @@ def observed_version(dvc_file: Path | str, data_dir: Path | str) -> tuple[str, s
 def code_version(step: str) -> str:
     """A short hash of the source of the library modules the pipeline step runs."""
     digest = hashlib.sha256()
-    for name in STEP_MODULES[step]:
+    for name in step_modules(step):
         digest.update(inspect.getsource(importlib.import_module(f"deepcluster.{name}")).encode())
     return digest.hexdigest()[:12]

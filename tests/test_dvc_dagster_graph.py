@@ -98,9 +98,9 @@ def test_every_stage_has_its_assets_and_the_same_order() -> None:
 
 
 def test_stage_deps_and_code_versions_come_from_one_module_table() -> None:
-    """dvc.yaml's library deps of each stage are the step's modules in STEP_MODULES, and each
+    """dvc.yaml's library deps of each stage are the step's modules (step_modules), and each
     asset's Dagster code version is the hash of the same modules."""
-    from deepcluster.pipeline import STEP_MODULES, module_paths
+    from deepcluster.pipeline import STEP_CALLS, module_paths
     from orchestration.definitions import defs
     from orchestration.versions import code_version
 
@@ -111,7 +111,7 @@ def test_stage_deps_and_code_versions_come_from_one_module_table() -> None:
             assert (ROOT / name).is_file(), name
     graph = defs.resolve_asset_graph()
     for stage, assets in STAGE_ASSETS.items():
-        if stage in STEP_MODULES:
+        if stage in STEP_CALLS:
             for asset in assets:
                 assert graph.get(AssetKey(asset)).code_version == code_version(stage), asset
 
@@ -120,9 +120,10 @@ def test_a_step_depends_on_every_module_its_modules_import() -> None:
     """The step table follows the imports: features and train both run embed.compute_features, so
     editing embed.py marks both stale; any module a listed module imports is listed too."""
     from deepcluster import sources
-    from deepcluster.pipeline import STEP_MODULES
+    from deepcluster.pipeline import STEP_CALLS, step_modules
 
-    assert "embed" in STEP_MODULES["features"] and "embed" in STEP_MODULES["train"]
-    for step, modules in STEP_MODULES.items():
+    assert "embed" in step_modules("features") and "embed" in step_modules("train")
+    for step in STEP_CALLS:
+        modules = step_modules(step)
         for name in set(modules) - {"pipeline"}:
             assert sources.imported_by(name) - sources.PLUMBING <= set(modules), (step, name)

@@ -11,6 +11,7 @@ logging. Parameters follow one rule: `train` takes the experiment's parameters a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -46,7 +47,7 @@ from .train import train as train_loop
 
 # The library modules each step runs. Dagster's code versions and dvc.yaml's `deps` both come
 # from this table (tests/test_dvc_dagster_graph.py keeps dvc.yaml in step with it).
-# the modules each step calls (besides this one); STEP_MODULES adds everything they import, read
+# the modules each step calls (besides this one); `step_modules` adds everything they import, read
 # from the source (`sources.closure`), so a step's code version and its DVC stage's deps follow an
 # import without anyone keeping the table: editing embed.py marks features and train stale
 STEP_CALLS: dict[str, tuple[str, ...]] = {
@@ -59,12 +60,18 @@ STEP_CALLS: dict[str, tuple[str, ...]] = {
     "curate": ("curate", "dedup", "plots"),
     "assign": ("inbox", "data", "imagefile", "drift"),
 }
-STEP_MODULES = {step: ("pipeline", *sources.closure(calls)) for step, calls in STEP_CALLS.items()}
+
+
+@functools.cache
+def step_modules(step: str) -> tuple[str, ...]:
+    """The library modules behind `step`: this one, those it calls, and all they import (read
+    on first use, not at import: parsing the sources costs about 0.1 s)."""
+    return ("pipeline", *sources.closure(STEP_CALLS[step]))
 
 
 def module_paths(step: str) -> list[str]:
     """`ssl/deepcluster/<module>.py` for each module of `step`, as dvc.yaml lists them."""
-    return [f"ssl/deepcluster/{name}.py" for name in STEP_MODULES[step]]
+    return [f"ssl/deepcluster/{name}.py" for name in step_modules(step)]
 
 
 def labels_of(manifest: pl.DataFrame) -> np.ndarray | None:
