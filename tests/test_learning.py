@@ -38,7 +38,8 @@ from .conftest import COMPUTE_OVERRIDES, ROOT
 pytestmark = [pytest.mark.slow, pytest.mark.numerics]  # trains three networks for minutes
 
 PER_CLASS = {"grey": 300, "colour": 150}
-# case -> (images, method, params.yaml overrides); v1's auto epochs: 20 (60,000 images seen)
+# case -> (images, method, params.yaml overrides); v1's auto epochs: 60,000 images seen (grey: 20,
+# colour: 40)
 CASES = {
     "deepcluster": ("grey", "deepcluster", {"data.resolution": 16}),
     "deepcluster-v2": ("grey", "deepcluster-v2", {"data.resolution": 16, "train.epochs": 30}),

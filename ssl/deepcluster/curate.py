@@ -138,9 +138,8 @@ def sample_hierarchical(clusters, parent_of: np.ndarray, budget: int, rng):
 # Curating a pool
 
 
-def curate(pool: Pool, settings: CurateParams) -> Curation:
-    """Drop duplicates, then draw `settings.budget` images (fewer when fewer are left)."""
-    s = settings
+def curate(pool: Pool, s: CurateParams) -> Curation:
+    """Drop duplicates, then draw `s.budget` images (fewer when fewer are left)."""
     dups = find_duplicates(pool.embeddings, pool.clusters, pool.distances, s.eps, pool.pixels)
     rows = np.setdiff1d(np.arange(len(pool.clusters)), dups.dropped)
     clusters, distances = pool.clusters[rows], pool.distances[rows]
