@@ -22,6 +22,7 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 import quality
 import torch
 
@@ -198,14 +199,14 @@ def markdown(results: dict, epochs: int | None, seeds: list[int], only: list[str
     metrics = [m for m in quality.METRICS if all(m in r for k, r in results.items() if "@" in k)]
     header = "| variant | " + " | ".join(metrics) + " | CPU-s | seeds |"
     lines = [header, "|" + " --- |" * (len(metrics) + 3)]
-    pixels = results.get("_baselines", {}).get("pixels")  # the same for every variant
-    if pixels:
-        lines.append("| *pixels (baseline)* | " + " | ".join(f"{pixels[m]:.3f}" for m in metrics) + " | | |")
-    for name, (description, _, _) in VARIANTS.items():
-        if only and name not in only:
-            continue
-        runs = [results.get(f"{name}@{epochs or 'auto'}:{seed}") for seed in seeds]
-        runs = [r for r in runs if r]
+    shown = {name: [r for seed in seeds if (r := results.get(f"{name}@{epochs or 'auto'}:{seed}"))]
+             for name in VARIANTS if not only or name in only}  # fmt: skip
+    everyone = [r for runs in shown.values() for r in runs]
+    if everyone:  # pixels depend on the seed's split only: the mean over the runs shown
+        pixels = [np.mean([r[f"{m}_pixels"] for r in everyone]) for m in metrics]
+        lines.append("| *pixels (baseline)* | " + " | ".join(f"{p:.3f}" for p in pixels) + " | | |")
+    for name, runs in shown.items():
+        description = VARIANTS[name][0]
         if runs:
             cells = [  # the untrained network of the same settings beside each (Sobel moves it)
                 f"{quality.mean_std([r[m] for r in runs])} "
