@@ -114,7 +114,7 @@ def experiment_params(sections: dict[str, Any], compute: dict[str, Any] | None =
     return params_from_dict({**raw, "compute": compute or raw["compute"]})
 
 
-def training_params(config: TrainingConfig, compute: dict[str, Any]) -> Params:
+def params_from_config(config: TrainingConfig, compute: dict[str, Any]) -> Params:
     sections = {name: getattr(config, name).model_dump() for name in TRAINING}
     return experiment_params(sections, compute)
 

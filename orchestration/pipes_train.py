@@ -1,6 +1,6 @@
 """The training process Dagster launches (`python -m orchestration.pipes_train`, or under torchrun):
-the library's train step, reporting each epoch (a log line and a message) and its result through
-`dagster_pipes`, which is all of Dagster it imports. A user error is reported as one: no retry."""
+the library's train step, its progress lines (auto values, epochs) as Dagster log lines, its result
+as a Pipes message. A user error is reported as one: no retry."""
 
 import ctypes
 import os
@@ -10,11 +10,10 @@ from dataclasses import asdict
 
 from dagster_pipes import open_dagster_pipes
 
-from deepcluster import pipeline
+from deepcluster import pipeline, progress
 from deepcluster.config import params_from_dict
 from deepcluster.errors import Stopped, UserError, stop_on_signals
 from deepcluster.paths import Artifacts
-from deepcluster.train import describe
 
 
 def _die_with_parent() -> None:
@@ -26,10 +25,10 @@ def _die_with_parent() -> None:
         raise Stopped("the Dagster process is gone")
 
 
-def _train(extras: dict, on_epoch) -> pipeline.TrainSummary:
+def run_step(extras: dict, on_epoch=None) -> pipeline.TrainSummary:
     return pipeline.train(
         params_from_dict(extras["params"]), Artifacts(extras["artifacts"]), fresh=extras["fresh"],
-        on_epoch=on_epoch, show=False, tags={"dagster_run_id": extras["dagster_run_id"]},
+        on_epoch=on_epoch, tags={"dagster_run_id": extras["dagster_run_id"]},
         source="dagster train_epochs", dvc_file=extras["dvc_file"],
     )  # fmt: skip
 
@@ -37,16 +36,10 @@ def _train(extras: dict, on_epoch) -> pipeline.TrainSummary:
 def main() -> int:
     stop_on_signals()  # Dagster stops the process group with SIGTERM
     _die_with_parent()
-    with open_dagster_pipes() as pipes:
+    with open_dagster_pipes() as pipes, progress.lines_to(pipes.log.info):
         extras = dict(pipes.extras)
-        epochs = extras["params"]["train"]["epochs"]
-
-        def on_epoch(stats) -> None:
-            pipes.log.info(describe(stats, epochs))
-            pipes.report_custom_message({"epoch": asdict(stats)})
-
         try:
-            summary = _train(extras, on_epoch)
+            summary = run_step(extras)
         except UserError as err:
             pipes.report_custom_message({"user_error": str(err)})
             return 2

@@ -26,7 +26,7 @@ QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 def asset_files(art: Artifacts) -> dict[str, list[Path]]:
     """The files each asset writes, as DVC's stages list them."""
     return {"image_manifest": [art.manifest, art.rejected], "image_cache": [art.cache],
-            "checkpoint": [art.model, art.trained_params, art.history], "features": [art.features],
+            "checkpoint": [art.model, art.published.params, art.history], "features": [art.features],
             "cluster_assignments": [art.assignments, art.clustering], "eval_report": [art.metrics],
             "registered_model": [art.registration], "curated_subset": [art.curated_subset]}
 

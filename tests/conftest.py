@@ -153,7 +153,7 @@ def build_artifacts(art: Artifacts, images: Path, params, trained: bool = True) 
         pipeline.train(params, art, show=False)
     else:
         manifest, cache = pipeline.ingested(art)
-        resolved, _ = pipeline.training_params(params, art, manifest, cache)
+        resolved, _ = pipeline.resolve_training(params, art, manifest, cache)
         torch.manual_seed(resolved.train.seed)
         model = build_model(resolved.model, head_sizes(resolved))
         model.normalize.set(*data_statistics(cache))

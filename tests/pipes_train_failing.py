@@ -5,17 +5,16 @@ import sys
 
 from orchestration import pipes_train
 
-train = pipes_train._train
+train = pipes_train.run_step
 
 
-def failing_once(extras: dict, on_epoch):
-    def on_epoch_then_fail(stats) -> None:
-        on_epoch(stats)
+def failing_once(extras: dict, on_epoch=None):
+    def fail_after_epoch_one(stats) -> None:
         if extras["fresh"] and stats.epoch == 1:
             raise RuntimeError("injected failure after epoch 1")
 
-    return train(extras, on_epoch_then_fail)
+    return train(extras, fail_after_epoch_one)
 
 
-pipes_train._train = failing_once
+pipes_train.run_step = failing_once
 sys.exit(pipes_train.main())

@@ -69,7 +69,7 @@ def planted(digits_subset: Path, tmp_path_factory: pytest.TempPathFactory):
     pipeline.ingest(folder, PARAMS, art, show=False)
     art.features.parent.mkdir(parents=True)
     np.save(art.features, pixel_features(load_cache(art.cache)))
-    resolved, _ = pipeline.training_params(PARAMS, art, *pipeline.ingested(art))
+    resolved, _ = pipeline.resolve_training(PARAMS, art, *pipeline.ingested(art))
     checkpoint.export_model(build_model(resolved.model, [30]), resolved, art.model)  # its params
     pipeline.cluster(art, PARAMS)
     return art, pairs

@@ -99,5 +99,5 @@ def test_two_processes_learn_and_agree_with_one(folders, two_processes) -> None:
 
     one = Artifacts(folders["one"] / "artifacts")
     pipeline.train(params, one, show=False)
-    one_ids = checkpoint.load(one.final_checkpoint)["assignments"].numpy()
+    one_ids = checkpoint.load(one.published.checkpoint)["assignments"].numpy()
     assert nmi(one_ids, two_processes["state"]["assignments"].numpy()) > 0.5

@@ -106,13 +106,13 @@ def test_training_records_the_version_of_the_images_it_trained_on(tmp_path: Path
 
     params, client = fast_params(train={"epochs": 1}), MlflowClient()
     first = pipeline.train(params, art, show=False)
-    assert len(checkpoint.load(art.final_checkpoint)["assignments"]) == 300
+    assert len(checkpoint.load(art.published.checkpoint)["assignments"]) == 300
     assert client.get_run(first.run_id).data.tags["data_md5"] == old
 
     assert ingest_cli(data, art.root, cwd=tmp_path).returncode == 0
     new = lineage.dvc_dir_md5(lineage.folder_hashes(data))
     second = pipeline.train(params, art, show=False)  # not a continuation of the 300's run
-    assert len(checkpoint.load(art.final_checkpoint)["assignments"]) == 330
+    assert len(checkpoint.load(art.published.checkpoint)["assignments"]) == 330
     assert second.run_id != first.run_id and second.resumed_from == 0
     run = client.get_run(second.run_id)
     assert run.data.tags["data_md5"] == new != old

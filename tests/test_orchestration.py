@@ -36,8 +36,8 @@ from orchestration.config import (
     ModelConfig,
     TrainConfig,
     TrainingConfig,
+    params_from_config,
     run_config_for,
-    training_params,
 )
 from orchestration.definitions import defs
 from orchestration.defs import checks
@@ -158,13 +158,13 @@ def test_run_config_carries_params_to_the_library() -> None:
     config = run_config_for(params)
     training = TrainingConfig(**config["ops"]["checkpoint"]["config"])
     compute = ComputeResource(**config["resources"]["compute"]["config"])
-    built = training_params(training, compute.section())
+    built = params_from_config(training, compute.section())
     assert built.to_dict() | {"eval": {}} == params.to_dict() | {"eval": {}}
     assert (
         EvalConfig(**config["ops"]["eval_report"]["config"]).model_dump()
         == params.to_dict()["eval"]
     )
-    auto = training_params(TrainingConfig(), compute.section())
+    auto = params_from_config(TrainingConfig(), compute.section())
     assert auto.cluster.k == "auto" and auto.train.epochs == "auto"  # resolved by the train step
 
 

@@ -23,7 +23,7 @@ METHODS = ("deepcluster", "deepcluster-v2")
 
 
 def _final(art: Artifacts) -> dict:
-    return checkpoint.load(art.final_checkpoint)
+    return checkpoint.load(art.published.checkpoint)
 
 
 def _copy_ingest(art: Artifacts, other: Artifacts) -> None:

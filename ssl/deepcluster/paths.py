@@ -12,6 +12,48 @@ from pathlib import Path
 
 
 @dataclass(frozen=True)
+class TrainFiles:
+    """The files of one training folder: the same names in progress and published."""
+
+    folder: Path
+
+    @property
+    def model(self) -> Path:
+        return self.folder / "model.pt"
+
+    @property
+    def params(self) -> Path:
+        """The resolved parameters of model.pt, readable without loading the weights."""
+        return self.folder / "params.json"
+
+    @property
+    def history(self) -> Path:
+        return self.folder / "history.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        """The last epoch's state: resumed when in progress; continued by a longer run when
+        published."""
+        return self.folder / "checkpoint.pt"
+
+    @property
+    def run_file(self) -> Path:
+        """The MLflow run of the model, which the later steps log into."""
+        return self.folder / "mlflow_run.json"
+
+    @property
+    def trained_on(self) -> Path:
+        """The digest of the manifest the model was trained on: a checkpoint is resumed or
+        continued only on those images."""
+        return self.folder / "data.json"
+
+
+def cache_description(cache: Path) -> Path:
+    """Resolution, count and the digest of the manifest the cache was decoded from."""
+    return Path(cache).with_suffix(".json")
+
+
+@dataclass(frozen=True)
 class Artifacts:
     root: Path = Path("artifacts")
 
@@ -50,52 +92,42 @@ class Artifacts:
 
     @property
     def cache_description(self) -> Path:
-        """Resolution, count and the digest of the manifest the cache was decoded from."""
-        return self.cache.with_suffix(".json")
+        return cache_description(self.cache)
 
-    # train: published together when a training finishes
+    # train: a training works in `staging` and publishes it whole, as `published`, when it ends
+    @property
+    def published(self) -> TrainFiles:
+        return TrainFiles(self.root / "train")
+
+    @property
+    def staging(self) -> TrainFiles:
+        """A training in progress: its checkpoint, history and run file until it finishes."""
+        return TrainFiles(self.root / ".staging" / "train")
+
     @property
     def train_dir(self) -> Path:
-        return self.root / "train"
-
-    @property
-    def model(self) -> Path:
-        return self.train_dir / "model.pt"
-
-    @property
-    def trained_params(self) -> Path:
-        """The resolved parameters of model.pt, readable without loading the weights."""
-        return self.train_dir / "params.json"
-
-    @property
-    def history(self) -> Path:
-        return self.train_dir / "history.json"
-
-    @property
-    def run_file(self) -> Path:
-        """The MLflow run of the model, which the later steps log into."""
-        return self.train_dir / "mlflow_run.json"
-
-    @property
-    def trained_on(self) -> Path:
-        """The digest of the manifest the model was trained on (in staging_dir while it trains):
-        a checkpoint is resumed or continued only on those images."""
-        return self.train_dir / "data.json"
+        return self.published.folder
 
     @property
     def staging_dir(self) -> Path:
-        """A training in progress: its checkpoint, history and run file until it finishes."""
-        return self.root / ".staging" / "train"
+        return self.staging.folder
+
+    @property
+    def model(self) -> Path:
+        return self.published.model
+
+    @property
+    def history(self) -> Path:
+        return self.published.history
+
+    @property
+    def run_file(self) -> Path:
+        return self.published.run_file
 
     @property
     def checkpoint(self) -> Path:
         """The epoch checkpoint of the training in progress (resumed by the next `train`)."""
-        return self.staging_dir / "checkpoint.pt"
-
-    @property
-    def final_checkpoint(self) -> Path:
-        """The last epoch's state of the published model (a longer run can continue it)."""
-        return self.train_dir / "checkpoint.pt"
+        return self.staging.checkpoint
 
     @property
     def features(self) -> Path:

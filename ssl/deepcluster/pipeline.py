@@ -41,7 +41,7 @@ from .config import Params
 from .device import resolve_device, set_threads
 from .embed import ImageSource, compute_features, eval_batch_size
 from .errors import UserError
-from .paths import Artifacts, require
+from .paths import Artifacts, TrainFiles, require
 from .train import EpochStats, check_clusters, check_resumable
 from .train import train as train_loop
 
@@ -160,7 +160,9 @@ def _publish_ingest(art, root, scan, side, version, workers, follow_links) -> No
 
 def _set_names(art: Artifacts) -> list[str]:
     """The folders an ingest publishes, relative to the artifacts folder."""
-    return [folder.relative_to(art.root).as_posix() for folder in (art.ingest_dir, art.cache.parent)]
+    return [
+        folder.relative_to(art.root).as_posix() for folder in (art.ingest_dir, art.cache.parent)
+    ]
 
 
 def ingested(art: Artifacts) -> tuple[pl.DataFrame, np.ndarray]:
@@ -196,7 +198,7 @@ class TrainSummary:
     published: bool  # False after a scheduled stop (`stop_after`): the checkpoint waits in staging
 
 
-def training_params(
+def resolve_training(
     params: Params, art: Artifacts, manifest: pl.DataFrame, images: np.ndarray
 ) -> tuple[Params, dict[str, str]]:
     """The experiment's parameters resolved against the ingested data (and its cache's side)."""
@@ -231,42 +233,52 @@ def train(
     ranks = distributed.start(resolve_device(params.compute.device))
     try:
         with lock.writing(art, "train") if ranks.main else contextlib.nullcontext():
-            return _train(params, art, fresh, on_epoch, show and ranks.main, stop_after,
-                          tags, source, dvc_file, ranks)  # fmt: skip
+            manifest, images = ingested(art)
+            resolved, notes = resolve_training(params, art, manifest, images)
+            if not fresh and art.checkpoint.exists():  # refused on every rank, before any run
+                check_resumable(art.checkpoint, resolved, ranks.world)
+            run = TrainingRun(None, [on_epoch] if on_epoch else [], contextlib.nullcontext())
+            if ranks.main:
+                io.recover_dir(art.train_dir)  # a publish a crash interrupted
+                _say_auto(notes, show)
+                _stage(art, resolved, fresh, data.manifest_digest(manifest))
+                run = _open_run(
+                    art, resolved, manifest, notes, run.callbacks, tags, source, dvc_file
+                )
+                progress.say(f"MLflow run {run.run_id}", show)
+            distributed.barrier(ranks)  # the staged checkpoint is in place for every rank
+            with run.status:
+                result = train_loop(
+                    resolved, images, art.staging_dir, labels_of(manifest),
+                    on_epoch=lambda stats: [callback(stats) for callback in run.callbacks],
+                    stop_after=stop_after, progress=show and ranks.main, ranks=ranks,
+                )  # fmt: skip
+            distributed.barrier(ranks)
+            published = ranks.main and art.staging.model.exists()
+            if published:
+                io.publish_dir(art.staging_dir, art.train_dir)
     finally:
         distributed.finish(ranks)
+    return TrainSummary(resolved, result.history, result.resumed_from, run.run_id, notes, published)
 
 
-def _train(params, art, fresh, on_epoch, show, stop_after, tags, source, dvc_file, ranks):
-    manifest, images = ingested(art)
-    resolved, notes = training_params(params, art, manifest, images)
-    if not fresh and art.checkpoint.exists():  # refused on every rank, before any MLflow run
-        check_resumable(art.checkpoint, resolved, ranks.world)
-    run_id, callbacks, status = None, [], contextlib.nullcontext()
-    if ranks.main:
-        io.recover_dir(art.train_dir)
-        _say_auto(notes, show)
-        _stage(art, resolved, fresh, data.manifest_digest(manifest))
-        tracking.use_store()
-        version = lineage.recorded_version(art, dvc_file, manifest)  # of the manifest trained on
-        auto = {f"auto/{key}": note for key, note in notes.items()}  # what `auto` became, and why
-        run_tags = {**(tags or {}), **auto}
-        run_id = tracking.training_run(art, resolved, version, _staged_history(art), run_tags, source)
-        progress.say(f"MLflow run {run_id}", show)
-        callbacks = [tracking.EpochLogger(run_id)] + ([on_epoch] if on_epoch else [])
-        status = tracking.run_status(run_id, system_metrics=True)
-    distributed.barrier(ranks)  # the staged checkpoint is in place for every rank
-    with status:
-        result = train_loop(
-            resolved, images, art.staging_dir, labels_of(manifest),
-            on_epoch=lambda stats: [callback(stats) for callback in callbacks],
-            stop_after=stop_after, progress=show,
-        )  # fmt: skip
-    distributed.barrier(ranks)
-    published = ranks.main and (art.staging_dir / art.model.name).exists()
-    if published:
-        io.publish_dir(art.staging_dir, art.train_dir)
-    return TrainSummary(resolved, result.history, result.resumed_from, run_id, notes, published)
+@dataclass(frozen=True)
+class TrainingRun:
+    """The MLflow run a training logs into (rank 0 only), and what each epoch is handed to."""
+
+    run_id: str | None
+    callbacks: list[Callable[[EpochStats], None]]
+    status: contextlib.AbstractContextManager
+
+
+def _open_run(art, params, manifest, notes, callbacks, tags, source, dvc_file) -> TrainingRun:
+    """The training's MLflow run: the recorded data version, what each `auto` became and why."""
+    tracking.use_store()
+    version = lineage.recorded_version(art, dvc_file, manifest)  # of the manifest trained on
+    run_tags = {**(tags or {}), **{f"auto/{key}": note for key, note in notes.items()}}
+    run_id = tracking.training_run(art, params, version, _staged_history(art), run_tags, source)
+    status = tracking.run_status(run_id, system_metrics=True)
+    return TrainingRun(run_id, [tracking.EpochLogger(run_id), *callbacks], status)
 
 
 def _stage(art: Artifacts, params: Params, fresh: bool, images: str) -> None:
@@ -279,33 +291,33 @@ def _stage(art: Artifacts, params: Params, fresh: bool, images: str) -> None:
         shutil.rmtree(art.staging_dir)
     art.staging_dir.mkdir(parents=True, exist_ok=True)
     io.remove_stale_temporaries(art.staging_dir)
-    if art.checkpoint.exists() and _trained_on(art.staging_dir, art) != images:
+    if art.checkpoint.exists() and _trained_on(art.staging) != images:
         raise UserError(
             f"{art.checkpoint} was trained on other images than {art.manifest} holds now (an "
             "ingest since?): train from scratch with --fresh (Dagster: resume: false)"
         )
-    io.write_json(art.staging_dir / art.trained_on.name, {"manifest_sha256": images})
-    if fresh or art.checkpoint.exists() or not art.final_checkpoint.exists():
+    io.write_json(art.staging.trained_on, {"manifest_sha256": images})
+    if fresh or art.checkpoint.exists() or not art.published.checkpoint.exists():
         return
-    if _trained_on(art.train_dir, art) != images:
+    if _trained_on(art.published) != images:
         return  # the published model saw other images: train from scratch
-    published = load(art.final_checkpoint)
+    published = load(art.published.checkpoint)
     if published["fingerprint"] != params_fingerprint(params):
         return  # another run: train from scratch, the published model stays until this one ends
     if int(published["epoch"]) > int(params.train.epochs):
         raise UserError(
-            f"{art.final_checkpoint} already holds {published['epoch']} epochs, more than "
+            f"{art.published.checkpoint} already holds {published['epoch']} epochs, more than "
             f"train.epochs = {params.train.epochs}: train longer, or from scratch with --fresh"
         )
-    for path in (art.final_checkpoint, art.run_file):
-        if path.exists():
-            shutil.copy2(path, art.staging_dir / path.name)
+    for name in ("checkpoint", "run_file"):
+        if getattr(art.published, name).exists():
+            shutil.copy2(getattr(art.published, name), getattr(art.staging, name))
 
 
-def _trained_on(folder: Path, art: Artifacts) -> str | None:
-    """The digest of the manifest the checkpoint in `folder` was trained on (None: unknown)."""
+def _trained_on(files: TrainFiles) -> str | None:
+    """The digest of the manifest the checkpoint in `files` was trained on (None: unknown)."""
     try:
-        return json.loads((folder / art.trained_on.name).read_text())["manifest_sha256"]
+        return json.loads(files.trained_on.read_text())["manifest_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -318,7 +330,7 @@ def _staged_history(art: Artifacts) -> list[dict]:
 # features, cluster
 
 
-def trained_params(art: Artifacts, params: Params) -> Params:
+def model_params(art: Artifacts, params: Params) -> Params:
     """The model's own parameters, with the caller's `eval` and `compute` sections."""
     trained = saved_params(require(art.model, "train"))
     return trained.model_copy(
@@ -329,13 +341,15 @@ def trained_params(art: Artifacts, params: Params) -> Params:
 def features(art: Artifacts, params: Params, show: bool = True) -> np.ndarray:
     """Embeddings of every image under the final model (features.npy, one row per manifest row)."""
     with lock.writing(art, "features"):
-        p = trained_params(art, params)
+        p = model_params(art, params)
         _, images = ingested(art)
         _check_side(images, p, art)
         device = resolve_device(p.compute.device)
         set_threads(p.compute.threads)
         model = load_model(art.model, device)
-        feats = compute_features(model, ImageSource(images, device), eval_batch_size(p), p.compute.amp, show)
+        feats = compute_features(
+            model, ImageSource(images, device), eval_batch_size(p), p.compute.amp, show
+        )
         io.save_npy(art.features, feats)
     return feats
 
@@ -352,11 +366,13 @@ def cluster(art: Artifacts, params: Params) -> pl.DataFrame:
     """Cluster the final embeddings the way training did; one row per image: path, label,
     cluster, distance to its centroid. Centroids and whitening go to clustering.npz."""
     with lock.writing(art, "cluster"):
-        p = trained_params(art, params)
+        p = model_params(art, params)
         feats = np.load(require(art.features, "features"))
         manifest, _ = ingested(art)
         if len(feats) != manifest.height:
-            raise UserError(f"{art.features} does not match {art.manifest}: run `deepcluster features`")
+            raise UserError(
+                f"{art.features} does not match {art.manifest}: run `deepcluster features`"
+            )
         clustering = cluster_as_trained(feats, p)
         table = manifest.select("path", "label").with_columns(
             pl.Series("cluster", clustering.assignments, dtype=pl.Int64),
@@ -374,7 +390,7 @@ def cluster(art: Artifacts, params: Params) -> pl.DataFrame:
 def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool = True) -> dict:
     """metrics.json, the history and the pictures under eval/; logged into the model's MLflow run."""
     with lock.writing(art, "evaluate"):
-        p = trained_params(art, params)
+        p = model_params(art, params)
         manifest, images = ingested(art)
         table = pl.read_parquet(require(art.assignments, "cluster"))
         assignments = table["cluster"].to_numpy()
@@ -389,7 +405,9 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
         _write_pictures(p, art, images, table, history)
         io.write_json(art.eval_history, history)
         sizes = np.bincount(assignments, minlength=int(p.cluster.k))
-        io.write_json(art.cluster_sizes, [{"cluster": i, "size": int(s)} for i, s in enumerate(sizes)])
+        io.write_json(
+            art.cluster_sizes, [{"cluster": i, "size": int(s)} for i, s in enumerate(sizes)]
+        )
         io.write_json(art.metrics, metrics)
     if log:
         tracking.use_store()
@@ -409,8 +427,12 @@ def _compare(art, params, manifest, images, assignments, labels, show) -> dict:
     clusters = {"trained": assignments, **evaluate.baseline_clusters(baselines, params)}
     figures = evaluate.shortcut_figures(images, manifest, clusters, params.train.seed)
     if labels is not None:
-        trained = evaluate.network_views(load_model(require(art.model, "train")), images, params, show)
-        figures |= evaluate.compare({"trained": trained, **baselines}, labels, params, clusters, show)
+        trained = evaluate.network_views(
+            load_model(require(art.model, "train")), images, params, show
+        )
+        figures |= evaluate.compare(
+            {"trained": trained, **baselines}, labels, params, clusters, show
+        )
     return figures
 
 

@@ -6,8 +6,9 @@ Both go to stderr, so a command's own output (figures, paths) stays clean on std
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -25,7 +26,24 @@ def bar(iterable: Iterable | None = None, desc: str = "", enabled: bool = True, 
     )
 
 
+_sink: Callable[[str], None] | None = None  # where `say` sends lines instead of stderr
+
+
 def say(message: str, enabled: bool = True) -> None:
-    """One line of progress, printed above any bar."""
+    """One line of progress, printed above any bar (or handed to `lines_to`'s sink)."""
     if enabled:
-        tqdm.write(message, file=sys.stderr)
+        if _sink is not None:
+            _sink(message)
+        else:
+            tqdm.write(message, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def lines_to(sink: Callable[[str], None]) -> Iterator[None]:
+    """Send every progress line to `sink` (a Dagster log) while the block runs."""
+    global _sink
+    previous, _sink = _sink, sink
+    try:
+        yield
+    finally:
+        _sink = previous

@@ -270,7 +270,7 @@ def training_run(
     Anything else opens a new run; the epochs a resumed checkpoint already holds (`history`,
     e.g. under a longer `train.epochs`) are logged into it too, so the run shows the whole training.
     """
-    run_file = art.staging_dir / art.run_file.name
+    run_file = art.staging.run_file
     previous = recorded_run(run_file)
     if history and _exists(previous) and _logged_params(previous) == _flat(params):
         MlflowClient().update_run(previous, status=RunStatus.to_string(RunStatus.RUNNING))

@@ -41,12 +41,10 @@ from .errors import ParamError, UserError
 from .health import ClusterHealth
 from .io import write_json
 from .models import DeepClusterNet, build_model, check_resolution
+from .paths import TrainFiles
 from .progress import bar, say
 from .sampler import uniform_over_clusters
 
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.pt"
-HISTORY = "history.json"
 GLOBAL_CROPS = 2  # v2: crops per image that feed the memory bank (the reference uses two)
 
 
@@ -112,7 +110,9 @@ class LoopState:
     lr_scale: float = 1.0  # lowered by the cluster-health guard after a collapse
 
 
-def _save_checkpoint(path: Path, model, optimizer, generator, state: LoopState, params, ranks) -> None:
+def _save_checkpoint(
+    path: Path, model, optimizer, generator, state: LoopState, params, ranks
+) -> None:
     """Rank 0 writes it; every rank's random state goes in, so each resumes its own stream."""
     rng_states = dist.all_gather_objects(torch.get_rng_state(), ranks)
     if not ranks.main:
@@ -169,7 +169,11 @@ def check_clusters(params: Params, images: int, given: Params | None = None) -> 
 def all_features(model, source: ImageSource, params: Params, progress: bool, ranks) -> np.ndarray:
     """Embeddings of every image: each rank embeds its shard, every rank gets them all."""
     rows = dist.shard(len(source), ranks)
-    part = ImageSource(source.images[rows[0] : rows[-1] + 1], source.device) if ranks.active else source
+    part = (
+        ImageSource(source.images[rows[0] : rows[-1] + 1], source.device)
+        if ranks.active
+        else source
+    )
     local = compute_features(model, part, eval_batch_size(params), params.compute.amp, progress)
     return dist.gather_rows(local, len(source), ranks)
 
@@ -292,9 +296,11 @@ class EpochTrainer:
                 for group in head_opt.param_groups:
                     group["lr"] = self.head_lr(lr, state)
             # v1 labels follow the draw order; v2 labels are looked up by image index
-            targets = [lab[start : start + len(batch)] for lab in labels] if not model.v2 else [
-                lab[torch.from_numpy(batch)] for lab in labels
-            ]
+            targets = (
+                [lab[start : start + len(batch)] for lab in labels]
+                if not model.v2
+                else [lab[torch.from_numpy(batch)] for lab in labels]
+            )
             mine = slice(ranks.rank, None, ranks.world)
             loss = self._step(batch, mine, [y[mine] for y in targets], state, head_opt, forward)
             touched[torch.from_numpy(batch[mine])] = True
@@ -334,7 +340,9 @@ class EpochTrainer:
                 local_crops = None
                 if a.local_crops:
                     small = max(8, round(side * a.local_size))
-                    local_crops = self._crops(x, a.local_crops, a.local_scale, small, len(batch), mine)
+                    local_crops = self._crops(
+                        x, a.local_crops, a.local_scale, small, len(batch), mine
+                    )
                 z, logits = forward(global_crops, local_crops)
                 n_views = GLOBAL_CROPS + a.local_crops
                 loss = sum(
@@ -417,7 +425,9 @@ def check_resumable(path: Path, params: Params, world: int) -> dict:
         )
     processes = len(state["torch_rng"])
     if processes != world:
-        raise UserError(f"{path} was trained by {processes} processes: resume it with --nproc {processes}")
+        raise UserError(
+            f"{path} was trained by {processes} processes: resume it with --nproc {processes}"
+        )
     return state
 
 
@@ -445,84 +455,77 @@ def train(
     on_epoch: Callable[[EpochStats], None] | None = None,
     stop_after: int | None = None,
     progress: bool = True,
+    ranks: dist.Ranks = dist.ONE,
 ) -> TrainResult:
-    """Run DeepCluster for `params.train.epochs` epochs, resuming from `out_dir/checkpoint.pt`.
+    """Run DeepCluster for `params.train.epochs` epochs, resuming from the checkpoint in `out_dir`.
 
     `params` must be resolved (no `auto` left, see `deepcluster.autoparams`). `stop_after` ends
     the call after that many epochs in total (a scheduled stop; the checkpoint is there to resume).
-    `on_epoch` receives each epoch's statistics (MLflow, Dagster logs).
+    `on_epoch` receives each epoch's statistics (MLflow, Dagster logs). Under torchrun the caller
+    has joined the process group (`distributed.start`) and passes its `ranks`.
     """
-    cpu = resolve_device(params.compute.device).type == "cpu"
-    with heap_reuse(cpu):  # on the CPU, steps reuse freed blocks instead of faulting them in
-        return _train(params, images, out_dir, labels, on_epoch, stop_after, progress)
-
-
-def _train(
-    params: Params,
-    images: np.ndarray,
-    out_dir: Path,
-    labels: np.ndarray | None,
-    on_epoch: Callable[[EpochStats], None] | None,
-    stop_after: int | None,
-    progress: bool,
-) -> TrainResult:
     if params.auto_keys():
         raise ValueError(f"unresolved auto parameters: {', '.join(params.auto_keys())}")
-    t = params.train
+    t, files = params.train, TrainFiles(Path(out_dir))
     check_resolution(params.model.arch, images.shape[-1])
     check_clusters(params, len(images))
-    ranks = dist.start(resolve_device(params.compute.device))
     device = dist.device_for(resolve_device(params.compute.device), ranks)
     set_threads(params.compute.threads)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    files.folder.mkdir(parents=True, exist_ok=True)
     model, optimizer, generator = _build(params, images, device, ranks)
-    ckpt_path = out_dir / CHECKPOINT
     state = LoopState()
-    if ckpt_path.exists():
-        state = _resume(ckpt_path, params, model, optimizer, generator, ranks)
+    if files.checkpoint.exists():
+        state = _resume(files.checkpoint, params, model, optimizer, generator, ranks)
     start_epoch = state.epoch
     source = ImageSource(images, device)
     photometric = aug.photometric(params.augment, is_colour(images), images.shape[-1])
     trainer = EpochTrainer(model, optimizer, source, params, generator, photometric, ranks)
     last_epoch = t.epochs if stop_after is None else min(t.epochs, stop_after)
     show = progress and ranks.main
-    for epoch in range(start_epoch, last_epoch):
-        began = time.perf_counter()
-        clusterings = cluster_epoch(model, source, params, state, t.seed + epoch, show, ranks)
-        health = ClusterHealth.of(clusterings[0], state.assignments)
-        action = guard.react(health, state)
-        if action is not None:  # collapsed: cluster again from other seeds, train more gently
-            reseed = t.seed + 104729 * (epoch + 1)
-            clusterings = cluster_epoch(model, source, params, state, reseed, show, ranks)
-            health = ClusterHealth.of(clusterings[0], state.assignments)
-        loss, lr = trainer.run(clusterings, state, show)
-        ids = clusterings[0].assignments
-        state.epoch = epoch + 1
-        stats = EpochStats(
-            epoch=epoch + 1,
-            loss=loss,
-            kmeans_loss=clusterings[0].loss,
-            nmi_prev=health.nmi_prev,
-            nmi_labels=None if labels is None else nmi(labels, ids),
-            reseeded=clusterings[0].reseeded,
-            lr=lr,
-            largest_cluster_share=health.largest_share,
-            seconds=time.perf_counter() - began,
-            guard=action,
-        )
-        state.history.append(stats)
-        state.assignments = ids
-        _save_checkpoint(ckpt_path, model, optimizer, generator, state, params, ranks)
-        if ranks.main:
-            write_json(out_dir / HISTORY, [asdict(h) for h in state.history])
-            if on_epoch is not None:
-                on_epoch(stats)
-        say(describe(stats, t.epochs), show)
-
+    with heap_reuse(device.type == "cpu"):  # CPU steps reuse freed blocks, not fault them in
+        for epoch in range(start_epoch, last_epoch):
+            stats = _epoch(epoch, model, source, params, state, trainer, labels, show, ranks)
+            _save_checkpoint(files.checkpoint, model, optimizer, generator, state, params, ranks)
+            say(describe(stats, t.epochs), show)
+            if ranks.main:
+                write_json(files.history, [asdict(h) for h in state.history])
+                if on_epoch is not None:
+                    on_epoch(stats)
     if last_epoch == t.epochs and ranks.main:
-        ckpt.export_model(model, params, out_dir / MODEL)
+        ckpt.export_model(model, params, files.model)
     assert state.assignments is not None, "no epoch ran and no checkpoint was found"
     return TrainResult(model.eval(), state.history, state.assignments, start_epoch)
+
+
+def _epoch(
+    epoch, model, source, params, state: LoopState, trainer, labels, show, ranks
+) -> EpochStats:
+    """One epoch: cluster (again from other seeds if the clusters collapsed), then train."""
+    began, seed = time.perf_counter(), params.train.seed
+    clusterings = cluster_epoch(model, source, params, state, seed + epoch, show, ranks)
+    health = ClusterHealth.of(clusterings[0], state.assignments)
+    action = guard.react(health, state)
+    if action is not None:  # collapsed: cluster again from other seeds, train more gently
+        reseed = seed + 104729 * (epoch + 1)
+        clusterings = cluster_epoch(model, source, params, state, reseed, show, ranks)
+        health = ClusterHealth.of(clusterings[0], state.assignments)
+    loss, lr = trainer.run(clusterings, state, show)
+    ids = clusterings[0].assignments
+    stats = EpochStats(
+        epoch=epoch + 1,
+        loss=loss,
+        kmeans_loss=clusterings[0].loss,
+        nmi_prev=health.nmi_prev,
+        nmi_labels=None if labels is None else nmi(labels, ids),
+        reseeded=clusterings[0].reseeded,
+        lr=lr,
+        largest_cluster_share=health.largest_share,
+        seconds=time.perf_counter() - began,
+        guard=action,
+    )
+    state.epoch, state.assignments = epoch + 1, ids
+    state.history.append(stats)
+    return stats
 
 
 def describe(s: EpochStats, epochs: int) -> str:

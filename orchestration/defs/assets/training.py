@@ -1,8 +1,8 @@
-"""The `checkpoint` asset: the training as a graph of ops, prepare -> train_epochs -> export.
+"""The `checkpoint` asset: the training as two ops, train_epochs -> export_model.
 
-`train_epochs` trains in its own process under Dagster Pipes (`orchestration/pipes_train.py`; under
-torchrun when `compute.nproc` > 1), in the "gpu" pool, and asks per-step pods for a GPU. A failure
-is retried and resumes the staged checkpoint; a terminated run stops the process group, no retry.
+`train_epochs` runs the train step in its own process under Dagster Pipes (`pipes_train.py`; under
+torchrun when `compute.nproc` > 1), in the "gpu" pool, asking per-step pods for a GPU. A failure is
+retried and resumes the staged checkpoint; a terminated run stops the process group, no retry.
 """
 
 import os
@@ -13,36 +13,18 @@ from typing import Any
 
 import dagster as dg
 
-from deepcluster import pipeline
-
 from ... import metadata as md
 from ... import reads
-from ...config import ROOT, TrainingConfig, training_params
+from ...config import ROOT, TrainingConfig, params_from_config
 from ...versions import code_version
 from ..resources import ArtifactStore, ComputeResource, MlflowTracking
-from . import EAGER, GROUP, user_errors_fail_plainly
+from . import EAGER, GROUP
 
 TRAIN_RETRIES = 2
 STOP_GRACE_SECONDS = 30  # how long a stopped training may take to mark its run KILLED and exit
 GPU_TAGS = {  # a per-step pod (k8s executor) asks for one GPU
     "dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": "1"}}}}
 }
-
-
-@dg.op(ins={"image_cache": dg.In(dg.Nothing)})  # ordering only: the cache is read from its file
-def prepare_training(context: dg.OpExecutionContext, config: TrainingConfig,
-                     artifacts: ArtifactStore, compute: ComputeResource) -> dict:
-    """Validate the parameters against the ingested images and resolve `auto` values."""
-    art = artifacts.layout
-    params = training_params(config, compute.section())
-    with user_errors_fail_plainly():
-        manifest, images = pipeline.ingested(art)
-        resolved, notes = pipeline.training_params(params, art, manifest, images)
-    for key, note in notes.items():
-        context.log.info(f"auto: {key} = {note}")
-    start = "resuming a staged checkpoint if there is one" if config.resume else "from scratch"
-    context.log.info(f"training {resolved.train.epochs} epochs on {len(images)} images ({start})")
-    return {"params": params.to_dict(), "fresh": not config.resume}  # plain values only
 
 
 def training_command(nproc: int) -> list[str]:
@@ -86,15 +68,17 @@ def run_training(context: dg.OpExecutionContext, extras: dict, nproc: int) -> li
     return messages
 
 
-@dg.op(retry_policy=dg.RetryPolicy(max_retries=TRAIN_RETRIES), pool="gpu", tags=GPU_TAGS)
-def train_epochs(context: dg.OpExecutionContext, plan: dict, artifacts: ArtifactStore,
+@dg.op(retry_policy=dg.RetryPolicy(max_retries=TRAIN_RETRIES), pool="gpu", tags=GPU_TAGS,
+       ins={"image_cache": dg.In(dg.Nothing)})  # ordering only: the cache is read from its file
+def train_epochs(context: dg.OpExecutionContext, config: TrainingConfig, artifacts: ArtifactStore,
                  compute: ComputeResource, mlflow: MlflowTracking) -> dg.Output[dict]:
     """DeepCluster epochs in a training process: cluster -> train on pseudo-labels."""
     attempt = context.retry_number + 1
     extras = {
-        "params": {**plan["params"], "compute": compute.section()}, "artifacts": artifacts.root,
-        "dvc_file": artifacts.dvc_file, "dagster_run_id": context.run.run_id,
-        "fresh": plan["fresh"] and attempt == 1,  # retries resume the staged checkpoint
+        "params": params_from_config(config, compute.section()).to_dict(),
+        "artifacts": artifacts.root, "dvc_file": artifacts.dvc_file,
+        "dagster_run_id": context.run.run_id,
+        "fresh": not config.resume and attempt == 1,  # retries resume the staged checkpoint
     }
     if attempt > 1:
         context.log.info(f"attempt {attempt}: resuming the staged checkpoint")
@@ -128,8 +112,8 @@ def export_model(summary: dict, artifacts: ArtifactStore, mlflow: MlflowTracking
 
 @dg.config_mapping
 def training_config(config: TrainingConfig) -> dict[str, Any]:
-    """One config block for the asset (`ops: checkpoint: config:`), handed to prepare_training."""
-    return {"prepare_training": {"config": config.model_dump()}}
+    """One config block for the asset (`ops: checkpoint: config:`), handed to train_epochs."""
+    return {"train_epochs": {"config": config.model_dump()}}
 
 
 @dg.graph_asset(group_name=GROUP, config=training_config, code_version=code_version("train"),
@@ -137,4 +121,4 @@ def training_config(config: TrainingConfig) -> dict[str, Any]:
                 ins={"image_cache": dg.AssetIn(dagster_type=dg.Nothing)})
 def checkpoint(image_cache):
     """The trained DeepCluster network (artifacts/train/model.pt, its params and history)."""
-    return export_model(train_epochs(prepare_training(image_cache)))
+    return export_model(train_epochs(image_cache))
