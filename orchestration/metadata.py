@@ -10,11 +10,6 @@ from typing import Any
 import polars as pl
 from dagster import MetadataValue, TableColumn, TableMetadataValue, TableRecord, TableSchema
 
-EPOCH_COLUMNS = {
-    "epoch": "epoch", "loss": "loss", "kmeans_loss": "k-means loss", "nmi_prev": "NMI(t-1,t)",
-    "nmi_labels": "NMI(labels)", "largest_cluster_share": "largest cluster",
-    "reseeded": "re-seeded", "lr": "lr", "seconds": "seconds",
-}  # fmt: skip
 SIZES = {"cluster": "cluster", "len": "images"}  # columns of a `group_by("cluster").len()` table
 
 

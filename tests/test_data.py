@@ -27,11 +27,10 @@ from deepcluster.data import (
     read_manifest,
     require_images,
     scan_images,
-    write_tables,
 )
 from deepcluster.errors import UserError
 from deepcluster.imagefile import ImageLimits, ImageRejected
-from deepcluster.io import atomic_path
+from deepcluster.io import atomic_path, save_parquet
 
 RED, BLUE, GREEN, WHITE = (255, 0, 0), (0, 0, 255), (0, 255, 0), (255, 255, 255)
 
@@ -257,9 +256,10 @@ def test_unreadable_file_is_rejected(tmp_path: Path) -> None:
 
 def test_tables_round_trip(scanned: tuple[pl.DataFrame, pl.DataFrame], tmp_path: Path) -> None:
     manifest, rejected = scanned
-    paths = write_tables(manifest, rejected, tmp_path / "tables")
-    assert read_manifest(paths["manifest"]).equals(manifest)
-    assert pl.read_parquet(paths["rejected"]).equals(rejected)
+    save_parquet(tmp_path / "manifest.parquet", manifest)
+    save_parquet(tmp_path / "rejected.parquet", rejected)
+    assert read_manifest(tmp_path / "manifest.parquet").equals(manifest)
+    assert pl.read_parquet(tmp_path / "rejected.parquet").equals(rejected)
     with pytest.raises(IngestError, match="manifest not found"):
         read_manifest(tmp_path / "missing.parquet")
     with pytest.raises(IngestError, match="image cache not found"):
@@ -295,7 +295,7 @@ def test_a_non_utf8_file_name_is_rejected_and_the_scan_goes_on(tmp_path: Path) -
     assert manifest["path"].to_list() == ["ok.png"]
     assert rejected.rows() == [("caf\\xe9.png", NON_UTF8_NAME)]
     assert NON_UTF8_NAME == "file or folder name is not valid UTF-8 (rename it to ingest it)"
-    write_tables(manifest, rejected, tmp_path / "tables")  # parquet takes the shown name
+    save_parquet(tmp_path / "rejected.parquet", rejected)  # parquet takes the shown name
 
 
 def test_symlinks_out_of_the_folder_are_refused_unless_allowed(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from .config import TRAINING, Params, params_from_dict
 from .device import memory_format
 from .io import atomic_path, write_json
 from .models import DeepClusterNet, build_model
+from .paths import TrainFiles
 
 
 def params_fingerprint(params: Params) -> str:
@@ -46,15 +47,15 @@ def load(path: Path) -> dict:
 
 def export_model(model: DeepClusterNet, params: Params, path: Path) -> Path:
     """Final weights, the head sizes and the parameters that rebuild the network, plus the
-    parameters again as JSON beside it (`params.json`), readable without loading any weights."""
+    parameters again as JSON beside it (`TrainFiles.params`), readable without loading weights."""
     state = {"model": model.state_dict(), "params": params.to_dict(), "heads": model.head_sizes}
-    write_json(path.with_name("params.json"), params.to_dict())
+    write_json(TrainFiles(Path(path).parent).params, params.to_dict())
     return save(state, path)
 
 
 def saved_params(model_path: Path) -> Params:
     """The resolved parameters a model was trained with, from the params.json beside it."""
-    sidecar = Path(model_path).with_name("params.json")
+    sidecar = TrainFiles(Path(model_path).parent).params
     if sidecar.exists():
         return params_from_dict(json.loads(sidecar.read_text()))
     return params_from_dict(load(model_path)["params"])

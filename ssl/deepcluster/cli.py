@@ -369,6 +369,23 @@ def _under_torchrun(nproc: int) -> None:
     os.execv(sys.executable, [*launcher, f"--nproc-per-node={nproc}", "-m", "deepcluster.cli", *args])
 
 
+@app.command("dvc-yaml")
+def dvc_yaml(
+    path: Annotated[Path, typer.Argument(help="The file to write.")] = Path("dvc.yaml"),
+    check: Annotated[bool, typer.Option("--check", help="Only say whether it is up to date.")] = False,
+) -> None:
+    """Write dvc.yaml from the step registry and the artifacts layout (it is generated)."""
+    from . import dvcstages
+
+    if check:
+        if not path.exists() or path.read_text() != dvcstages.render():
+            raise UserError(f"{path} is out of date: run `deepcluster dvc-yaml`")
+        typer.echo(f"{path} is up to date")
+        return
+    changed = dvcstages.write(path)
+    typer.echo(f"{'wrote' if changed else 'unchanged:'} {path}")
+
+
 def _summary(metrics: dict) -> str:
     """One line per figure, beside its baselines where they exist."""
     from .figures import COMPARED

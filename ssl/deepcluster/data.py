@@ -41,6 +41,7 @@ from deepcluster.imagefile import (
     read_regular_file,
 )
 from deepcluster.io import atomic_path, write_json
+from deepcluster.paths import cache_description
 from deepcluster.progress import bar
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -359,18 +360,8 @@ def _rejected_frame(rejected: Sequence[tuple[str, str]]) -> pl.DataFrame:
 # Tables on disk
 
 
-def write_tables(manifest: pl.DataFrame, rejected: pl.DataFrame, out_dir: Path) -> dict[str, Path]:
-    """Write `manifest.parquet` and `rejected.parquet` into `out_dir`, each atomically."""
-    out_dir = Path(out_dir)
-    paths = {"manifest": out_dir / "manifest.parquet", "rejected": out_dir / "rejected.parquet"}
-    for name, frame in (("manifest", manifest), ("rejected", rejected)):
-        with atomic_path(paths[name]) as tmp:
-            frame.write_parquet(tmp)
-    return paths
-
-
 def read_manifest(path: Path) -> pl.DataFrame:
-    """Read a manifest written by `write_tables`, checking its columns."""
+    """Read a manifest written at ingest, checking its columns."""
     path = Path(path)
     if not path.is_file():
         raise IngestError(f"manifest not found: {path} (run the scan first)")
@@ -413,7 +404,7 @@ def build_cache(
     """Decode every manifest row, in order, into `out_path` (.npy, shape (N, 3, R, R), uint8).
 
     Each file is opened as the scan opened it (`read_entry`): the same links followed, no other.
-    The array is written atomically; `out_path.with_suffix(".json")` records the resolution, the
+    The array is written atomically; its `paths.cache_description` records the resolution, the
     count and `manifest_digest(manifest)` so a stale cache can be told apart (`cache_is_current`).
     The whole file is allocated on disk before the memory map is written: a full disk is then an
     error here (`io.DiskFullError`), not a SIGBUS halfway through.
@@ -432,7 +423,7 @@ def build_cache(
         cache.flush()
         del cache  # close the memory map before the file is renamed
     # written after the array: a crash in between leaves a description that does not match
-    write_json(out_path.with_suffix(".json"), _cache_description(manifest, resolution))
+    write_json(cache_description(out_path), _cache_description(manifest, resolution))
     return out_path
 
 
@@ -467,7 +458,7 @@ def manifest_digest(manifest: pl.DataFrame) -> str:
 
 def cache_is_current(out_path: Path, manifest: pl.DataFrame, resolution: int) -> bool:
     """Whether `out_path` holds the cache `build_cache` would write for this manifest."""
-    description = Path(out_path).with_suffix(".json")
+    description = cache_description(out_path)
     if not (Path(out_path).is_file() and description.is_file()):
         return False
     return json.loads(description.read_text()) == _cache_description(manifest, resolution)

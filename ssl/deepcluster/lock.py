@@ -22,7 +22,7 @@ from pathlib import Path
 from filelock import FileLock, Timeout
 
 from .errors import UserError
-from .paths import Artifacts
+from .paths import LOCK_SUFFIX, Artifacts
 
 
 class Busy(UserError):
@@ -61,8 +61,10 @@ def writing(art: Artifacts, step: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def waiting(path: Path, timeout: float, what: str) -> Iterator[None]:
-    """Hold the lock file `path`, waiting up to `timeout` seconds (-1: for ever) for its holder."""
+def waiting(guarded: Path, timeout: float, what: str) -> Iterator[None]:
+    """Hold the lock file beside `guarded` (`<name>.lock`), waiting up to `timeout` seconds (-1:
+    for ever) for its holder."""
+    path = guarded.with_name(guarded.name + LOCK_SUFFIX)
     lock = _lock(path)
     try:
         lock.acquire(timeout=timeout, poll_interval=0.05)

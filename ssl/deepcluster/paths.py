@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+LOCK_SUFFIX = ".lock"  # a lock file is the name it guards plus this
+
 
 @dataclass(frozen=True)
 class TrainFiles:
@@ -224,7 +226,7 @@ class Artifacts:
     @property
     def lock(self) -> Path:
         """Held by the one process writing into this folder."""
-        return self.root / ".lock"
+        return self.root / LOCK_SUFFIX
 
 
 def require(path: Path, step: str) -> Path:

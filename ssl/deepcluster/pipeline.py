@@ -40,9 +40,10 @@ from .cluster import cluster_as_trained, kmeans_health, save_clustering
 from .config import Params
 from .device import resolve_device, set_threads
 from .embed import ImageSource, compute_features, eval_batch_size
+from .epochs import EpochStats
 from .errors import UserError
 from .paths import Artifacts, TrainFiles, require
-from .train import EpochStats, check_clusters, check_resumable
+from .train import check_clusters, check_resumable
 from .train import train as train_loop
 
 # The library modules each step runs. Dagster's code versions and dvc.yaml's `deps` both come
@@ -149,7 +150,8 @@ def _publish_ingest(art, root, scan, side, version, workers, follow_links) -> No
     """Write the set into the staging folder, then publish it whole; a failure leaves no trace."""
     staged = Artifacts(art.ingest_staging)  # the same layout, under the staging folder
     try:
-        data.write_tables(scan.manifest, scan.rejected, staged.ingest_dir)
+        io.save_parquet(staged.manifest, scan.manifest)
+        io.save_parquet(staged.rejected, scan.rejected)
         lineage.write_version(staged.data_version, version, scan.manifest)
         data.build_cache(root, scan.manifest, side, staged.cache, workers,
                          follow_external_links=follow_links)  # fmt: skip

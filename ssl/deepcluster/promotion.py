@@ -183,7 +183,7 @@ def promotion_lock(client: MlflowClient, name: str) -> Iterator[None]:
         with registry_mutex(client, name):
             yield
     else:
-        with lock.waiting(path.with_name(path.name + ".lock"), LOCK_TIMEOUT, "another registration"):
+        with lock.waiting(path, LOCK_TIMEOUT, "another registration"):
             yield
 
 

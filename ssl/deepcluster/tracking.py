@@ -30,7 +30,7 @@ from mlflow.utils.mlflow_tags import (
     MLFLOW_SOURCE_TYPE,
 )
 
-from . import data, lineage, lock
+from . import data, epochs, lineage, lock
 from .checkpoint import params_fingerprint, saved_params
 from .config import Params
 from .errors import Stopped, UserError
@@ -44,17 +44,6 @@ for _chatty in ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic.runti
 
 EXPERIMENT = "deepcluster"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # not a GenAI experiment
-# EpochStats field -> metric name; each is logged with step = epoch
-EPOCH_METRICS = {
-    "loss": "train/loss",
-    "kmeans_loss": "train/kmeans_loss",
-    "nmi_prev": "train/nmi_prev",
-    "nmi_labels": "train/nmi_labels",
-    "reseeded": "train/reseeded_clusters",
-    "lr": "train/lr",
-    "largest_cluster_share": "train/largest_cluster_share",
-    "seconds": "train/epoch_seconds",
-}
 EVAL_PREFIX = "eval/"
 PROJECT_MARKERS = ("params.yaml", "dvc.yaml")
 
@@ -98,7 +87,7 @@ def _initialise_once(uri: str, database: Path) -> None:
     if uri in _initialised:
         return
     database.parent.mkdir(parents=True, exist_ok=True)
-    with lock.waiting(database.with_name(database.name + ".lock"), -1, "a migration"):
+    with lock.waiting(database, -1, "a migration"):
         MlflowClient(uri).search_experiments(max_results=1)
     _initialised.add(uri)
 
@@ -186,9 +175,8 @@ class EpochLogger:
         """One epoch as a dict (a history.json entry); fields it lacks are skipped."""
         now = int(time.time() * 1000)
         metrics = [
-            Metric(name, float(epoch[field]), now, int(epoch["epoch"]))
-            for field, name in EPOCH_METRICS.items()
-            if epoch.get(field) is not None
+            Metric(name, value, now, int(epoch["epoch"]))
+            for name, value in epochs.metrics(epoch).items()
         ]
         self.client.log_batch(self.run_id, metrics=metrics)
 

@@ -37,6 +37,7 @@ from .cluster import Clustering, cluster_features, nmi
 from .config import Params
 from .device import autocast, heap_reuse, memory_format, resolve_device, set_threads
 from .embed import ImageSource, compute_features, eval_batch_size
+from .epochs import EpochStats, describe
 from .errors import ParamError, UserError
 from .health import ClusterHealth
 from .io import write_json
@@ -50,20 +51,6 @@ GLOBAL_CROPS = 2  # v2: crops per image that feed the memory bank (the reference
 
 class Diverged(UserError):
     """The loss became NaN or infinite: training stops before the state is saved again."""
-
-
-@dataclass
-class EpochStats:
-    epoch: int  # 1-based
-    loss: float  # mean pseudo-label cross-entropy over the epoch
-    kmeans_loss: float
-    nmi_prev: float | None  # NMI between this epoch's and the previous epoch's assignments
-    nmi_labels: float | None  # NMI against the folder labels, when there are any
-    reseeded: int  # empty clusters re-seeded by splitting
-    lr: float  # the trunk's learning rate at the end of the epoch
-    largest_cluster_share: float  # as k-means left it, before empty clusters were re-seeded
-    seconds: float
-    guard: str | None = None  # what the cluster-health guard did, if anything
 
 
 @dataclass
@@ -526,16 +513,3 @@ def _epoch(
     state.epoch, state.assignments = epoch + 1, ids
     state.history.append(stats)
     return stats
-
-
-def describe(s: EpochStats, epochs: int) -> str:
-    """One epoch as a progress line."""
-    parts = [f"epoch {s.epoch}/{epochs}", f"loss {s.loss:.3f}", f"kmeans {s.kmeans_loss:.2f}"]
-    if s.nmi_prev is not None:
-        parts.append(f"NMI(t-1,t) {s.nmi_prev:.3f}")
-    if s.nmi_labels is not None:
-        parts.append(f"NMI(labels) {s.nmi_labels:.3f}")
-    parts += [f"largest {s.largest_cluster_share:.1%}", f"{s.seconds:.1f}s"]
-    if s.guard:
-        parts.append(f"GUARD: {s.guard}")
-    return "  ".join(parts)

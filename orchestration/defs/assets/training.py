@@ -13,6 +13,8 @@ from typing import Any
 
 import dagster as dg
 
+from deepcluster import epochs
+
 from ... import metadata as md
 from ... import reads
 from ...config import ROOT, TrainingConfig, params_from_config
@@ -102,7 +104,7 @@ def export_model(summary: dict, artifacts: ArtifactStore, mlflow: MlflowTracking
         "epochs": len(history), "final_loss": last["loss"], "final_nmi_prev": last["nmi_prev"],
         "final_nmi_labels": last["nmi_labels"],
         "largest_cluster_share": last["largest_cluster_share"],
-        "per_epoch": md.table(history, md.EPOCH_COLUMNS),
+        "per_epoch": md.table(history, epochs.columns()),
         "resumed_from_epoch": summary["resumed_from"], "attempt": summary["attempt"],
         "auto": md.as_json(summary["auto"]), "params": md.as_json(summary["params"]),
         "mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
