@@ -1,8 +1,6 @@
-"""`python -m orchestration materialize` runs the whole graph through a real Dagster instance,
-`sync` records what `dvc repro` made, `dev` opens the UI on the same instance: DAGSTER_HOME, by
-default .dagster/ at the repo root, given this project's settings (dagster.yaml) the first time.
-A stopped `materialize` (Ctrl-C, SIGTERM) says in one line where it stopped and what that leaves.
-"""
+"""`python -m orchestration materialize | sync | dev`: the whole graph in a real Dagster instance,
+recording what `dvc repro` made, the UI; all on DAGSTER_HOME (default .dagster/). A stopped
+`materialize` says in one line where it stopped and what that leaves."""
 
 import argparse
 import os
@@ -16,8 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
-# set (to the supervising process's pid) in the process that runs the graph in a session of its own
-SESSION_ENV = "DEEPCLUSTER_MATERIALIZE_PARENT"
+SESSION_ENV = "DEEPCLUSTER_MATERIALIZE_PARENT"  # the supervisor's pid, in the run's own session
 
 
 def dagster_home(args: argparse.Namespace | None = None) -> Path:
@@ -34,13 +31,8 @@ def dagster_home(args: argparse.Namespace | None = None) -> Path:
 
 
 def in_own_session() -> int:
-    """Run this command again in a session of its own and relay a stop (SIGINT, SIGTERM) to it.
-
-    Ctrl-C signals the terminal's whole foreground process group. Besides the run, that group
-    holds Dagster's helpers that mirror each step's output (`tail` and its `watch_orphans`
-    watcher), and each printed its own KeyboardInterrupt traceback. In a session of its own only
-    the run hears the stop, from here, and says in one line what it leaves.
-    """
+    """Run this command again in a session of its own and relay a stop (SIGINT, SIGTERM) to it:
+    Ctrl-C reaches the whole foreground group, whose Dagster helpers each printed a traceback."""
     command = [sys.executable, "-m", "orchestration", *sys.argv[1:]]
     env = {**os.environ, SESSION_ENV: str(os.getpid())}
     child = subprocess.Popen(command, env=env, start_new_session=True)
@@ -57,9 +49,8 @@ def in_own_session() -> int:
 
 
 class StopSignal:
-    """Which signal (SIGINT, SIGTERM) stopped the run, whatever Python handler is in force then:
-    Dagster swaps the handlers during a run, but every handled signal's number is also written
-    to the wakeup fd, before any Python code runs. Polled, so it is known at once."""
+    """Which signal stopped the run, whatever handler Dagster has installed: every handled signal's
+    number is also written to the wakeup fd, polled here."""
 
     def __init__(self) -> None:
         self.name: str | None = None
@@ -91,8 +82,7 @@ def _stop_when_orphaned(parent: int) -> None:
 
 
 def quiet_after(stop: StopSignal):
-    """Dagster's console logger, silent once a stop arrived: the run's failure events (each with
-    a stack trace) would bury the one line `materialize` prints."""
+    """Dagster's console logger, silent after a stop (its failure events carry stack traces)."""
     from dagster import LoggerDefinition, colored_console_logger
 
     def make(init_context):
@@ -109,12 +99,9 @@ def stopped_line(signame: str, result) -> str:
     if result is not None:
         for failure in result.get_step_failure_events():
             data = failure.step_failure_data
-            if data.user_failure_data and data.user_failure_data.description:
-                return f"stopped by {signame} in {failure.step_key}: {data.user_failure_data.description}"
-            return (
-                f"stopped by {signame} in {failure.step_key}: it published nothing; "
-                "the steps finished before it stay published"
-            )
+            said = data.user_failure_data and data.user_failure_data.description
+            return f"stopped by {signame} in {failure.step_key}: " + (
+                said or "it published nothing; the steps finished before it stay published")
     return f"stopped by {signame}: the steps finished before the stop stay published"
 
 
@@ -198,8 +185,7 @@ def sync(args: argparse.Namespace) -> int:
 
 
 def dev(extra: list[str]) -> NoReturn:
-    """`dg dev` on this project ([tool.dg] in pyproject.toml), with DAGSTER_HOME set so the UI
-    shows the same instance as `materialize` rather than a temporary one."""
+    """`dg dev` on this project with DAGSTER_HOME set: the UI shows `materialize`'s instance."""
     home = dagster_home()
     bin_dir = Path(sys.executable).parent
     os.environ["VIRTUAL_ENV"] = str(bin_dir.parent)  # dg warns unless the project venv is active

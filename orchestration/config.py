@@ -1,7 +1,5 @@
-"""Run config generated from params.yaml: a Config class per section of `deepcluster.config.Params`
-(the `compute` section is `ComputeResource`'s), each field defaulting to its value there, so a
-parameter added to the library appears in the launchpad with no change here. Values that may be
-`auto` are strings in the launchpad ("auto" or a number)."""
+"""Run config derived from `deepcluster.config.Params`: a Config class per section, defaulting to
+params.yaml (`compute` is `ComputeResource`'s); values that may be `auto` are text in the launchpad."""
 
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args, get_origin

@@ -10,6 +10,8 @@ from typing import Any
 import polars as pl
 from dagster import MetadataValue, TableColumn, TableMetadataValue, TableRecord, TableSchema
 
+BESIDE_BASELINES = {"metric": "metric", "trained": "trained", "random_init": "random init",
+                    "pixels": "raw pixels"}  # fmt: skip
 SIZES = {"cluster": "cluster", "len": "images"}  # columns of a `group_by("cluster").len()` table
 
 

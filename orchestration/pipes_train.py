@@ -1,6 +1,5 @@
-"""The training process Dagster launches (`python -m orchestration.pipes_train`, or under torchrun):
-the library's train step, its progress lines (auto values, epochs) as Dagster log lines, its result
-as a Pipes message. A user error is reported as one: no retry."""
+"""The training process `train_epochs` launches (under torchrun too): the train step, its progress
+lines as Dagster log lines, its result (or its user error: no retry) as a Pipes message."""
 
 import ctypes
 import os
@@ -46,7 +45,7 @@ def main() -> int:
         pipes.report_custom_message({"result": {
             "history": [asdict(h) for h in summary.history], "resumed_from": summary.resumed_from,
             "epochs": summary.params.train.epochs, "params": summary.params.to_dict(),
-            "auto": summary.auto, "mlflow_run_id": summary.run_id,
+            "auto": summary.auto, "mlflow_run_id": summary.run_id, "code": summary.code,
         }})  # fmt: skip
     return 0
 

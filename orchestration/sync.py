@@ -1,13 +1,7 @@
-"""DVC and Dagster agree on what is up to date, whichever of them ran the pipeline.
-
-- After a Dagster run (`python -m orchestration materialize`): `dvc commit` records the outputs with
-  the deps and params.yaml they came from, so `dvc status` has nothing to do. Only when the run used
-  params.yaml and the repo's folders, which dvc.lock can describe.
-- After `dvc repro` (its `dagster` stage runs `python -m orchestration sync`): data/ is observed,
-  and each asset whose files exist is materialised by a stand-in with its key, dependencies and code
-  version that records it and computes nothing. Dagster derives the data versions and provenance
-  as in any run, so no asset shows as stale until its code, its inputs or data.dvc change.
-"""
+"""DVC and Dagster agree on what is up to date, whichever ran the pipeline: after a Dagster run
+`dvc commit` records the outputs (when it used the repo's params and folders); after `dvc repro`
+each asset whose files exist is recorded by a stand-in with its key, deps and code version, so
+Dagster derives data versions and provenance as in any run and nothing shows as stale."""
 
 import os
 import subprocess

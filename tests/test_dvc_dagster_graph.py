@@ -100,9 +100,8 @@ def test_every_stage_has_its_assets_and_the_same_order() -> None:
 def test_stage_deps_and_code_versions_come_from_one_module_table() -> None:
     """dvc.yaml's library deps of each stage are the step's modules (step_modules), and each
     asset's Dagster code version is the hash of the same modules."""
-    from deepcluster.pipeline import STEP_CALLS, module_paths
+    from deepcluster.pipeline import STEP_CALLS, code_version, module_paths
     from orchestration.definitions import defs
-    from orchestration.versions import code_version
 
     for stage, spec in pipeline_stages().items():
         listed = sorted(d for d in spec["deps"] if d.startswith("ssl/"))

@@ -24,6 +24,7 @@ from dagster import (
 import orchestration
 from deepcluster import config as library_config
 from deepcluster.data import read_manifest
+from deepcluster.lineage import dvc_md5, observed_version
 from deepcluster.paths import Artifacts
 from orchestration import expectations
 from orchestration.config import (
@@ -53,7 +54,6 @@ from orchestration.defs.assets.steps import (
 from orchestration.defs.assets.training import GPU_TAGS, checkpoint
 from orchestration.defs.automation import observe_data_job
 from orchestration.defs.resources import ComputeResource
-from orchestration.versions import dvc_md5, observed_version
 from tests.conftest import fast_params
 from tests.orchestration_fixtures import (
     CHECK_NAMES,

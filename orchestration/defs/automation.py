@@ -10,8 +10,7 @@ from deepcluster import inbox
 from .assets.curation import inbox_batches
 from .resources import InboxStore
 
-# AssetSelection objects, not selection strings: strings need the antlr4 runtime, which DVC pins to
-# another version (one reason DVC lives in its own .dvc-venv). new_images runs one batch at a time.
+# AssetSelection objects, not strings: those need an antlr4 runtime DVC pins to another version
 deepcluster_job = dg.define_asset_job(
     "deepcluster_job", selection=dg.AssetSelection.all() - dg.AssetSelection.assets("new_images"),
     description="Every asset and check, from the image folder to the evaluation report.",
@@ -21,9 +20,8 @@ observe_data_job = dg.define_asset_job(
     description="Records data/'s data version (data.dvc's md5): what is stale follows from it.",
 )  # fmt: skip
 
-# Evaluates the assets' conditions: raw_images is observed every five minutes, and when its data
-# version changes every asset after it is requested (eager). Stopped by default: switch it on under
-# Automation in the UI (it needs the daemon that `dg dev` starts).
+# Evaluates the assets' conditions (raw_images observed every five minutes; eager after a new data
+# version). Stopped by default: switch it on under Automation in the UI (`dg dev` runs the daemon).
 data_version_sensor = dg.AutomationConditionSensorDefinition(
     "data_version_sensor", target=dg.AssetSelection.all() | dg.AssetSelection.assets("raw_images"),
     default_status=dg.DefaultSensorStatus.STOPPED,

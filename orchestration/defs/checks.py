@@ -1,20 +1,16 @@
-"""Asset checks at each hand-off. The manifest, a table, is checked by a Great Expectations suite
-(`orchestration/expectations.py`); the arrays by plain functions returning the result with its
-figures, which tests call on crafted arrays. Blocking, but for two warnings: clusters that follow
-colour (a folder of stained tissue may need them) and a drifted inbox batch."""
-
-import json
+"""Asset checks at each hand-off: the manifest by a Great Expectations suite, the arrays by plain
+functions tests call. Blocking, but for two warnings: clusters that follow colour, a drifted batch."""
 
 import dagster as dg
 import numpy as np
 import polars as pl
 from pydantic import Field
 
-from deepcluster import drift, health
+from deepcluster import drift, health, pipeline
+from deepcluster.cluster import size_summary
 from deepcluster.errors import UserError
 
 from .. import metadata as md
-from .. import reads
 from .resources import ArtifactStore
 
 Result, WARN = dg.AssetCheckResult, dg.AssetCheckSeverity.WARN
@@ -75,14 +71,13 @@ def features_result(feats: np.ndarray, rows: int, dim: int, min_varying: float) 
 
 
 def collapse_result(clusters, rows: int, kmeans: dict, max_largest: float, max_empty: float):
-    """One valid cluster id per image; no cluster holds most images and few are empty, in the final
-    assignments and as k-means left them before re-seeding the empty ones (which hides a collapse).
-    `kmeans`: k and k-means' own figures (`reads.kmeans_figures`)."""
+    """One valid cluster id per image; no cluster holds most images and few are empty, as assigned
+    and as k-means left them before re-seeding (`kmeans`: k and those figures, from clustering.npz)."""
     k, clusters = kmeans["k"], np.asarray(clusters)
     valid = (clusters >= 0) & (clusters < k)
-    sizes = np.bincount(clusters[valid].astype(np.int64), minlength=k)
-    largest, empty = float(sizes.max() / max(sizes.sum(), 1)), int((sizes == 0).sum())
     kshare, kempty = kmeans["largest_cluster_share_kmeans"], kmeans["empty_clusters_kmeans"]
+    sizes = size_summary(clusters[valid], k, kshare, kempty)
+    largest, empty = sizes["largest_cluster_share"], sizes["empty_clusters"]
     most, few = f"(at most {max_largest:.0%})", f"(at most {max_empty:.0%} of them)"
     return verdict(
         (len(clusters) != rows, f"{len(clusters)} assignments for {rows} images"),
@@ -123,38 +118,31 @@ def manifest_is_valid(config: ManifestLimits, artifacts: ArtifactStore) -> Resul
 @dg.asset_check(asset="features", blocking=True)
 def features_are_sound(config: FeatureLimits, artifacts: ArtifactStore) -> Result:
     """Finite, non-zero, right shape, dimensions vary."""
-    art = artifacts.layout
-    return features_result(np.load(art.features, mmap_mode="r"), reads.manifest_rows(art),
-                           reads.embed_dim(art), config.min_varying_share)  # fmt: skip
+    feats, rows, dim = pipeline.saved_features(artifacts.layout)
+    return features_result(feats, rows, dim, config.min_varying_share)
 
 
 @dg.asset_check(asset="cluster_assignments", blocking=True)
 def no_cluster_collapse(config: CollapseLimits, artifacts: ArtifactStore) -> Result:
-    """No collapse: k-means put no more than half of the images in one cluster and left few
-    clusters empty (before re-seeding, which would hide it). Blocks the report and the registration
-    of a collapsed model."""
-    art = artifacts.layout
-    clusters = pl.read_parquet(art.assignments, columns=["cluster"])["cluster"].to_numpy()
-    return collapse_result(clusters, reads.manifest_rows(art), reads.kmeans_figures(art),
-                           config.max_largest_share, config.max_empty_share)  # fmt: skip
+    """No collapse: at most half of the images in one cluster and few clusters empty, also before
+    re-seeding (which hides it). Blocks the report and registration of a collapsed model."""
+    clusters, rows, kmeans = pipeline.saved_clusters(artifacts.layout)
+    return collapse_result(clusters, rows, kmeans, config.max_largest_share, config.max_empty_share)
 
 
 @dg.asset_check(asset="cluster_assignments", blocking=True)
 def whitened_features_unit_norm(config: NormLimits, artifacts: ArtifactStore) -> Result:
     """Whitened, L2-normalised features have unit norm."""
-    return unit_norm_result(reads.whitened_features(artifacts.layout), config.tolerance)
+    return unit_norm_result(pipeline.whitened_features(artifacts.layout), config.tolerance)
 
 
 @dg.asset_check(asset="eval_report")
 def clusters_follow_content(artifacts: ArtifactStore) -> Result:
-    """The clusters follow what the images show, not their colour, brightness or size: their
-    shortcut score (AMI with k-means on those statistics) stays below the untrained network's.
-    A warning, with what to try: a folder may rightly be sorted by colour."""
-    art = artifacts.layout
-    metrics = json.loads(art.metrics.read_text())
+    """The clusters follow what the images show, not colour, brightness or size: their shortcut
+    score stays below the untrained network's. A warning with what to try (colour may be right)."""
+    metrics, params = pipeline.saved_metrics(artifacts.layout)
     figures = {key: round(float(metrics[key]), 4)
                for key in ("shortcut", "shortcut_random_init", "shortcut_pixels")}  # fmt: skip
-    params = reads.model_params(art)
     return verdict(*((True, problem) for problem in health.shortcut_problems(metrics, params)),
                    severity=WARN, **figures)  # fmt: skip
 
@@ -163,8 +151,7 @@ def clusters_follow_content(artifacts: ArtifactStore) -> Result:
 def batch_drift(context: dg.AssetCheckExecutionContext, config: DriftLimits,
                 artifacts: ArtifactStore) -> Result:  # fmt: skip
     """Warns when a batch differs from the training: too many images beyond the training's 99th
-    percentile distance to their centroid, or cluster sizes diverging from the training's
-    (Jensen-Shannon). A drifted batch is where retraining starts."""
+    percentile distance, or cluster sizes diverging (Jensen-Shannon): where retraining starts."""
     batch = context.op_execution_context.partition_key
     try:
         drift.check_limits(config.max_far_share, config.max_js)

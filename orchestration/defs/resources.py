@@ -1,13 +1,9 @@
-"""Resources: the folders (ArtifactStore), the machine (ComputeResource), MLflow (MlflowTracking),
-the inbox of new batches (InboxStore); and the executor.
-
-Each field defaults to this checkout and params.yaml's `compute` section; when its environment
-variable is set, the field reads it as an `EnvVar`, and the UI shows where the value came from.
-"""
+"""Resources (folders, machine, MLflow, inbox) and the executor. Fields default to this checkout
+and params.yaml's `compute`; a set environment variable is read as an `EnvVar`, shown in the UI."""
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import dagster as dg
 import yaml
@@ -19,29 +15,33 @@ from deepcluster.paths import Artifacts
 from ..config import DEFAULTS, ROOT
 
 
-def from_env(**variables: str) -> dict[str, Any]:
-    """Field -> EnvVar(name) for each variable that is set; unset ones keep their defaults."""
-    return {field: dg.EnvVar(name) for field, name in variables.items() if name in os.environ}
+class FromEnv:
+    ENV: ClassVar[dict[str, str]] = {}  # field -> the environment variable that may set it
+
+    @classmethod
+    def from_env(cls):
+        """Each field whose variable is set reads it (EnvVar); the others keep their defaults."""
+        return cls(**{field: dg.EnvVar(name) for field, name in cls.ENV.items()
+                      if name in os.environ})  # fmt: skip
 
 
-class ArtifactStore(dg.ConfigurableResource):
+class ArtifactStore(FromEnv, dg.ConfigurableResource):
     """The image folder, its DVC pointer, and the artifacts root (`deepcluster.paths.Artifacts`)."""
 
     root: str = Field(str(ROOT / "artifacts"), description="artifacts root (the CLI's --artifacts)")
     data_dir: str = Field(str(ROOT / "data"), description="the image folder")
     dvc_file: str = Field(str(ROOT / "data.dvc"), description="DVC pointer: data/'s md5")
 
-    @classmethod
-    def from_env(cls) -> "ArtifactStore":
-        return cls(**from_env(root="DEEPCLUSTER_ARTIFACTS", data_dir="DEEPCLUSTER_DATA",
-                              dvc_file="DEEPCLUSTER_DVC_FILE"))  # fmt: skip
+    ENV: ClassVar[dict[str, str]] = {
+        "root": "DEEPCLUSTER_ARTIFACTS", "data_dir": "DEEPCLUSTER_DATA", "dvc_file": "DEEPCLUSTER_DVC_FILE"
+    }  # fmt: skip
 
     @property
     def layout(self) -> Artifacts:
         return Artifacts(Path(self.root))
 
 
-class ComputeResource(dg.ConfigurableResource):
+class ComputeResource(FromEnv, dg.ConfigurableResource):
     """params.yaml's `compute` section: the machine a step runs on, not the experiment."""
 
     device: str = Field(DEFAULTS.compute.device, description="auto | cpu | cuda")
@@ -51,9 +51,7 @@ class ComputeResource(dg.ConfigurableResource):
     nproc: int = Field(1, description="training processes (torchrun, one per GPU or core group)")
     sync_bn: bool = Field(DEFAULTS.compute.sync_bn, description="batch norm over the global batch")
 
-    @classmethod
-    def from_env(cls) -> "ComputeResource":
-        return cls(**from_env(device="DEEPCLUSTER_DEVICE", threads="DEEPCLUSTER_THREADS"))
+    ENV: ClassVar[dict[str, str]] = {"device": "DEEPCLUSTER_DEVICE", "threads": "DEEPCLUSTER_THREADS"}
 
     def section(self) -> dict[str, Any]:
         """The `compute` section of Params."""
@@ -62,18 +60,15 @@ class ComputeResource(dg.ConfigurableResource):
                 "workers": self.workers, "sync_bn": self.sync_bn}  # fmt: skip
 
 
-class MlflowTracking(dg.ConfigurableResource):
-    """The MLflow store of the runs and the registry (a small resource over MLflow's own client;
-    dagster-mlflow is a legacy integration): set for the step and its subprocesses, and the base
-    of links to the MLflow UI."""
+class MlflowTracking(FromEnv, dg.ConfigurableResource):
+    """The MLflow store of runs and registry, set for the step and its subprocesses, and the base of
+    links to the MLflow UI (dagster-mlflow is a legacy integration)."""
 
     tracking_uri: str = Field(f"sqlite:///{ROOT / 'mlflow.db'}",
                               description="MLflow tracking and registry store")  # fmt: skip
     ui_url: str = Field("http://127.0.0.1:5000", description="where `mlflow ui` serves it (links)")
 
-    @classmethod
-    def from_env(cls) -> "MlflowTracking":
-        return cls(**from_env(tracking_uri="MLFLOW_TRACKING_URI", ui_url="DEEPCLUSTER_MLFLOW_UI"))
+    ENV: ClassVar[dict[str, str]] = {"tracking_uri": "MLFLOW_TRACKING_URI", "ui_url": "DEEPCLUSTER_MLFLOW_UI"}
 
     def setup_for_execution(self, context) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri  # the library and subprocesses
@@ -88,23 +83,19 @@ class MlflowTracking(dg.ConfigurableResource):
         return f"{self.ui_url}/#/models/{name}/versions/{version}"
 
 
-class InboxStore(dg.ConfigurableResource):
+class InboxStore(FromEnv, dg.ConfigurableResource):
     """The folder new batches arrive in (one sub-folder each) and the model that assigns them."""
 
     folder: str = Field(str(ROOT / "inbox"), description="inbox folder; env DEEPCLUSTER_INBOX")
     settle_seconds: float = Field(30.0, description="a batch counts once unchanged this long")
     model_uri: str = Field(inbox.DEFAULT_MODEL, description="the registered model that assigns")
 
-    @classmethod
-    def from_env(cls) -> "InboxStore":
-        return cls(**from_env(folder="DEEPCLUSTER_INBOX"))
+    ENV: ClassVar[dict[str, str]] = {"folder": "DEEPCLUSTER_INBOX"}
 
 
 def executor() -> dg.ExecutorDefinition:
-    """In-process by default: the graph is a chain, so a process per step buys no parallelism and
-    costs a fresh import of torch, Dagster and GX (about 10 s a step on two busy cores).
-    DEEPCLUSTER_EXECUTOR=multiprocess isolates steps; =k8s runs each in its own pod (dagster-k8s);
-    DEEPCLUSTER_EXECUTOR_CONFIG (YAML) is the executor's config (deploy/helm/values.yaml)."""
+    """In-process by default (a chain gains nothing from a process per step, which re-imports torch);
+    DEEPCLUSTER_EXECUTOR=multiprocess | k8s, with DEEPCLUSTER_EXECUTOR_CONFIG (YAML) as its config."""
     name = os.environ.get("DEEPCLUSTER_EXECUTOR", "in_process")
     if name == "k8s":
         from dagster_k8s import k8s_job_executor  # only in the deploy image

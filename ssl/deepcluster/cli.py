@@ -192,10 +192,8 @@ def cluster(
     with _writing(art, "cluster"):
         from . import pipeline
 
-        table = pipeline.cluster(art, p)
-    typer.echo(
-        f"{table.height} images in {table['cluster'].n_unique()} clusters at {art.assignments}"
-    )
+        summary = pipeline.cluster(art, p)
+    typer.echo(summary.line(art))
 
 
 @app.command()
@@ -388,16 +386,11 @@ def dvc_yaml(
 
 def _summary(metrics: dict) -> str:
     """One line per figure, beside its baselines where they exist."""
-    from .figures import COMPARED
+    from .figures import beside_baselines
 
     lines = [f"k={metrics['k']}, largest cluster {metrics['largest_cluster_share']:.1%} of images"]
-    for key in COMPARED:
-        if key in metrics:
-            random_init = metrics.get(f"{key}_random_init")
-            pixels = metrics.get(f"{key}_pixels")
-            lines.append(
-                f"{key:12s} {metrics[key]:.3f}   random init {random_init:.3f}   raw pixels {pixels:.3f}"
-            )
+    lines += [f"{r['metric']:12s} {r['trained']:.3f}   random init {r['random_init']:.3f}   "
+              f"raw pixels {r['pixels']:.3f}" for r in beside_baselines(metrics)]  # fmt: skip
     return "\n".join(lines)
 
 

@@ -52,6 +52,9 @@ class Clustering:
     def sizes(self) -> np.ndarray:
         return np.bincount(self.assignments, minlength=self.k)
 
+    def size_summary(self) -> dict[str, float]:
+        return size_summary(self.assignments, self.k, self.kmeans_largest_share, self.reseeded)
+
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
@@ -244,12 +247,24 @@ def load_clustering(path: Path) -> tuple[Whitening, np.ndarray]:
         return Whitening(A=z["A"], b=z["b"]), z["centroids"]
 
 
-def kmeans_health(path: Path) -> dict[str, float]:
-    """What k-means itself produced, before empty clusters were re-seeded."""
+def size_summary(
+    assignments: np.ndarray, k: int, kmeans_largest_share: float, kmeans_empty: int
+) -> dict[str, float]:
+    """The clusters' sizes in the final assignments, beside k-means' own before the empty clusters
+    were re-seeded (re-seeding hides a collapse): the one cluster-size summary of every report."""
+    sizes = np.bincount(np.asarray(assignments, dtype=np.int64), minlength=k)
+    return {
+        "k": k,
+        "empty_clusters": int((sizes == 0).sum()),
+        "largest_cluster_share": float(sizes.max() / max(sizes.sum(), 1)),
+        "smallest_cluster_size": int(sizes[sizes > 0].min()) if sizes.any() else 0,
+        "largest_cluster_share_kmeans": float(kmeans_largest_share),
+        "empty_clusters_kmeans": int(kmeans_empty),
+    }
+
+
+def saved_size_summary(path: Path, assignments: np.ndarray) -> dict[str, float]:
+    """`size_summary` of saved assignments, with k-means' figures from clustering.npz."""
     with np.load(path) as z:
-        k = int(z["centroids"].shape[0])
-        return {
-            "largest_cluster_share_kmeans": float(z["kmeans_largest_share"]),
-            "empty_clusters_kmeans": int(z["reseeded"]),
-            "k": k,
-        }
+        k, share, empty = int(z["centroids"].shape[0]), z["kmeans_largest_share"], z["reseeded"]
+    return size_summary(assignments, k, float(share), int(empty))

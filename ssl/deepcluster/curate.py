@@ -30,7 +30,7 @@ from .config import CurateParams
 from .dedup import Duplicates, find_duplicates
 from .errors import UserError
 from .io import atomic_path, write_json
-from .paths import Artifacts
+from .paths import Artifacts, cluster_png
 
 SHEET_COLUMNS = 8
 
@@ -295,7 +295,7 @@ def contact_sheets(
     for (cluster,), group in subset.group_by("cluster", maintain_order=True):
         caption = f"cluster {cluster}: {group.height} of {sizes[cluster]}, typical to unusual"
         grid = image_grid(pixels[group["row"].to_numpy()], SHEET_COLUMNS, scale, caption)
-        path = out_dir / f"cluster_{int(cluster):04d}.png"
+        path = cluster_png(out_dir, cluster)
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")
         written.append(path)

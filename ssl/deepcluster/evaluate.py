@@ -167,16 +167,6 @@ def pixel_features(images: np.ndarray, max_side: int = 32) -> np.ndarray:
     return x.reshape(len(x), -1)
 
 
-def cluster_size_stats(assignments: np.ndarray, k: int) -> dict[str, float]:
-    sizes = np.bincount(assignments, minlength=k)
-    return {
-        "k": k,
-        "empty_clusters": int((sizes == 0).sum()),
-        "largest_cluster_share": float(sizes.max() / sizes.sum()),
-        "smallest_cluster_size": int(sizes[sizes > 0].min()),
-    }
-
-
 def _check_knn(k: int, n_train: int) -> None:
     if k >= n_train:
         raise ParamError(

@@ -67,6 +67,15 @@ FIGURES: dict[str, Figure] = {
 }  # fmt: skip
 # every figure measured for the model and for both baselines, in the order reports show them
 COMPARED = (*PROBES, "shortcut")
+
+
+def beside_baselines(metrics: dict) -> list[dict]:
+    """Each compared figure of metrics.json with the random-init network's and raw pixels'."""
+    return [{"metric": key, "trained": metrics[key], "random_init": metrics.get(f"{key}_random_init"),
+             "pixels": metrics.get(f"{key}_pixels")}
+            for key in COMPARED if key in metrics]  # fmt: skip
+
+
 # what `--metric auto` means: the first of these metrics.json has a value for
 AUTO_METRICS = ("nmi", "nmi_stability")
 PROMOTION_METRICS = tuple(

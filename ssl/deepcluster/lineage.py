@@ -54,6 +54,11 @@ def git_dirty(cwd: Path | str = ".") -> bool | None:
     return None if status is None else bool(status)
 
 
+def code_state(cwd: Path | str = ".") -> dict[str, str | bool]:
+    """The commit the code in `cwd` is at, and whether it has uncommitted changes."""
+    return {"git_commit": git_commit(cwd) or "not a git checkout", "git_dirty": bool(git_dirty(cwd))}
+
+
 def _git(cwd: Path | str, *args: str) -> str | None:
     try:
         done = subprocess.run(
@@ -145,3 +150,33 @@ def recorded_version(
     recorded = recorded_md5(dvc_file)
     tracked = saved["source"] == "dvc" and recorded is not None and recorded[0] == saved["md5"]
     return DataVersion(saved["md5"], saved["source"], saved["folder"], tracked)
+
+
+def listing_hash(folder: Path) -> str:
+    """sha256 over the relative paths and sizes of the non-hidden files under `folder`."""
+    digest = hashlib.sha256()
+    for current, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(n for n in filenames if not n.startswith(".")):
+            path = Path(current, name)
+            relative = path.relative_to(folder).as_posix()
+            digest.update(f"{relative}\t{path.stat().st_size}\n".encode())
+    return digest.hexdigest()
+
+
+def dvc_md5(dvc_file: Path | str) -> str | None:
+    """The md5 that a `.dvc` pointer pins (`outs[0].md5`), or None when there is no pointer."""
+    recorded = recorded_md5(dvc_file)
+    return None if recorded is None else recorded[0]
+
+
+def observed_version(dvc_file: Path | str, data_dir: Path | str) -> tuple[str, str]:
+    """(version, where it came from) of the image folder, without reading an image: DVC's md5 when
+    a data.dvc pointer exists, else a hash of the folder listing (Dagster's data version)."""
+    md5 = dvc_md5(dvc_file)
+    if md5 is not None:
+        return md5, f"md5 pinned by {dvc_file}"
+    if not Path(data_dir).is_dir():
+        return "missing", f"neither {dvc_file} nor {data_dir} exists"
+    listing = listing_hash(Path(data_dir))[:16]
+    return f"listing-{listing}", f"{dvc_file} not found: hash of file names and sizes in {data_dir}"

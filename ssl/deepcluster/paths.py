@@ -50,6 +50,16 @@ class TrainFiles:
         return self.folder / "data.json"
 
 
+def cluster_png(folder: Path, cluster: int) -> Path:
+    """One cluster's picture (a grid of its images, a contact sheet) in `folder`."""
+    return Path(folder) / f"cluster_{int(cluster):04d}.png"
+
+
+def cluster_pngs(folder: Path) -> list[Path]:
+    """The pictures `cluster_png` wrote into `folder`, in cluster order."""
+    return sorted(Path(folder).glob("cluster_*.png"))
+
+
 def cache_description(cache: Path) -> Path:
     """Resolution, count and the digest of the manifest the cache was decoded from."""
     return Path(cache).with_suffix(".json")
@@ -181,7 +191,7 @@ class Artifacts:
         return self.eval_dir / "grids"
 
     def grid_png(self, cluster: int) -> Path:
-        return self.grids_dir / f"cluster_{cluster:04d}.png"
+        return cluster_png(self.grids_dir, cluster)
 
     # curate: a subset for labelling, chosen across clusters (deepcluster.curate)
     @property

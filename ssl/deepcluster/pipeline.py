@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import importlib
+import inspect
 import json
 import shutil
 from collections.abc import Callable
@@ -36,7 +39,7 @@ from . import (
     tracking,
 )
 from .checkpoint import load, load_model, params_fingerprint, saved_params
-from .cluster import cluster_as_trained, kmeans_health, save_clustering
+from .cluster import cluster_as_trained, load_clustering, save_clustering, saved_size_summary
 from .config import Params
 from .device import resolve_device, set_threads
 from .embed import ImageSource, compute_features, eval_batch_size
@@ -68,6 +71,19 @@ def step_modules(step: str) -> tuple[str, ...]:
     """The library modules behind `step`: this one, those it calls, and all they import (read
     on first use, not at import: parsing the sources costs about 0.1 s)."""
     return ("pipeline", *sources.closure(STEP_CALLS[step]))
+
+
+def code_version(step: str) -> str:
+    """A short hash of the source of the modules behind `step` (Dagster's code version)."""
+    digest = hashlib.sha256()
+    for name in step_modules(step):
+        digest.update(inspect.getsource(importlib.import_module(f"deepcluster.{name}")).encode())
+    return digest.hexdigest()[:12]
+
+
+def observed_data_version(data_dir: Path | str, dvc_file: Path | str) -> tuple[str, str]:
+    """The image folder's version without reading an image, and where it came from."""
+    return lineage.observed_version(dvc_file, data_dir)
 
 
 def module_paths(step: str) -> list[str]:
@@ -102,6 +118,11 @@ class IngestSummary:
     resolution: int
     auto: dict[str, str]  # `auto` values resolved here -> "value (why)"
     data_version: lineage.DataVersion
+    classes: int  # folder labels (0: none)
+    columns: dict[str, str]  # the manifest's column -> type
+    rejected_examples: list[dict[str, str]]  # the first rejected files with their reasons
+    cache_shape: tuple[int, ...]
+    cache_megabytes: float
 
     def line(self, art: Artifacts) -> str:
         return (
@@ -140,9 +161,18 @@ def ingest(
         colour = {key: note for key, note in decoded.items() if key not in notes}
         _say_auto(colour, show)  # the values that needed the decoded images
         notes |= colour
+    return _ingest_summary(scan, side, notes, version, art)
+
+
+def _ingest_summary(scan, side, notes, version, art: Artifacts, shown: int = 20) -> IngestSummary:
+    labels = labels_of(scan.manifest)
+    cache = np.load(art.cache, mmap_mode="r")
     return IngestSummary(
-        scan.manifest.height, scan.rejected.height, labels_of(scan.manifest) is not None, side,
-        notes, version,
+        scan.manifest.height, scan.rejected.height, labels is not None, side, notes, version,
+        classes=0 if labels is None else len(set(labels)),
+        columns={name: str(kind) for name, kind in scan.manifest.schema.items()},
+        rejected_examples=scan.rejected.head(shown).to_dicts(),
+        cache_shape=tuple(cache.shape), cache_megabytes=round(cache.nbytes / 2**20, 2),
     )  # fmt: skip
 
 
@@ -198,6 +228,7 @@ class TrainSummary:
     run_id: str
     auto: dict[str, str]
     published: bool  # False after a scheduled stop (`stop_after`): the checkpoint waits in staging
+    code: dict[str, str | bool]  # the commit it ran, and whether the checkout had changes
 
 
 def resolve_training(
@@ -261,7 +292,8 @@ def train(
                 io.publish_dir(art.staging_dir, art.train_dir)
     finally:
         distributed.finish(ranks)
-    return TrainSummary(resolved, result.history, result.resumed_from, run.run_id, notes, published)
+    return TrainSummary(resolved, result.history, result.resumed_from, run.run_id, notes,
+                        published, lineage.code_state())  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -340,6 +372,12 @@ def model_params(art: Artifacts, params: Params) -> Params:
     )
 
 
+def model_run(art: Artifacts) -> str:
+    """The model's MLflow run, which every step after training logs into."""
+    tracking.use_store()
+    return tracking.run_for(art)
+
+
 def features(art: Artifacts, params: Params, show: bool = True) -> np.ndarray:
     """Embeddings of every image under the final model (features.npy, one row per manifest row)."""
     with lock.writing(art, "features"):
@@ -364,7 +402,20 @@ def _check_side(images: np.ndarray, params: Params, art: Artifacts) -> None:
         )
 
 
-def cluster(art: Artifacts, params: Params) -> pl.DataFrame:
+@dataclass(frozen=True)
+class ClusterSummary:
+    table: pl.DataFrame  # path, label, cluster, distance: one row per image
+    sizes: dict[str, float]  # `cluster.size_summary`
+
+    def line(self, art: Artifacts) -> str:
+        s = self.sizes
+        return (
+            f"{self.table.height} images in {s['k'] - s['empty_clusters']} clusters (largest "
+            f"{s['largest_cluster_share']:.1%} of the images) at {art.assignments}"
+        )
+
+
+def cluster(art: Artifacts, params: Params) -> ClusterSummary:
     """Cluster the final embeddings the way training did; one row per image: path, label,
     cluster, distance to its centroid. Centroids and whitening go to clustering.npz."""
     with lock.writing(art, "cluster"):
@@ -372,9 +423,7 @@ def cluster(art: Artifacts, params: Params) -> pl.DataFrame:
         feats = np.load(require(art.features, "features"))
         manifest, _ = ingested(art)
         if len(feats) != manifest.height:
-            raise UserError(
-                f"{art.features} does not match {art.manifest}: run `deepcluster features`"
-            )
+            raise UserError(f"{art.features} does not match {art.manifest}: run `deepcluster features`")
         clustering = cluster_as_trained(feats, p)
         table = manifest.select("path", "label").with_columns(
             pl.Series("cluster", clustering.assignments, dtype=pl.Int64),
@@ -382,7 +431,7 @@ def cluster(art: Artifacts, params: Params) -> pl.DataFrame:
         )
         io.save_parquet(art.assignments, table)
         save_clustering(art.clustering, clustering)
-    return table
+    return ClusterSummary(table, clustering.size_summary())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,8 +446,7 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
         table = pl.read_parquet(require(art.assignments, "cluster"))
         assignments = table["cluster"].to_numpy()
         history = json.loads(art.history.read_text()) if art.history.exists() else []
-        metrics: dict = evaluate.cluster_size_stats(assignments, int(p.cluster.k))
-        metrics |= kmeans_health(require(art.clustering, "cluster"))
+        metrics: dict = saved_size_summary(require(art.clustering, "cluster"), assignments)
         metrics["images"] = len(assignments)
         metrics["nmi_stability"] = history[-1]["nmi_prev"] if history else None
         metrics |= _compare(art, p, manifest, images, assignments, labels_of(table), show)
@@ -447,6 +495,35 @@ def _write_pictures(params: Params, art: Artifacts, images, table: pl.DataFrame,
     plots.cluster_size_histogram(ids, k, art.sizes_png)
     plots.clusters_overview(images, ids, dist, art.overview_png, e.grid_clusters, e.grid_images)
     plots.cluster_grids(images, ids, dist, art.grids_dir, e.grid_images)
+
+
+# ---------------------------------------------------------------------------------------------
+# read back by the asset checks, which check the files where the steps left them
+
+
+def saved_features(art: Artifacts) -> tuple[np.ndarray, int, int]:
+    """features.npy (memory-mapped), the manifest's row count and the model's embedding width."""
+    rows = pl.scan_parquet(art.manifest).select(pl.len()).collect().item()
+    return np.load(art.features, mmap_mode="r"), rows, saved_params(art.model).model.embed_dim
+
+
+def saved_clusters(art: Artifacts) -> tuple[np.ndarray, int, dict[str, float]]:
+    """The assignments, the manifest's row count and k with k-means' own figures."""
+    clusters = pl.read_parquet(art.assignments, columns=["cluster"])["cluster"].to_numpy()
+    rows = pl.scan_parquet(art.manifest).select(pl.len()).collect().item()
+    return clusters, rows, saved_size_summary(art.clustering, np.zeros(0, dtype=np.int64))
+
+
+def whitened_features(art: Artifacts) -> np.ndarray:
+    """features.npy as k-means saw it: PCA-whitened and L2-normalised."""
+    whitening, _ = load_clustering(art.clustering)
+    return whitening.apply(np.load(art.features))
+
+
+def saved_metrics(art: Artifacts) -> tuple[dict, Params | None]:
+    """metrics.json and the parameters the model was trained with (None: no model)."""
+    params = saved_params(art.model) if art.model.exists() else None
+    return json.loads(art.metrics.read_text()), params
 
 
 # ---------------------------------------------------------------------------------------------

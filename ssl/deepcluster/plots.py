@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .io import atomic_path
+from .paths import cluster_png
 
 
 def _pyplot():
@@ -100,7 +101,7 @@ def cluster_grids(
     for cluster in np.unique(assignments):
         members = central_members(assignments, distances, cluster, per_cluster)
         grid = image_grid(images[members], 8, scale)
-        path = out_dir / f"cluster_{int(cluster):04d}.png"
+        path = cluster_png(out_dir, cluster)
         with atomic_path(path) as tmp:
             grid.save(tmp, format="PNG")
         paths.append(path)

@@ -6,11 +6,10 @@ from pathlib import Path
 import dagster as dg
 
 from deepcluster import pipeline
+from deepcluster.paths import cluster_pngs
 
 from ... import metadata as md
-from ... import reads
 from ...config import CurateConfig, experiment_params
-from ...versions import code_version
 from ..resources import ArtifactStore, InboxStore, MlflowTracking
 from . import GROUP, step_asset, user_errors_fail_plainly
 
@@ -23,7 +22,7 @@ inbox_batches = dg.DynamicPartitionsDefinition(name="inbox_batches")
 
 def _sheets(folder: Path, shown: int) -> dg.MetadataValue:
     """The first `shown` contact sheets inline (a page of hundreds would not load)."""
-    files = sorted(folder.glob("cluster_*.png"))
+    files = cluster_pngs(folder)
     parts = [f"{min(shown, len(files))} of {len(files)} clusters; all in MLflow and {folder}"]
     parts += [md.picture(path, path.stem.replace("_", " ")) for path in files[:shown]]
     return dg.MetadataValue.md("\n\n".join(parts))
@@ -37,7 +36,7 @@ def curated_subset(config: CurateConfig, artifacts: ArtifactStore,
     art = artifacts.layout
     with user_errors_fail_plainly():
         result = pipeline.curate(art, experiment_params({"curate": config.model_dump()}).curate)
-    run_id = reads.mlflow_run(art)
+    run_id = pipeline.model_run(art)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": result.subset.height,
         **{k: v for k, v in result.summary.items() if isinstance(v, (int, float, str))},
@@ -50,7 +49,7 @@ def curated_subset(config: CurateConfig, artifacts: ArtifactStore,
 
 
 @dg.asset(group_name=GROUP, deps=["registered_model"], partitions_def=inbox_batches,
-          code_version=code_version("assign"), kinds={"mlflow", "polars"})
+          code_version=pipeline.code_version("assign"), kinds={"mlflow", "polars"})
 def new_images(context: dg.AssetExecutionContext, artifacts: ArtifactStore,
                inbox_store: InboxStore, mlflow: MlflowTracking) -> dg.MaterializeResult:
     """One inbox batch: validated as at ingest, embedded and assigned to the learned clusters by

@@ -11,9 +11,7 @@ import polars as pl
 from deepcluster import figures, pipeline
 
 from ... import metadata as md
-from ... import reads
 from ...config import EvalConfig, IngestConfig, RegisterConfig, experiment_params
-from ...versions import code_version, observed_version
 from ..resources import ArtifactStore, ComputeResource, MlflowTracking
 from . import EAGER, GROUP, step_asset, user_errors_fail_plainly
 
@@ -29,13 +27,13 @@ with warnings.catch_warnings():  # observable source assets are beta: said once,
     )
     def raw_images(artifacts: ArtifactStore) -> dg.ObserveResult:
         """The image folder, as pinned by data.dvc."""
-        version, source = observed_version(artifacts.dvc_file, artifacts.data_dir)
+        version, source = pipeline.observed_data_version(artifacts.data_dir, artifacts.dvc_file)
         return dg.ObserveResult(data_version=dg.DataVersion(version), metadata={
             "path": md_path(artifacts.data_dir), "data_version_source": source})  # fmt: skip
 
 
 def _spec(key: str, dep: str, kind: str, description: str) -> dg.AssetSpec:
-    return dg.AssetSpec(key, deps=[dep], code_version=code_version("ingest"), kinds={kind},
+    return dg.AssetSpec(key, deps=[dep], code_version=pipeline.code_version("ingest"), kinds={kind},
                         automation_condition=EAGER, description=description)  # fmt: skip
 
 
@@ -52,20 +50,19 @@ def ingest(config: IngestConfig, artifacts: ArtifactStore, compute: ComputeResou
     with user_errors_fail_plainly():
         summary = pipeline.ingest(artifacts.data_dir, params, art, show=False,
                                   dvc_file=artifacts.dvc_file)  # fmt: skip
-    more = reads.ingest_figures(art, summary.labelled, shown=20)
-    rejected = md.table(more["rejected"].to_dicts(), {"path": "path", "reason": "reason"})
+    rejected = md.table(summary.rejected_examples, {"path": "path", "reason": "reason"})
     yield dg.MaterializeResult(asset_key="image_manifest", metadata={
-        "dagster/row_count": summary.images, "dagster/column_schema": md.schema(more["columns"]),
+        "dagster/row_count": summary.images, "dagster/column_schema": md.schema(summary.columns),
         "rejected": summary.rejected, "rejected_examples": rejected,
-        "classes_from_folders": more["classes"],
+        "classes_from_folders": summary.classes,
         # lineage: DVC's md5 of the folder as ingested, and whether data.dvc pins it
         "data_version": summary.data_version.md5,
         "data_version_tracked_by_dvc": summary.data_version.tracked,
         "path": md_path(str(art.manifest)),
     })  # fmt: skip
     yield dg.MaterializeResult(asset_key="image_cache", metadata={
-        "shape": str(more["cache_shape"]), "resolution": summary.resolution,
-        "auto": md.as_json(summary.auto), "megabytes": more["cache_megabytes"],
+        "shape": str(summary.cache_shape), "resolution": summary.resolution,
+        "auto": md.as_json(summary.auto), "megabytes": summary.cache_megabytes,
         "path": md_path(str(art.cache)),
     })  # fmt: skip
 
@@ -93,23 +90,12 @@ def cluster_assignments(artifacts: ArtifactStore, compute: ComputeResource) -> d
     """Image -> cluster and distance (assignments.parquet); whitening + centroids beside it."""
     art = artifacts.layout
     with user_errors_fail_plainly():
-        table = pipeline.cluster(art, _params(compute))
+        summary = pipeline.cluster(art, _params(compute))
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": table.height,
-        **reads.cluster_figures(art, table["cluster"].to_numpy()),
-        "largest_clusters": md.table(md.largest_clusters(table, 10).to_dicts(), md.SIZES),
+        "dagster/row_count": summary.table.height, **summary.sizes,
+        "largest_clusters": md.table(md.largest_clusters(summary.table, 10).to_dicts(), md.SIZES),
         "path": md_path(str(art.assignments)),
     })  # fmt: skip
-
-
-def comparison(metrics: dict) -> dg.MetadataValue | str:
-    """Each figure beside its baselines: what training added, at a glance."""
-    rows = [{"metric": key, "trained": metrics[key], "random": metrics.get(f"{key}_random_init"),
-             "pixels": metrics.get(f"{key}_pixels")}
-            for key in figures.COMPARED if key in metrics]  # fmt: skip
-    titles = {"metric": "metric", "trained": "trained", "random": "random init",
-              "pixels": "raw pixels"}  # fmt: skip
-    return md.table(rows, titles) if rows else "no labels: cluster statistics only"
 
 
 @step_asset("evaluate", "cluster_assignments", {"scikitlearn"})
@@ -119,10 +105,11 @@ def eval_report(config: EvalConfig, artifacts: ArtifactStore, compute: ComputeRe
     art = artifacts.layout
     with user_errors_fail_plainly():
         metrics = pipeline.evaluate_step(art, _params(compute, config), show=False)
-    run_id = reads.mlflow_run(art)
+    run_id = pipeline.model_run(art)
+    rows = figures.beside_baselines(metrics)
     largest = md.largest_clusters(pl.read_parquet(art.assignments, columns=["cluster"]), GRIDS)
     return dg.MaterializeResult(metadata={
-        "metrics": comparison(metrics),
+        "metrics": md.table(rows, md.BESIDE_BASELINES) if rows else "no labels: no probes",
         "pictures": md.pictures({"training curves": art.curves_png,
                                  "cluster sizes": art.sizes_png, "clusters": art.overview_png}),
         "cluster_grids": md.pictures({f"cluster {c} ({n} images)": art.grid_png(c)

@@ -1,9 +1,5 @@
-"""The `checkpoint` asset: the training as two ops, train_epochs -> export_model.
-
-`train_epochs` runs the train step in its own process under Dagster Pipes (`pipes_train.py`; under
-torchrun when `compute.nproc` > 1), in the "gpu" pool, asking per-step pods for a GPU. A failure is
-retried and resumes the staged checkpoint; a terminated run stops the process group, no retry.
-"""
+"""The `checkpoint` asset: train_epochs (the train step in a Pipes process, in the "gpu" pool;
+retried from the staged checkpoint, never after a stop) -> export_model."""
 
 import os
 import signal
@@ -13,12 +9,10 @@ from typing import Any
 
 import dagster as dg
 
-from deepcluster import epochs
+from deepcluster import epochs, pipeline
 
 from ... import metadata as md
-from ... import reads
 from ...config import ROOT, TrainingConfig, params_from_config
-from ...versions import code_version
 from ..resources import ArtifactStore, ComputeResource, MlflowTracking
 from . import EAGER, GROUP
 
@@ -108,7 +102,7 @@ def export_model(summary: dict, artifacts: ArtifactStore, mlflow: MlflowTracking
         "resumed_from_epoch": summary["resumed_from"], "attempt": summary["attempt"],
         "auto": md.as_json(summary["auto"]), "params": md.as_json(summary["params"]),
         "mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
-        **reads.code_state(ROOT), "path": dg.MetadataValue.path(str(artifacts.layout.model)),
+        **summary["code"], "path": dg.MetadataValue.path(str(artifacts.layout.model)),
     })  # fmt: skip
 
 
@@ -118,7 +112,7 @@ def training_config(config: TrainingConfig) -> dict[str, Any]:
     return {"train_epochs": {"config": config.model_dump()}}
 
 
-@dg.graph_asset(group_name=GROUP, config=training_config, code_version=code_version("train"),
+@dg.graph_asset(group_name=GROUP, config=training_config, code_version=pipeline.code_version("train"),
                 kinds={"pytorch"}, automation_condition=EAGER,
                 ins={"image_cache": dg.AssetIn(dagster_type=dg.Nothing)})
 def checkpoint(image_cache):
