@@ -125,3 +125,34 @@ def test_purity_counts_images_in_clusters_led_by_their_own_label() -> None:
     assert purity(labels, np.arange(8)) == 1.0  # one image per cluster: every cluster is pure
     assert purity(labels, np.array([0, 0, 1, 1, 1, 2, 2, 2])) == pytest.approx(6 / 8)
     assert purity(labels, np.zeros(8, dtype=int)) == pytest.approx(3 / 8)
+
+
+def test_images_of_no_class_are_clustered_but_left_out_of_the_label_figures(
+    tmp_path: Path, digits_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A `none/` folder (noise, blanks, other sets' images) is no class to recover."""
+    from deepcluster.data import NO_CLASS
+    from deepcluster.paths import Artifacts
+
+    from .conftest import build_artifacts, fast_params
+
+    tiny = tmp_path / "tiny"
+    for label_dir in sorted(p for p in digits_folder.iterdir() if p.is_dir()):
+        (tiny / label_dir.name).mkdir(parents=True)
+        for image in sorted(label_dir.iterdir())[:3]:
+            shutil.copy2(image, tiny / label_dir.name / image.name)
+    (tiny / NO_CLASS).mkdir()
+    for image in sorted((digits_folder / "8").iterdir())[3:9]:  # digits beyond the 8/ kept
+        shutil.copy2(image, tiny / NO_CLASS / image.name)
+    seen, compare = {}, evaluate.compare
+
+    def spy(views, labels, *rest, **kwargs):
+        seen["labels"] = labels
+        return compare(views, labels, *rest, **kwargs)
+
+    monkeypatch.setattr(evaluate, "compare", spy)
+    art = build_artifacts(Artifacts(tmp_path / "artifacts"), tiny, fast_params(cluster={"k": 5}),
+                          trained=False)  # fmt: skip
+    metrics = json.loads(art.metrics.read_text())
+    assert metrics["images"] == 36  # clustered with the rest
+    assert len(seen["labels"]) == 30 and NO_CLASS not in set(seen["labels"])

@@ -44,6 +44,7 @@ from deepcluster.io import atomic_path, write_json
 from deepcluster.paths import cache_description
 from deepcluster.progress import bar
 
+NO_CLASS = "none"  # a top folder of images that belong to no class (noise, blanks, other sets)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 MANIFEST_SCHEMA = {

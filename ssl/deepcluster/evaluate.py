@@ -23,6 +23,7 @@ from sklearn.preprocessing import StandardScaler
 from . import autoparams, progress, shortcut
 from .cluster import assign, cluster_as_trained, cluster_features, kmeans, l2_normalize, nmi
 from .config import Params
+from .data import NO_CLASS
 from .errors import ParamError
 
 
@@ -183,6 +184,15 @@ class Views:
 
     clusters: np.ndarray
     probes: np.ndarray
+
+    def rows(self, keep: np.ndarray) -> Views:
+        return Views(self.clusters[keep], self.probes[keep])
+
+
+def with_class(labels: np.ndarray) -> np.ndarray:
+    """Which images have a class: the label-based figures leave the `none/` folder out (a class of
+    leftovers no clustering should recover), while training and clustering keep it."""
+    return np.asarray(labels) != NO_CLASS
 
 
 def baseline_clusters(baselines: dict[str, Views], params: Params) -> dict[str, np.ndarray]:

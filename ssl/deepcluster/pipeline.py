@@ -480,9 +480,10 @@ def _compare(art, params, manifest, images, assignments, labels, show) -> dict:
         trained = evaluate.network_views(
             load_model(require(art.model, "train")), images, params, show
         )
-        figures |= evaluate.compare(
-            {"trained": trained, **baselines}, labels, params, clusters, show
-        )
+        keep = evaluate.with_class(labels)  # the `none/` folder has no class to recover
+        views = {name: v.rows(keep) for name, v in {"trained": trained, **baselines}.items()}
+        kept = {name: ids[keep] for name, ids in clusters.items()}
+        figures |= evaluate.compare(views, labels[keep], params, kept, show)
     return figures
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import data
 from .sample import (
     DIGITS_MAX_VALUE,
     MNIST_SIDE,
@@ -37,7 +38,7 @@ SEED = 20261215
 # folder counts keep the 31:1 ratio. Confusable pairs sit at opposite ends (9 vs 4, 3 vs 5).
 CLASS_COUNTS = {7: 496, 2: 352, 9: 248, 0: 168, 3: 120, 6: 88, 1: 56, 8: 32, 5: 24, 4: 16}
 ORIGINALS_PER_DUPLICATE = 8  # 1,600 originals -> 200 duplicates: 10% of 2,000
-NO_CLASS = "none"  # folder of the images that belong to no digit class
+NO_CLASS = data.NO_CLASS  # folder of the images that belong to no digit class
 NO_CLASS_COUNTS = {"noise": 80, "blank": 40, "other-set": 80}  # 200: 10% of 2,000
 NAME_STYLES = ("IMG_{:04d}.png", "scan_{:04d}.png", "img-{:04d}.png", "{:04d}.png")
 NAME_NUMBERS = 10_000  # file numbers are drawn from 0..9999: gaps, like a real folder
