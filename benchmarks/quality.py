@@ -83,19 +83,10 @@ def score(trained: evaluate.Views, ds: Dataset, params: Params) -> dict[str, flo
     """The evaluation step's figures for a network's views and both baselines, in one table:
     the class-level probes, `nmi_k` of each set's clusters at the training k (the trained one
     clustered as the cluster step does) and the shortcut score of those clusters."""
-    baselines = {
-        "random_init": evaluate.network_views(
-            evaluate.random_init_network(params, ds.images), ds.images, params, show=False
-        ),
-        "pixels": evaluate.pixel_views(ds.images),
-    }
-    clusters = {
-        "trained": cluster_as_trained(trained.clusters, params).assignments,
-        **evaluate.baseline_clusters(baselines, params),
-    }
-    shortcut = evaluate.shortcut_figures(ds.images, ds.manifest, clusters, params.train.seed)
-    sets = {"trained": trained, **baselines}
-    return shortcut | evaluate.compare(sets, ds.labels, params, clusters, show=False)
+    clusters = cluster_as_trained(trained.clusters, params).assignments
+    return evaluate.against_baselines(
+        ds.images, ds.manifest, ds.labels, params, clusters, lambda: trained, show=False
+    )
 
 
 def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:

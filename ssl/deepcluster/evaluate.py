@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -262,6 +263,31 @@ def compare(
                 show,
             )
     return out
+
+
+def against_baselines(
+    images: np.ndarray,
+    manifest,
+    labels: np.ndarray | None,
+    params: Params,
+    clusters: np.ndarray,
+    trained: Callable[[], Views],
+    show: bool = True,
+) -> dict[str, float]:
+    """The shortcut score of the trained `clusters` beside the untrained network's and the pixels';
+    with labels, every probe on the three (`trained()` is only embedded then), the images of no
+    class left out."""
+    baselines = {
+        "random_init": network_views(random_init_network(params, images), images, params, show),
+        "pixels": pixel_views(images),
+    }
+    ids = {"trained": clusters, **baseline_clusters(baselines, params)}
+    out = shortcut_figures(images, manifest, ids, params.train.seed)
+    if labels is None:
+        return out
+    keep = with_class(labels)
+    views = {name: v.rows(keep) for name, v in {"trained": trained(), **baselines}.items()}
+    return out | compare(views, labels[keep], params, {n: c[keep] for n, c in ids.items()}, show)
 
 
 def network_views(model, images: np.ndarray, params: Params, show: bool = True) -> Views:

@@ -466,25 +466,12 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
 
 
 def _compare(art, params, manifest, images, assignments, labels, show) -> dict:
-    """The shortcut score of the trained, untrained and pixel clusters; with labels, every
-    probe on the three (`evaluate.compare`)."""
-    baselines = {
-        "random_init": evaluate.network_views(
-            evaluate.random_init_network(params, images), images, params, show
-        ),
-        "pixels": evaluate.pixel_views(images),
-    }
-    clusters = {"trained": assignments, **evaluate.baseline_clusters(baselines, params)}
-    figures = evaluate.shortcut_figures(images, manifest, clusters, params.train.seed)
-    if labels is not None:
-        trained = evaluate.network_views(
-            load_model(require(art.model, "train")), images, params, show
-        )
-        keep = evaluate.with_class(labels)  # the `none/` folder has no class to recover
-        views = {name: v.rows(keep) for name, v in {"trained": trained, **baselines}.items()}
-        kept = {name: ids[keep] for name, ids in clusters.items()}
-        figures |= evaluate.compare(views, labels[keep], params, kept, show)
-    return figures
+    """The trained clusters and network beside both baselines (`evaluate.against_baselines`)."""
+
+    def trained() -> evaluate.Views:
+        return evaluate.network_views(load_model(require(art.model, "train")), images, params, show)
+
+    return evaluate.against_baselines(images, manifest, labels, params, assignments, trained, show)
 
 
 def _write_pictures(params: Params, art: Artifacts, images, table: pl.DataFrame, history) -> None:
