@@ -1,6 +1,8 @@
-"""Memory of a training epoch as the data grows: O(batch) beyond the image cache and the features.
+"""Memory of a training epoch as the data grows: O(batch) beyond the image cache and the features;
+and as k grows: the heads and centroids only (`--ks`).
 
     PYTHONPATH=ssl .venv/bin/python benchmarks/memory.py --sizes 2000 8000 32000
+    PYTHONPATH=ssl .venv/bin/python benchmarks/memory.py --ks 100 1000 10000 --method deepercluster
 
 For each size, the digits (replicated: same pixels, different bytes) are ingested at 28 px and one
 epoch of the default training (DeepCluster-v2) runs in a fresh process, `deepcluster train`, whose
@@ -39,13 +41,39 @@ def peak_rss_mb(command: list[str], cwd: Path, env: dict) -> float:
     return int(done.stdout.split()[-1]) / 1024  # ru_maxrss is in KiB on Linux
 
 
+def by_k(ks: list[int], method: str, images: int, env: dict, cli: list[str]) -> None:
+    """One epoch at each k on the same images: peak RSS, and its ratio to the smallest k's."""
+    print(f"{method}, {images} images (digits replicated), one epoch; k, peak RSS MiB, ratio")
+    first = None
+    with tempfile.TemporaryDirectory(prefix="memory-k-") as tmp:
+        work = Path(tmp)
+        make_dataset(work / "images", images)
+        env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
+        subprocess.run([*cli, "ingest", str(work / "images"), "-q", "-S", "data.resolution=28"],
+                       cwd=work, env=env, check=True, capture_output=True)  # fmt: skip
+        for k in ks:
+            sets = [f"model.method={method}", f"cluster.k={k}", "train.epochs=1",
+                    "data.resolution=28"]  # fmt: skip
+            peak = peak_rss_mb([*cli, "train", "-q", "--fresh", *(f"-S{s}" for s in sets)],
+                               work, env)  # fmt: skip
+            first = first or peak
+            print(f"k {k:>6}  peak RSS {peak:>7.0f} MiB  {peak / first:.2f}x k={ks[0]}", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", type=int, nargs="+", default=[2000, 8000, 32000])
+    p.add_argument("--ks", type=int, nargs="+", help="measure these k instead of sizes")
+    p.add_argument("--method", default="deepercluster", help="with --ks")
+    p.add_argument("--images", type=int, default=20_000, help="with --ks (at least the largest k)")
     args = p.parse_args()
     env = {**os.environ, "PYTHONPATH": str(ROOT / "ssl"), "MLFLOW_TRACKING_URI": ""}
     cli = [sys.executable, "-m", "deepcluster.cli"]
     print(subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())
+    if args.ks:
+        by_k(args.ks, args.method, args.images, env, cli)
+        print(subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip())
+        return
     print(f"{'images':>8}{'peak RSS MiB':>14}{'cache MiB':>11}{'features MiB':>14}{'the rest MiB':>14}")
     for n in args.sizes:
         with tempfile.TemporaryDirectory(prefix="memory-") as tmp:
