@@ -279,3 +279,19 @@ def test_js_divergence_and_its_chance_level() -> None:
         drift.measure(np.array([0, 30]), np.array([0.1, 0.1]), ref)
     with pytest.raises(UserError, match="no images to measure drift on"):
         drift.measure(np.array([], dtype=int), np.array([]), ref)
+
+
+def test_predict_drift_exits_with_its_own_code_when_the_images_drifted(world) -> None:
+    """A script or CI job acts on the exit code: 3 drifted, 0 not; the table is printed either way."""
+    from typer.testing import CliRunner
+
+    from deepcluster import cli
+
+    def predict(batch: str):
+        args = ["predict", str(world["inbox"] / batch), "--drift", "-a", str(world["art"].root)]
+        return CliRunner().invoke(cli.app, args)
+
+    inverted, held = predict("inverted"), predict("heldback")
+    assert inverted.exit_code == cli.DRIFTED_EXIT == 3, inverted.output
+    assert "DRIFTED" in inverted.output and "\tdistance" in inverted.output
+    assert held.exit_code == 0 and "no drift past the limits" in held.output, held.output

@@ -1,10 +1,7 @@
 """`deepcluster`: the command line over the pipeline steps (the DVC stages call these commands).
-
-Each command parses its options, takes the artifacts folder's lock (before the heavy imports, so a
-second writer is refused at once), calls one step of `deepcluster.pipeline` and prints a summary;
-bad input ends in one `error:` line (exit 2), Ctrl-C or SIGTERM in one `stopped:` line (exit 130)
-after the step has marked its MLflow run KILLED and left its last checkpoint to resume.
-"""
+Each command takes the folder's lock before its heavy imports, runs one `pipeline` step and prints
+a summary; bad input ends in one `error:` line (exit 2), Ctrl-C or SIGTERM in one `stopped:` line
+(exit 130) once the step has marked its MLflow run KILLED and kept its last checkpoint."""
 
 from __future__ import annotations
 
@@ -28,6 +25,7 @@ app = typer.Typer(
 )
 
 DEFAULT_PARAMS = Path("params.yaml")
+DRIFTED_EXIT = 3  # `predict --drift`: the images drifted from the training (2: an error)
 ParamsOpt = Annotated[
     Path,
     typer.Option("--params", "-p", help="Hyperparameter file (default: params.yaml if present, "
@@ -329,7 +327,9 @@ def predict(
         Path | None, typer.Option(help="Write assignments to .parquet (with embeddings) or .csv.")
     ] = None,
     drift: Annotated[
-        bool, typer.Option("--drift", help="Compare the images with the training clusters.")
+        bool,
+        typer.Option("--drift", help="Compare the images with the training clusters; exit code "
+                     f"{DRIFTED_EXIT} when they drifted."),
     ] = False,
     artifacts: ArtifactsOpt = Path("artifacts"),
 ) -> None:
@@ -340,17 +340,21 @@ def predict(
     table, rejected = registry.predict_files(model, paths)
     for row in rejected.iter_rows(named=True):
         typer.echo(f"skipped {row['path']}: {row['reason']}", err=True)
+    drifted = False
     if drift:  # on stderr when stdout carries the table
-        from .drift import predicted_drift
+        from .drift import MAX_FAR_SHARE, MAX_JS, predicted_drift
 
-        _, lines = predicted_drift(table, _artifacts(artifacts), model)
+        report, lines = predicted_drift(table, _artifacts(artifacts), model)
         for line in lines:
             typer.echo(f"drift: {line}", err=out is None)
+        drifted = bool(report.problems(MAX_FAR_SHARE, MAX_JS))
     if out is None:
         typer.echo(table.select("path", "cluster", "distance").write_csv(separator="\t"), nl=False)
-        return
-    registry.write_predictions(table, out)
-    typer.echo(f"{table.height} images assigned, {rejected.height} skipped; written to {out}")
+    else:
+        registry.write_predictions(table, out)
+        typer.echo(f"{table.height} images assigned, {rejected.height} skipped; written to {out}")
+    if drifted:  # a script or CI job can act on it; the assignments are written all the same
+        raise typer.Exit(DRIFTED_EXIT)
 
 
 def _under_torchrun(nproc: int) -> None:

@@ -1,11 +1,7 @@
-"""MLflow runs: one run per trained model, from its first epoch to its registration.
-
-The store is `MLFLOW_TRACKING_URI` when set, else `mlflow.db` at the project root (the nearest
-folder up from the working directory that holds params.yaml), whatever folder a command runs in;
-the experiment keeps its artifacts beside that database (`mlartifacts/`), not in the working
-directory. The run id is written beside the model (`Artifacts.run_file`), so the later steps
-(evaluate, register), even in other processes such as DVC stages, log into the same run.
-"""
+"""MLflow runs: one run per trained model, from its first epoch to its registration. The store is
+`MLFLOW_TRACKING_URI`, else `mlflow.db` at the project root (the nearest folder up holding
+params.yaml) with its artifacts beside it; the run id is written beside the model, so the later
+steps, even in other processes, log into the same run."""
 
 from __future__ import annotations
 
@@ -113,8 +109,9 @@ def experiment_id(name: str = EXPERIMENT) -> str:
 
 
 def run_name(params: Params, data_md5: str) -> str:
-    """`<data version>-<method>-<params hash>`: what a person compares runs by."""
-    return f"{data_md5[:8]}-{params.model.method}-{params_fingerprint(params)[:8]}"
+    """`<method> <date> data <data version>`: what a person tells runs apart by, method first so
+    the UI's shortened names still differ (the parameters' hash is the params_fingerprint tag)."""
+    return f"{params.model.method} {time.strftime('%Y-%m-%d %H:%M')} data {data_md5[:8]}"
 
 
 def start_training_run(
