@@ -1,12 +1,7 @@
-"""Batched, on-device augmentation: whole batches at once instead of PIL per image.
-
-Geometry: a random resized crop plus horizontal flip is an affine map of the image plane, so a
-batch of crops (at any output size, e.g. DeepCluster-v2's small local crops) is one `affine_grid` +
-`grid_sample` call on whatever device holds the batch; its parameters come from the training's own
-generator, so a resumed run draws the same crops.
-Photometry (colour jitter, grayscale, blur, solarisation) uses kornia's batch augmentations, which
-draw different parameters for every image of the batch.
-"""
+"""Batched, on-device augmentation: whole batches at once instead of PIL per image. A random
+resized crop and flip is an affine map, so a batch of crops (any output size) is one
+`affine_grid`/`grid_sample` call, drawn from the training's generator (a resumed run draws the
+same crops). Photometry (colour jitter, grayscale, blur, solarisation): kornia's, per image."""
 
 from __future__ import annotations
 

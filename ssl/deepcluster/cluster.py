@@ -1,10 +1,7 @@
 """Clustering step of DeepCluster: PCA-whiten, L2-normalise, faiss k-means, no empty clusters.
-
-v1 whitens the embeddings with PCA before k-means, as the paper does; v2 clusters its unit-norm
-embeddings directly with spherical k-means (centroids renormalised after every update). The
-whitening (an identity map for v2) and the centroids are kept as plain arrays (`Clustering`) so a
-trained model can assign new images to the learned clusters without faiss.
-"""
+v1 whitens with PCA as the paper does; v2 clusters its unit-norm embeddings with spherical k-means.
+The whitening (an identity map for v2) and the centroids are plain arrays (`Clustering`), so a
+trained model can assign new images to the learned clusters without faiss."""
 
 from __future__ import annotations
 

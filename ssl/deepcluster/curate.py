@@ -1,21 +1,7 @@
-"""Curated subsets for labelling: duplicates out, then a budget spread over the clusters.
-
-Two samplers share the budget out with `water_fill` (equal shares, each capped by what a group
-holds, what a group cannot use going to the others), so a large cluster never takes the budget:
-
-- "bins" (DeepCluster++, from the STARC-9 data set paper): the budget is shared between clusters;
-  within a cluster the images, ordered by distance to the centroid, are cut into equal-frequency
-  bins and every bin gives the same number, so the subset keeps the typical and the unusual images
-  of every cluster. Every cluster gets an image when the budget is at least the number of clusters.
-- "hierarchical" (balanced hierarchical sampling, Vo et al. 2024): the centroids are clustered
-  again (faiss k-means) into parent groups; the budget is shared between parents, then between
-  each parent's clusters, then drawn at random within a cluster. Many clusters of one kind (one
-  parent) then get no more than a few clusters of another.
-
-Near and exact duplicates are removed first (`dedup`). `curate_step` is the one implementation the
-CLI, a DVC stage and the Dagster asset call (through `pipeline.curate`); it writes under
-`Artifacts.curate_dir`.
-"""
+"""Curated subsets for labelling: duplicates out (`dedup`), then a budget spread over the clusters.
+`water_fill` shares a budget equally, each share capped by what its group holds and the rest shared
+again, so no large cluster takes it; the `bins` and `hierarchical` samplers (docs/curation.md) use
+it. `curate_step`, the step every front end calls, writes under `Artifacts.curate_dir`."""
 
 from __future__ import annotations
 

@@ -1,15 +1,7 @@
 """Ingest a folder of images: validate every file once, then decode once into a memory-mapped cache.
-
-`scan_folder` turns a folder into two polars tables. Every entry (file, link, special file, hidden
-name, empty folder) lands in exactly one: the manifest (a fully decoded, usable image) or `rejected`
-(with a specific reason). Nothing is silently dropped, nothing but a regular file is opened, and no
-single bad entry stops the scan. `build_cache` decodes the manifest's images to uint8 RGB at the
-training resolution into one `.npy`, so training epochs never decode again.
-
-Parallel work (`workers > 1`) uses spawned processes: safe beside threaded libraries (polars, torch)
-and the same on every OS. A script that calls these functions must guard its entry point with
-`if __name__ == "__main__":`, as usual for multiprocessing.
-"""
+`scan_folder` puts every entry in exactly one table, the manifest or `rejected` (with its reason);
+`build_cache` decodes the manifest to uint8 RGB at the training resolution. Workers are spawned
+processes: a script calling these must guard its entry point with `if __name__ == "__main__":`."""
 
 from __future__ import annotations
 

@@ -1,14 +1,7 @@
-"""Duplicates out before curating: exact copies always, near copies SemDeDup-style.
-
-Exact: images whose decoded pixels are identical (the same picture saved twice with different
-bytes, which ingest's sha256 check cannot see). The first one in manifest order stays.
-
-Near: within each cluster, members are visited closest to the centroid first; a member whose
-cosine similarity to a member already kept exceeds 1 - eps is dropped, and its most similar kept
-member is recorded as its twin. Comparing only with kept members means a chain of small edits
-(a ~ b ~ c, a not ~ c) keeps both ends rather than collapsing onto one image. Similarities come
-from faiss range search on L2-normalised embeddings, so only the close pairs are materialised.
-"""
+"""Duplicates out before curating: exact copies (identical decoded pixels) always, near copies
+SemDeDup-style: within a cluster, closest to the centroid first, a member too similar to one
+already kept is dropped and that one recorded as its twin. Comparing only with kept members keeps
+both ends of a chain of small edits; faiss range search materialises only the close pairs."""
 
 from __future__ import annotations
 

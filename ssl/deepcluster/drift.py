@@ -1,19 +1,7 @@
-"""Has a batch of new images drifted from what the model learned? Two figures per batch:
-
-- far share: the share of images farther from their centroid than 99% of the training images
-  (training distances are in the assignments table). About 1% for images like the training ones;
-  unfamiliar content lands far from every centroid. Training distances are in-sample: each
-  centroid is the mean of its members, so it sits closer to them than to an unseen image. They are
-  measured as if the image had been left out of its centroid (times (n / (n - 1))^2 for a cluster
-  of n), which on 300 digits moved unseen digits beyond the reference from 23% to 5%.
-- cluster divergence: the Jensen-Shannon divergence (base 2: 0 same, 1 disjoint) between the
-  batch's cluster-size distribution and the training one: familiar content in new proportions.
-
-n images drawn from the training distribution itself diverge a little by chance (n images over k
-clusters), the more so the smaller n. `js_chance` is the 95th percentile of that chance level
-(multinomial draws with the training shares); a batch counts as drifted only above both it and
-the limit. A drifted batch is where retraining starts.
-"""
+"""Has a batch of new images drifted from what the model learned? Two figures, each with a limit:
+the far share (images beyond the training's 99th-percentile distance to their centroid, training
+distances taken as if each image were left out of its centroid) and the Jensen-Shannon divergence
+of cluster sizes from the training's, which counts only above its chance level (`js_chance`)."""
 
 from __future__ import annotations
 

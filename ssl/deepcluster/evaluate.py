@@ -1,10 +1,6 @@
-"""How good are the clusters and the features? Every figure comes with its baselines.
-
-Metrics against the folder labels (when the layout gives them): NMI, ARI and best-map accuracy of a
-clustering, kNN top-1 and a linear probe on frozen features over a held-out split. Each is computed for
-the trained network, the same network at random initialisation, and raw pixels, so a reader sees what
-training added.
-"""
+"""How good are the clusters and the features? Every figure comes with its baselines: NMI, ARI and
+best-map accuracy of a clustering, kNN top-1 and a linear probe on frozen features over a held-out
+split, each for the trained network, the same network at random initialisation and raw pixels."""
 
 from __future__ import annotations
 

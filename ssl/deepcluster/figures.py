@@ -1,12 +1,6 @@
 """The figures of `eval/metrics.json`, in one place: each key's range and which way is better.
-
-`evaluate` writes the file; registration reads it back and decides `champion` by one of its
-figures. The file is plain JSON that anyone can edit or cut short, so it is checked against this
-schema before any figure is used: a truncated file, a value out of its range (an NMI of 5.0), a
-count that is not a whole number or a figure that is not finite is one line naming the file, the
-key and what is wrong. Only figures where higher is better, measured on the model itself (not on a
-baseline), can decide `champion`.
-"""
+Anyone can edit the file or cut it short, so registration checks it against this schema before it
+uses a figure. Only higher-is-better figures of the model itself (no baseline) decide `champion`."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""One untrusted image, read and decoded with bounded memory and time.
-
-Every image this library decodes (ingest, the cache, the served model) goes through here, so the
-same limits hold everywhere: the file must be a regular file no larger than `max_bytes`, and the
-header (read by Pillow without decoding pixels) must declare at most `max_pixels` pixels and an
-aspect ratio of at most `max_aspect`. Only the formats of `FORMATS` are tried: no other Pillow
-plugin (some call external programs) ever sees the bytes. Operators set the limits with the
-environment variables of `ImageLimits.from_env`.
-"""
+"""One untrusted image, read and decoded with bounded memory and time: ingest, the cache and the
+served model all decode through here. Size, pixel count and aspect ratio are checked against
+`ImageLimits` (set from the environment) before any pixel is decoded; only `FORMATS` are tried."""
 
 from __future__ import annotations
 

@@ -1,12 +1,6 @@
-"""New images arriving in batches: one folder per batch under an inbox folder.
-
-A batch is validated exactly as training data is (`data.scan_images`: unreadable, empty, corrupt
-and byte-identical files are rejected with a reason), then embedded and assigned to the learned
-clusters by a registered model (`models:/deepcluster@champion` by default). Outputs, under
-artifacts/inbox/<batch>/: assignments.parquet (path, sha256, cluster, distance, embedding),
-rejected.parquet, and batch.json naming the model version and its centroids' fingerprint, so
-drift is only ever measured against the training that made those centroids.
-"""
+"""New images arriving in batches, one folder per batch under an inbox folder: each is validated as
+training data is and assigned to the learned clusters by a registered model. batch.json names the
+model version and its centroids' fingerprint, so drift is measured only against those centroids."""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
 """Where a run came from: the git commit and the data version (DVC's md5 of the image folder).
-
-The data version is DVC's own md5 of the folder (what `data.dvc` records), computed in pure Python
-from the ingest scan's own hashes: no `dvc` is needed and no file is read twice. Ingest publishes it
-in one set with the manifest, tagged with that manifest's digest, and a step uses it only for that
-very manifest. When the scan did not read every file DVC would hash (a link, a hidden or unsupported
-file), or the record does not belong to the manifest a step reads, the version is the manifest's
-own digest: a run never claims a DVC version it was not trained on.
-"""
+The md5 is computed in pure Python from ingest's own hashes and published with its manifest. When
+it cannot be DVC's (the scan skipped a file DVC would hash) or belongs to another manifest, the
+manifest's own digest stands in, so a run never claims a DVC version it was not trained on."""
 
 from __future__ import annotations
 

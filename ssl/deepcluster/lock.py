@@ -1,14 +1,7 @@
-"""Every file lock of the project, from `filelock` (flock on Unix: the kernel releases a lock when
-its holder dies, even by kill -9, so a stale lock never blocks anyone).
-
-- `writing`: one writer per artifacts folder for the whole of a step; a second writer is refused
-  at once, with the holder named. Re-entrant within a thread: the CLI takes it before its heavy
-  imports, the step takes it again.
-- `waiting`: wait (polling) up to a timeout for a lock another process holds briefly: a local
-  MLflow store's first migration, a registry's promotion.
-
-Light to import: no torch, no MLflow.
-"""
+"""Every file lock of the project, from `filelock` (flock: the kernel releases it if its holder
+dies). `writing`: one writer per artifacts folder, a second refused at once; re-entrant within a
+thread (the CLI takes it before its heavy imports, the step again). `waiting`: wait for a brief
+holder (a local MLflow store's first migration, a promotion). No torch or MLflow imports."""
 
 from __future__ import annotations
 

@@ -1,12 +1,7 @@
 """The pipeline steps, one implementation each: the CLI (and through it the DVC stages), Dagster
-and the tests call these and add nothing but their own surface.
-
-Every step holds the artifacts folder's lock while it writes, refuses inputs that do not belong
-together (naming the step to re-run), writes its outputs atomically and does its own MLflow
-logging. Parameters follow one rule: `train` takes the experiment's parameters and resolves their
-`auto` values from the data; every later step uses the parameters the model was trained with
-(train/params.json) and takes only the `eval` and `compute` sections from its caller.
-"""
+and the tests call these and add nothing but their own surface. Each step holds the folder's lock,
+refuses inputs that do not belong together, writes atomically and does its own MLflow logging;
+after `train`, a step uses the parameters the model was trained with (docs/architecture.md)."""
 
 from __future__ import annotations
 

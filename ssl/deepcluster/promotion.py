@@ -1,21 +1,7 @@
-"""Which registered version holds the `champion` alias: the rule, and the guard around setting it.
-
-The rule compares what each version recorded about itself at registration (version tags
-`promotion_metric`, `promotion_value`, `data_md5`), never its run's metrics: one run can be
-registered twice with different evaluations, and the run's latest metric belongs to only one.
-
-- a version whose value is NaN or missing never becomes champion;
-- a champion without a usable value (missing, NaN, out of its metric's range, or ranked by a
-  figure that cannot decide champion, `figures.PROMOTION_METRICS`) never blocks a version that has
-  one;
-- only versions of the same data version (DVC md5) and the same metric are compared; otherwise
-  the new version stays candidate and the verdict says why (switching data is a person's call:
-  set the alias by hand);
-- otherwise the new version must be strictly better.
-
-MLflow has no compare-and-set for aliases, so deciding and setting happen under a lock, with the
-alias re-read before and after setting (`promote`). See `promotion_lock` for which lock.
-"""
+"""Which registered version holds `champion`: the rule (`judge`) and the guard around setting it.
+The rule reads the tags each version recorded at registration, never its run's metrics: a version
+without a usable value neither wins nor blocks, only the same data md5 and metric compare, then
+strictly better wins. MLflow aliases have no compare-and-set: `promote` holds `promotion_lock`."""
 
 from __future__ import annotations
 

@@ -1,17 +1,7 @@
 """Registering the trained model in MLflow and deciding which version is `champion`.
-
-A registered version bundles the trunk weights (`train/model.pt`), the PCA-whitening and centroids
-(`cluster/clustering.npz`), the training resolution and this library's own source, so
-`mlflow.pyfunc.load_model("models:/deepcluster@champion")` works in any environment with the
-requirements, with or without `deepcluster` installed. What the loaded model does is in
-`deepcluster.serving`; the promotion rule and its guard are in `deepcluster.promotion`.
-
-Aliases: every new version becomes `candidate`; `champion` moves to it only when its own recorded
-metric is strictly higher than the champion's, on the same data version (see `promotion`).
-metrics.json is checked against its schema first (`figures`): a file cut short or a figure out of
-its range is refused. A collapsed model (metrics.json: one cluster holds most images, or most
-clusters are empty) is not registered at all.
-"""
+A version bundles the trunk weights, the whitening and centroids and this library's source, so it
+loads with or without `deepcluster` installed. A collapsed model, or a metrics file its schema
+(`figures`) refuses, is not registered. Rule: `promotion`; what the loaded model does: `serving`."""
 
 from __future__ import annotations
 

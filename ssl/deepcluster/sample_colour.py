@@ -1,15 +1,7 @@
-"""Colour sample sets made from MNIST-5k, to measure whether clusters follow content or colour.
-
-- `colour-nuisance`: 3,000 digits (300 per class), each drawn in a random colour on a background
-  whose colour and gradient are random too, plus pixel noise. Colour says nothing about the class:
-  clusters that follow it are wrong.
-- `colour-coded`: 2,500 images in 10 classes, five digit shapes (0-4) times two stroke-colour
-  families (warm: reds to yellows; cool: greens to blues) on grey gradients. Half of the label is
-  colour: a method that throws colour away cannot tell `3-warm` from `3-cool`.
-
-Only integer draws and IEEE arithmetic (+, -, *, /) make the pixels, so the export is byte-identical
-on every machine (no transcendental functions, whose last bit differs between SIMD builds).
-"""
+"""Colour sample sets made from MNIST-5k, to measure whether clusters follow content or colour:
+`colour-nuisance` (a random colour per digit: colour says nothing about the class) and
+`colour-coded` (digits 0-4 in a warm or a cool stroke: colour is half the label). Only integer
+draws and IEEE +, -, *, / make the pixels, so the export is byte-identical on every machine."""
 
 from __future__ import annotations
 

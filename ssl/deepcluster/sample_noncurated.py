@@ -1,15 +1,7 @@
-"""`noncurated`: a deterministic folder that looks like a real, messy, non-curated image folder.
-
-2,000 grey 28x28 PNGs (a fifth stored as RGB) from installed data only: 1,600 MNIST-5k digits in
-a long tail (496 down to 16 per digit), 200 near-duplicates (one per 8 originals, in their
-original's folder: cropped a pixel, resized back, re-quantised, noised, re-encoded) and 200 images
-of no class in `none/` (noise, flat images, and scikit-learn's 8x8 digits upscaled: another set's
-images, so no class here). Names and encodings are drawn independently of what a file is, so they
-do not tell duplicates apart; `duplicate_pairs` does.
-
-Only integer draws and integer arithmetic make the pixels and the PNG bytes (stored deflate, as in
-`deepcluster.sample`), so the export is byte-identical on every machine.
-"""
+"""`noncurated`: a deterministic folder that looks like a real, messy, non-curated image folder:
+MNIST-5k digits in a long tail, near-duplicates in their original's folder (`duplicate_pairs`)
+and images of no class in `none/`. Only integer draws and integer arithmetic make the pixels and
+the PNG bytes, so the export is byte-identical on every machine."""
 
 from __future__ import annotations
 

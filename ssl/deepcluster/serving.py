@@ -1,19 +1,7 @@
 """The registered model as MLflow runs it: images in; embedding and nearest learned centroid out.
-
-`mlflow.pyfunc.load_model("models:/deepcluster@champion")` and `mlflow models serve` load
-`DeepClusterModel` from the library copy bundled with the model. This module imports neither the
-evaluation nor the plotting stack, so a server loads only torch, faiss, numpy, pandas and Pillow.
-
-Input: a list, tuple, array or Series of image paths (str) or encoded images (bytes); or a
-DataFrame (or dict of columns) with a `path` and/or an `image` column (encoded bytes; base64
-strings in JSON requests). Output: `cluster`, `distance`, `embedding`; empty input, empty output.
-
-Reading files is off unless asked for (`FileAccess`): a model server reads nothing but the bytes
-it is sent, unless its operator names a folder in DEEPCLUSTER_SERVE_ROOT; a user's own process
-passes `params={"allow_paths": True}`. Every image, file or bytes, is checked against
-`imagefile.ImageLimits` before decoding. Errors are one short line, with no server path and no
-traceback (`InputError`, HTTP 400; anything unforeseen is logged and answered as an internal error).
-"""
+`DeepClusterModel` loads from the library copy bundled with the model, without the evaluation or
+plotting stack. It reads files only when allowed (`FileAccess`), checks every image against
+`imagefile.ImageLimits` before decoding, and answers bad input in one line (`InputError`)."""
 
 from __future__ import annotations
 
