@@ -57,6 +57,13 @@ def test_run_goes_from_an_image_folder_to_metrics(tmp_path: Path, digits_folder:
     for picture in ("curves.png", "cluster_sizes.png", "clusters.png"):
         assert (art / "eval" / picture).stat().st_size > 1000, picture
     assert len(list((art / "eval" / "grids").glob("cluster_*.png"))) == FAST["cluster"]["k"]
+    assert "trained 1 epochs (model at" in result.stdout
+
+    again = deepcluster("run", str(digits_folder), "-S", "train.epochs=1", cwd=tmp_path)
+    assert "already trained:" in again.stdout and "--fresh" in again.stdout, again.stdout
+    assert "epoch 1/1" not in again.stderr  # nothing trained, and the run says so
+    fresh = deepcluster("train", "-S", "train.epochs=1", "--fresh", cwd=tmp_path)
+    assert "epoch 1/1" in fresh.stderr and "trained 1 epochs" in fresh.stdout, fresh.stdout
 
 
 def test_user_errors_are_one_clear_line(tmp_path: Path) -> None:
@@ -115,6 +122,7 @@ def test_auto_values_are_resolved_printed_and_recorded(tmp_path: Path, digits_fo
     assert result.returncode == 0, result.stderr
     assert "auto: data.resolution = 16 (median shorter side 8 px" in result.stderr
     assert "1797 images ingested at 16 px" in result.stdout
+    assert "auto: cluster.k" not in result.stderr  # said once, by the training that uses it
 
 
 def test_sigterm_stops_training_keeps_the_model_and_kills_the_run(

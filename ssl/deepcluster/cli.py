@@ -158,7 +158,7 @@ def train(
 
         result = pipeline.train(p, art, fresh=fresh, show=not quiet)
     if distributed.Ranks.from_env().main:  # one summary, from the rank that owns the MLflow run
-        typer.echo(f"trained {len(result.history)} epochs; model at {art.model}; MLflow run {result.run_id}")
+        typer.echo(result.line(art))
 
 
 @app.command()
@@ -220,23 +220,27 @@ def run(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
     follow_links: LinksOpt = False,
+    fresh: FreshOpt = False,
 ) -> None:
-    """Every step: ingest, train, features, cluster, evaluate (training logged to MLflow)."""
+    """Every step: ingest, train, features, cluster, evaluate (training logged to MLflow).
+    A model already trained with these parameters on these images is kept (`--fresh`: train
+    again)."""
     art, p, show = _artifacts(artifacts), _params(params, set_), not quiet
     with _writing(art, "run"):  # for every step: no other writer in between
         from . import pipeline
 
-        _run(pipeline, data_dir, p, art, show, follow_links)
+        _run(pipeline, data_dir, p, art, show, follow_links, fresh)
 
 
-def _run(pipeline, data_dir: str, p, art, show: bool, follow_links: bool) -> None:
+def _run(pipeline, data_dir: str, p, art, show: bool, follow_links: bool, fresh: bool) -> None:
     timer = StepTimer()
     with timer("ingest"):
         summary = pipeline.ingest(data_dir, p, art, show=show, follow_links=follow_links)
     typer.echo(summary.line(art))
     _stops_like("train")
     with timer("train"):
-        pipeline.train(p, art, show=show)
+        trained = pipeline.train(p, art, fresh=fresh, show=show)
+    typer.echo(trained.line(art))
     _stops_like("other")
     with timer("features"):
         pipeline.features(art, p, show=show)

@@ -148,14 +148,13 @@ def ingest(
         scan = data.scan_folder(root, workers, follow_external_links=follow_links)
         data.require_images(scan.manifest, scan.rejected, root)
         resolved, notes = resolve_params(params, scan.manifest)
-        _say_auto(notes, show)
+        # what ingest decides; the training's values are said once, when it resolves them
+        _say_auto({key: note for key, note in notes.items() if key.startswith("data.")}, show)
         side = int(resolved.data.resolution)
         version = lineage.scanned_version(scan, root, dvc_file)
         _publish_ingest(art, root, scan, side, version, workers, follow_links)
         decoded = resolve_params(params, scan.manifest, data.load_cache(art.cache))[1]
-        colour = {key: note for key, note in decoded.items() if key not in notes}
-        _say_auto(colour, show)  # the values that needed the decoded images
-        notes |= colour
+        notes |= {key: note for key, note in decoded.items() if key not in notes}  # colour
     return _ingest_summary(scan, side, notes, version, art)
 
 
@@ -224,6 +223,14 @@ class TrainSummary:
     auto: dict[str, str]
     published: bool  # False after a scheduled stop (`stop_after`): the checkpoint waits in staging
     code: dict[str, str | bool]  # the commit it ran, and whether the checkout had changes
+
+    def line(self, art: Artifacts) -> str:
+        epochs = int(self.params.train.epochs)
+        if self.resumed_from >= epochs:  # the published model already holds them all
+            return (f"already trained: {art.model} holds all {epochs} epochs of these parameters "
+                    "(nothing to do; --fresh trains again from scratch)")  # fmt: skip
+        done = f"resumed at epoch {self.resumed_from}, " if self.resumed_from else ""
+        return f"trained {len(self.history)} epochs ({done}model at {art.model}; MLflow run {self.run_id})"
 
 
 def resolve_training(
