@@ -22,7 +22,7 @@ def dagster_home(args: argparse.Namespace | None = None) -> Path:
     for name in ("data", "artifacts"):
         if getattr(args, name, None) is not None:
             os.environ[f"DEEPCLUSTER_{name.upper()}"] = str(Path(getattr(args, name)).resolve())
-    home = Path(os.environ.setdefault("DAGSTER_HOME", str(ROOT / ".dagster"))).resolve()
+    home = Path(os.environ.get("DAGSTER_HOME", ROOT / ".dagster")).resolve()
     os.environ["DAGSTER_HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
     if not (home / "dagster.yaml").exists():
@@ -142,11 +142,10 @@ def materialize(args: argparse.Namespace) -> int:
         print(stopped_line(stop.name, result), file=sys.stderr)
         return 128 + signal.Signals[stop.name].value
     for check in result.get_asset_check_evaluations():
-        verdict = "passed" if check.passed else "FAILED"
-        print(f"check {check.asset_key.to_user_string()}:{check.check_name}: {verdict}")
+        print(f"check {check.asset_key.to_user_string()}:{check.check_name}: "
+              f"{'passed' if check.passed else 'FAILED'}")  # fmt: skip
     for failure in result.get_step_failure_events():
-        data = failure.step_failure_data
-        user = data.user_failure_data
+        data, user = failure.step_failure_data, failure.step_failure_data.user_failure_data
         print(f"step {failure.step_key} failed: {user.description if user else data.error.message}")
     print(f"run {result.run_id}: {'success' if result.success else 'FAILED'} (instance in {home})")
     if result.success:
@@ -177,9 +176,9 @@ def sync(args: argparse.Namespace) -> int:
     from .defs.resources import ArtifactStore
     from .sync import record_materialisations
 
-    store = ArtifactStore.from_env().process_config_and_initialize()
+    layout = ArtifactStore.from_env().process_config_and_initialize().layout
     with DagsterInstance.get() as instance:
-        recorded = record_materialisations(instance, defs, store.layout)
+        recorded = record_materialisations(instance, defs, layout)
     print(f"recorded in the Dagster instance at {home}: {', '.join(recorded) or 'nothing'}")
     return 0
 

@@ -68,13 +68,9 @@ def section_config(section: str) -> type[Config]:
                         **config)  # fmt: skip
 
 
-DataConfig = section_config("data")
-ModelConfig = section_config("model")
-ClusterConfig = section_config("cluster")
-TrainConfig = section_config("train")
-AugmentConfig = section_config("augment")
-EvalConfig = section_config("eval")  # eval_report
-CurateConfig = section_config("curate")  # curated_subset
+SECTIONS = {name: section_config(name) for name in (*TRAINING, "eval", "curate")}
+DataConfig, ModelConfig, ClusterConfig, TrainConfig, AugmentConfig = (SECTIONS[s] for s in TRAINING)
+EvalConfig, CurateConfig = SECTIONS["eval"], SECTIONS["curate"]  # eval_report, curated_subset
 
 
 class IngestConfig(Config):
@@ -83,17 +79,14 @@ class IngestConfig(Config):
     data: DataConfig = DataConfig()  # type: ignore[valid-type]
 
 
-class TrainingConfig(Config):
-    """The `checkpoint` asset: every experiment section, plus how to start."""
-
-    data: DataConfig = DataConfig()  # type: ignore[valid-type]
-    model: ModelConfig = ModelConfig()  # type: ignore[valid-type]
-    cluster: ClusterConfig = ClusterConfig()  # type: ignore[valid-type]
-    train: TrainConfig = TrainConfig()  # type: ignore[valid-type]
-    augment: AugmentConfig = AugmentConfig()  # type: ignore[valid-type]
-    resume: bool = Field(False, description="continue the staged checkpoint of an interrupted run "
-                         "(op retries always do); otherwise a new materialisation trains from "
-                         "scratch. The published model is replaced only when a training ends.")
+# the `checkpoint` asset: every section training reads (`deepcluster.config.TRAINING`), and how to
+# start; the published model is replaced only when a training ends
+TrainingConfig = create_model(
+    "TrainingConfig", __base__=Config, __module__=__name__,
+    resume=(bool, Field(False, description="continue the staged checkpoint of an interrupted run "
+                        "(op retries always do); else a new materialisation trains from scratch")),
+    **{name: (SECTIONS[name], SECTIONS[name]()) for name in TRAINING},
+)  # fmt: skip
 
 
 class RegisterConfig(Config):

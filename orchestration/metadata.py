@@ -15,6 +15,11 @@ BESIDE_BASELINES = {"metric": "metric", "trained": "trained", "random_init": "ra
 SIZES = {"cluster": "cluster", "len": "images"}  # columns of a `group_by("cluster").len()` table
 
 
+def figures(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The numbers of `values`, floats to 4 decimals: what a person reads in the UI."""
+    return {key: _cell(v) for key, v in values.items() if isinstance(v, (int, float))}
+
+
 def _cell(value: Any) -> Any:
     """Numbers as they are (floats rounded), anything else as text, None as '–'."""
     if value is None:

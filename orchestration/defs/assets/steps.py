@@ -1,6 +1,5 @@
-"""The pipeline's assets, each one `deepcluster.pipeline` step (training: training.py). They return
-metadata only: arrays and tables stay files under the artifacts root, the ones the CLI and DVC
-read and write, and nothing large goes through Dagster's IO manager."""
+"""The pipeline's assets, each one `deepcluster.pipeline` step, returning metadata only: arrays and
+tables stay files under the artifacts root, where the CLI and DVC read and write them too."""
 
 import warnings
 
@@ -33,8 +32,8 @@ with warnings.catch_warnings():  # observable source assets are beta: said once,
 
 
 def _spec(key: str, dep: str, kind: str, description: str) -> dg.AssetSpec:
-    return dg.AssetSpec(key, deps=[dep], code_version=pipeline.code_version("ingest"), kinds={kind},
-                        automation_condition=EAGER, description=description)  # fmt: skip
+    return dg.AssetSpec(key, deps=[dep], code_version=pipeline.code_version("ingest"),
+                        kinds={kind}, automation_condition=EAGER, description=description)  # fmt: skip
 
 
 @dg.multi_asset(name="ingest", group_name=GROUP, specs=[
@@ -81,7 +80,7 @@ def features(artifacts: ArtifactStore, compute: ComputeResource) -> dg.Materiali
         feats = pipeline.features(art, _params(compute), show=False)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": feats.shape[0], "dim": feats.shape[1],
-        "mean_norm": float(np.linalg.norm(feats, axis=1).mean()), "path": md_path(str(art.features)),
+        "mean_norm": round(float(np.linalg.norm(feats, axis=1).mean()), 4), "path": md_path(str(art.features)),
     })  # fmt: skip
 
 
@@ -92,7 +91,7 @@ def cluster_assignments(artifacts: ArtifactStore, compute: ComputeResource) -> d
     with user_errors_fail_plainly():
         summary = pipeline.cluster(art, _params(compute))
     return dg.MaterializeResult(metadata={
-        "dagster/row_count": summary.table.height, **summary.sizes,
+        "dagster/row_count": summary.table.height, **md.figures(summary.sizes),
         "largest_clusters": md.table(md.largest_clusters(summary.table, 10).to_dicts(), md.SIZES),
         "path": md_path(str(art.assignments)),
     })  # fmt: skip
@@ -115,7 +114,7 @@ def eval_report(config: EvalConfig, artifacts: ArtifactStore, compute: ComputeRe
         "cluster_grids": md.pictures({f"cluster {c} ({n} images)": art.grid_png(c)
                                       for c, n in largest.iter_rows()}),
         "mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
-        **{key: value for key, value in metrics.items() if isinstance(value, (int, float))},
+        **md.figures(metrics),
         "path": md_path(str(art.metrics)),
     })  # fmt: skip
 
@@ -132,8 +131,9 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisterConfig,
     context.log.info(reg.summary())
     return dg.MaterializeResult(metadata={
         "model_uri": reg.model_uri, "version": int(reg.version), "aliases": ", ".join(reg.aliases),
-        "promoted": reg.promoted, "metric": reg.metric, "value": reg.value,
-        "champion_before": reg.champion_before or "none", "champion_value": reg.champion_value,
+        "promoted": reg.promoted, "metric": reg.metric,
+        "champion_before": reg.champion_before or "none",
+        **md.figures({"value": reg.value, "champion_value": reg.champion_value}),
         "mlflow_run_id": reg.run_id,
         "mlflow_model": dg.MetadataValue.url(mlflow.model_url(reg.name, reg.version)),
         "path": md_path(str(art.registration)),

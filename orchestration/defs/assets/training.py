@@ -95,9 +95,9 @@ def export_model(summary: dict, artifacts: ArtifactStore, mlflow: MlflowTracking
         raise dg.Failure("training recorded no epoch")
     last = history[-1]
     return dg.Output(None, metadata={
-        "epochs": len(history), "final_loss": last["loss"], "final_nmi_prev": last["nmi_prev"],
-        "final_nmi_labels": last["nmi_labels"],
-        "largest_cluster_share": last["largest_cluster_share"],
+        "epochs": len(history), **md.figures({"final_loss": last["loss"],
+        "final_nmi_prev": last["nmi_prev"], "final_nmi_labels": last["nmi_labels"],
+        "largest_cluster_share": last["largest_cluster_share"]}),
         "per_epoch": md.table(history, epochs.columns()),
         "resumed_from_epoch": summary["resumed_from"], "attempt": summary["attempt"],
         "auto": md.as_json(summary["auto"]), "params": md.as_json(summary["params"]),
