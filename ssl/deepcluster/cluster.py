@@ -1,7 +1,10 @@
 """Clustering step of DeepCluster: PCA-whiten, L2-normalise, faiss k-means, no empty clusters.
 v1 whitens with PCA as the paper does; v2 clusters its unit-norm embeddings with spherical k-means.
 The whitening (an identity map for v2) and the centroids are plain arrays (`Clustering`), so a
-trained model can assign new images to the learned clusters without faiss."""
+trained model can assign new images to the learned clusters without faiss.
+
+faiss is optional: on CUDA without faiss-gpu, or with no faiss at all, k-means, assignment and
+the PCA run in torch (torch_kmeans.py); faiss stays the CPU default wherever it is installed."""
 
 from __future__ import annotations
 
@@ -9,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import faiss
 import numpy as np
 from sklearn.metrics import normalized_mutual_info_score
 
@@ -17,6 +19,8 @@ from .errors import ParamError
 from .io import atomic_path
 
 if TYPE_CHECKING:
+    import faiss
+
     from .config import Params
 
 
@@ -63,8 +67,29 @@ def identity_whitening(dim: int) -> Whitening:
     return Whitening(A=np.eye(dim, dtype=np.float32), b=np.zeros(dim, dtype=np.float32))
 
 
+def _faiss():
+    """The faiss module, or None where it is not installed (import deepcluster.cluster works)."""
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _torch_device(use_gpu: bool) -> str | None:
+    """Where torch does the clustering, or None for faiss: CUDA when a GPU is asked for that
+    faiss cannot use, the CPU when there is no faiss at all."""
+    if use_gpu and not gpu_available():
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+    return "cpu" if _faiss() is None else None
+
+
 def _fit_pca(features: np.ndarray, pca_dim: int) -> faiss.PCAMatrix:
     """PCA to `pca_dim` with whitening (eigen power -0.5), as in the paper."""
+    faiss = _faiss()
     x = np.ascontiguousarray(features, dtype=np.float32)
     dim = min(pca_dim, x.shape[1], x.shape[0])
     pca = faiss.PCAMatrix(x.shape[1], dim, -0.5)
@@ -74,23 +99,44 @@ def _fit_pca(features: np.ndarray, pca_dim: int) -> faiss.PCAMatrix:
 
 
 def _as_whitening(pca: faiss.PCAMatrix) -> Whitening:
+    faiss = _faiss()
     A = faiss.vector_to_array(pca.A).reshape(pca.d_out, pca.d_in)
     b = faiss.vector_to_array(pca.b)
     return Whitening(A=A.astype(np.float32), b=b.astype(np.float32))
 
 
-def _whiten(features: np.ndarray, pca_dim: int | None) -> tuple[Whitening, np.ndarray]:
+def _whiten(
+    features: np.ndarray, pca_dim: int | None, use_gpu: bool = False
+) -> tuple[Whitening, np.ndarray]:
     """The whitening and the whitened, L2-normalised features. faiss applies the PCA: a numpy
     product here left numpy's BLAS threads spinning on the cores when k-means started, which
     made k-means twice as slow (benchmarks/epoch_throughput.py's kmeans line)."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     if pca_dim is None:
         return identity_whitening(x.shape[1]), l2_normalize(x)
+    device = _torch_device(use_gpu)
+    if device is not None:
+        return _whiten_torch(x, pca_dim, device)
     pca = _fit_pca(x, pca_dim)
     return _as_whitening(pca), l2_normalize(pca.apply(x))
 
 
+def _whiten_torch(x: np.ndarray, pca_dim: int, device: str) -> tuple[Whitening, np.ndarray]:
+    """`_whiten` without faiss: the same PCA (up to the sign of each axis), applied in torch."""
+    import torch
+
+    from . import torch_kmeans
+
+    dim = min(pca_dim, x.shape[1], x.shape[0])
+    A, b = torch_kmeans.pca_whitening(x, dim, eps=1e-6, device=device)
+    with torch_kmeans.exact_float32():
+        xt = torch.as_tensor(x, device=device)
+        y = torch.addmm(torch.as_tensor(b, device=device), xt, torch.as_tensor(A, device=device).T)
+    return Whitening(A=A, b=b), l2_normalize(y.cpu().numpy())
+
+
 def _flat_index(dim: int, use_gpu: bool) -> faiss.Index:
+    faiss = _faiss()
     if use_gpu and gpu_available():
         res = faiss.StandardGpuResources()
         cfg = faiss.GpuIndexFlatConfig()
@@ -101,6 +147,7 @@ def _flat_index(dim: int, use_gpu: bool) -> faiss.Index:
 
 def gpu_available() -> bool:
     """faiss-gpu is installed and sees a device (faiss-cpu has no StandardGpuResources)."""
+    faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
 
@@ -113,11 +160,18 @@ def kmeans(
     use_gpu: bool = False,
     spherical: bool = False,
 ) -> tuple[np.ndarray, float]:
-    """faiss k-means (spherical: unit centroids); returns centroids (k, d) and the objective."""
+    """faiss k-means (spherical: unit centroids); returns centroids (k, d) and the objective.
+    torch k-means on CUDA when use_gpu and faiss has no GPU, on the CPU when faiss is missing."""
     n, d = x.shape
     if n < k:
         # not named cluster.k: a v2 head or the evaluation's k = classes clusters too
         raise ParamError(f"k-means into {k} clusters needs at least {k} points, got {n}")
+    device = _torch_device(use_gpu)
+    if device is not None:
+        from . import torch_kmeans
+
+        return torch_kmeans.kmeans(x, k, iters, redo, seed % 2**31, spherical, device)
+    faiss = _faiss()
     clus = faiss.Clustering(d, k)
     clus.niter = iters
     clus.nredo = redo
@@ -137,6 +191,11 @@ def assign(
     x: np.ndarray, centroids: np.ndarray, use_gpu: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid of each row: (ids, squared distances)."""
+    device = _torch_device(use_gpu)
+    if device is not None:
+        from . import torch_kmeans
+
+        return torch_kmeans.assign(x, centroids, device)
     index = _flat_index(centroids.shape[1], use_gpu)
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     dist, ids = index.search(np.ascontiguousarray(x, dtype=np.float32), 1)
@@ -197,7 +256,7 @@ def cluster_features(
     """Features -> PCA-whiten (unless pca_dim is None) -> L2 -> k-means -> no empty cluster."""
     if not np.isfinite(features).all():
         raise ValueError("features contain NaN or infinity: the network diverged (lower train.lr)")
-    whitening, x = _whiten(features, pca_dim)
+    whitening, x = _whiten(features, pca_dim, use_gpu)
     centroids, loss = kmeans(x, k, iters, redo, seed, use_gpu, spherical)
     ids, _ = assign(x, centroids, use_gpu)
     raw_largest = float(np.bincount(ids, minlength=k).max() / len(ids))
