@@ -69,6 +69,8 @@ def test_auto_values_fit_the_folder(tmp_path: Path, side, count, expected) -> No
         "data.resolution",
         "cluster.k",
         "cluster.pca_dim",
+        "cluster.super_clusters",
+        "cluster.reassign_every",
         "train.batch_size",
         "train.epochs",
     }
@@ -91,6 +93,42 @@ def test_v1_trains_fewer_epochs_than_v2(tmp_path: Path, count: int, expected: in
     params, notes = pipeline.resolve_params(v1, manifest)
     assert params.train.epochs == expected
     assert "60,000 images seen (deepcluster)" in notes["train.epochs"]
+
+
+@pytest.mark.parametrize(
+    ("count", "super_clusters", "reassign_every", "epochs"),
+    # digits: too few images to split the heads further than the rotations; more images: up to
+    # sqrt(k) super-clusters; the paper's 3 epochs per clustering unless that leaves under 10
+    [(1797, 1, 3, 33), (5000, 5, 1, 12), (100_000, 50, 1, 10), (1_281_167, 100, 1, 10)],
+)
+def test_deepercluster_autos_follow_the_data(
+    tmp_path: Path, count: int, super_clusters: int, reassign_every: int, epochs: int
+) -> None:
+    manifest, _ = data.scan_images(folder_of(tmp_path, 4, (28, 28)), workers=0)
+    manifest = manifest.sample(count, with_replacement=True, seed=0)
+    deeper = load_params(ROOT / "params.yaml", {"model.method": "deepercluster"})
+    params, notes = pipeline.resolve_params(deeper, manifest)
+    c = params.cluster
+    assert (c.super_clusters, c.reassign_every, params.train.epochs) == (
+        super_clusters, reassign_every, epochs
+    )
+    assert c.k % c.super_clusters == 0
+    assert "largest divisor of k" in notes["cluster.super_clusters"]
+    assert "the paper's 3" in notes["cluster.reassign_every"]
+    # the other methods: one level, a clustering every epoch
+    v2, notes = pipeline.resolve_params(load_params(ROOT / "params.yaml"), manifest)
+    assert (v2.cluster.super_clusters, v2.cluster.reassign_every) == (1, 1)
+    assert "clusters every epoch" in notes["cluster.reassign_every"]
+
+
+def test_an_explicit_super_cluster_count_rounds_auto_k_to_a_multiple(tmp_path: Path) -> None:
+    manifest, _ = data.scan_images(folder_of(tmp_path, 4, (28, 28)), workers=0)
+    manifest = manifest.sample(1797, with_replacement=True, seed=0)
+    deeper = load_params(
+        ROOT / "params.yaml", {"model.method": "deepercluster", "cluster.super_clusters": 5}
+    )
+    params, notes = pipeline.resolve_params(deeper, manifest)
+    assert params.cluster.k == 70 and "multiple of cluster.super_clusters (5)" in notes["cluster.k"]
 
 
 def test_explicit_values_are_kept(tmp_path: Path) -> None:

@@ -142,6 +142,38 @@ def test_library_defaults_equal_params_yaml() -> None:
     assert load_params(None).to_dict() == load_params(ROOT / "params.yaml").to_dict()
 
 
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"model": {"method": "deepercluster"}, "cluster": {"k": 30, "super_clusters": 4}},
+         "cluster.super_clusters = 4: must divide cluster.k (30): each super-cluster holds k/S clusters"),
+        ({"cluster": {"super_clusters": 2}},
+         "cluster.super_clusters = 2: must be 1 or auto with model.method deepcluster-v2"),
+        ({"model": {"method": "deepcluster"}, "cluster": {"reassign_every": 3}},
+         "cluster.reassign_every = 3: must be 1 or auto with model.method deepcluster "),
+        ({"cluster": {"super_clusters": 0}},
+         "cluster.super_clusters = 0: must be a whole number in 1..1000000 or auto"),
+        ({"cluster": {"reassign_every": "often"}},
+         "cluster.reassign_every = 'often': must be a whole number in 1..100000 or auto"),
+        ({"cluster": {"rotation": "yes"}}, "cluster.rotation = 'yes': must be true or false"),
+        ({"model": {"method": "deeper"}},
+         "model.method = 'deeper': must be one of deepcluster, deepcluster-v2, deepercluster"),
+    ],
+)
+def test_deepercluster_values_are_checked_together(raw, message) -> None:
+    with pytest.raises(ParamError) as caught:
+        params_from_dict(raw)
+    assert str(caught.value).startswith(message) and "\n" not in str(caught.value)
+
+
+def test_deepercluster_values_that_fit() -> None:
+    params = params_from_dict(
+        {"model": {"method": "deepercluster"}, "cluster": {"k": 30, "super_clusters": 3}}
+    )
+    assert (params.cluster.super_clusters, params.cluster.rotation) == (3, True)
+    assert params_from_dict({"cluster": {"super_clusters": 1, "reassign_every": 1}})
+
+
 def test_auto_values_are_listed_until_resolved() -> None:
     params = load_params(None)
     assert set(params.auto_keys()) == {
@@ -149,6 +181,8 @@ def test_auto_values_are_listed_until_resolved() -> None:
         "model.sobel",
         "cluster.k",
         "cluster.pca_dim",
+        "cluster.super_clusters",
+        "cluster.reassign_every",
         "train.batch_size",
         "train.epochs",
     }

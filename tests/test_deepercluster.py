@@ -1,8 +1,10 @@
 """DeeperCluster's building blocks: rotations, hierarchical targets, heads and loss
-(deepcluster.methods.deepercluster) and the hierarchical k-means (deepcluster.hkmeans)."""
+(deepcluster.methods.deepercluster) and the hierarchical k-means (deepcluster.hkmeans); and a
+short real training through the pipeline that resumes exactly."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 from datetime import timedelta
 from pathlib import Path
@@ -15,12 +17,15 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from deepcluster import cluster, hkmeans
+from deepcluster import checkpoint, cluster, hkmeans, pipeline
 from deepcluster.cluster import Clustering, cluster_features, nmi
 from deepcluster.distributed import Ranks
 from deepcluster.errors import ParamError
 from deepcluster.hkmeans import HierarchicalClustering, hierarchical_kmeans
 from deepcluster.methods import deepercluster as dc
+from deepcluster.paths import Artifacts
+
+from .conftest import fast_params
 
 # ---------------------------------------------------------------------------------------------
 # Rotations
@@ -275,3 +280,42 @@ def test_two_processes_cluster_as_one(tmp_path: Path) -> None:
             np.testing.assert_array_equal(got["sub_ids"], one.sub_assignments)
             np.testing.assert_array_equal(got["ids"], one.assignments)
             np.testing.assert_allclose(got["centroids"], one.centroids, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training through the pipeline
+
+
+@pytest.mark.slow
+@pytest.mark.numerics
+def test_a_resumed_deepercluster_run_matches_the_uninterrupted_run(workspace, tmp_path) -> None:
+    """Three epochs, a clustering every second one: the run stopped after epoch 1 resumes into
+    an epoch that keeps the last clustering, and ends where the uninterrupted run does."""
+    params = fast_params(
+        model={"method": "deepercluster"},
+        cluster={"super_clusters": 3, "reassign_every": 2},
+        train={"epochs": 3},
+    )
+    whole = pipeline.train(params, workspace, show=False)
+    assert [h.epoch for h in whole.history] == [1, 2, 3] and whole.published
+    assert whole.history[1].nmi_prev == 1.0  # epoch 2 kept epoch 1's clusters
+    assert whole.history[2].nmi_prev < 1.0  # epoch 3 clustered again
+
+    other = Artifacts(tmp_path / "stopped")
+    shutil.copytree(workspace.ingest_dir, other.ingest_dir)
+    shutil.copytree(workspace.cache.parent, other.cache.parent)
+    stopped = pipeline.train(params, other, stop_after=1, show=False)
+    assert len(stopped.history) == 1 and not stopped.published
+    resumed = pipeline.train(params, other, show=False)
+    assert resumed.resumed_from == 1
+    assert [h.loss for h in resumed.history] == [h.loss for h in whole.history]
+
+    a, b = checkpoint.load(workspace.published.checkpoint), checkpoint.load(other.published.checkpoint)
+    np.testing.assert_array_equal(a["assignments"], b["assignments"])
+    assert a["heads"] == [12] + [10] * 12  # 4 rotations x 3 super-clusters, then k/S each
+    for name in a["model"]:
+        torch.testing.assert_close(a["model"][name], b["model"][name], rtol=0, atol=0, msg=name)
+    # the published model loads and embeds as any other: later steps use the embedding
+    model = checkpoint.load_model(workspace.model)
+    assert model.head_sizes == a["heads"]
+    assert model.embed(torch.rand(2, 3, 16, 16)).shape == (2, params.model.embed_dim)

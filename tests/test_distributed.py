@@ -101,3 +101,30 @@ def test_two_processes_learn_and_agree_with_one(folders, two_processes) -> None:
     pipeline.train(params, one, show=False)
     one_ids = checkpoint.load(one.published.checkpoint)["assignments"].numpy()
     assert nmi(one_ids, two_processes["state"]["assignments"].numpy()) > 0.5
+
+
+DEEPER = {"model": {"method": "deepercluster"}, "cluster": {"super_clusters": 3, "reassign_every": 2}}
+
+
+def test_two_processes_train_deepercluster_as_one(ingested: Artifacts, tmp_path: Path) -> None:
+    """DeeperCluster under torchrun: level 2 of the k-means on both ranks, sub-heads that some
+    steps leave without gradient (DDP told so). The first clustering, of the same untrained
+    network, is the one-process run's; the trained clusters agree with it as v1's do."""
+    from deepcluster.cluster import nmi
+
+    sections = {name: {**FAST.get(name, {}), **DEEPER.get(name, {})} for name in {*FAST, *DEEPER}}
+    sections["train"] = {**sections["train"], "epochs": EPOCHS}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(sections))
+    shutil.copytree(ingested.root, tmp_path / "artifacts")
+    done = _train(tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    two = checkpoint.load(tmp_path / "artifacts/train/checkpoint.pt")
+    assert len(two["torch_rng"]) == 2 and two["heads"] == [12] + [10] * 12
+
+    one = Artifacts(tmp_path / "one")
+    shutil.copytree(ingested.root, one.root)
+    params = fast_params(**{**DEEPER, "train": {"epochs": EPOCHS}})
+    alone = pipeline.train(params, one, show=False)
+    assert two["history"][0]["kmeans_loss"] == pytest.approx(alone.history[0].kmeans_loss, rel=1e-4)
+    ids = checkpoint.load(one.published.checkpoint)["assignments"].numpy()
+    assert nmi(ids, two["assignments"].numpy()) > 0.5

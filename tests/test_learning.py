@@ -13,6 +13,8 @@ by 0.025-0.03 on this machine's paths and fell 0.005 below them on an AVX2-only 
 it is below pixels on every path (its early epochs trade the pixels' local similarity for the
 crops' invariance). At 16 px each epoch costs half, and 30 epochs clear both baselines on kNN and
 the linear probe with room. v1 peaks early (docs/learning.md) and must win on all five figures.
+DeeperCluster (rotations x three super-clusters of 40 clusters, all auto) gets v1's budget and
+must win on all five too.
 
 The colour case: 1,500 digits of the colour-nuisance sample set (random stroke and background
 colours, gradients and noise, independent of the digit) at no flags but the method: `model.sobel:
@@ -44,6 +46,8 @@ CASES = {
     "deepcluster": ("grey", "deepcluster", {"data.resolution": 16}),
     "deepcluster-v2": ("grey", "deepcluster-v2", {"data.resolution": 16, "train.epochs": 30}),
     "deepcluster-colour": ("colour", "deepcluster", {}),
+    # auto: 20 epochs (v1's 60,000 images seen), S = 3 super-clusters, a clustering every 2
+    "deepercluster": ("grey", "deepercluster", {"data.resolution": 16}),
 }
 # case -> {probe: margin over both baselines}; the smallest gaps measured over the paths of
 # docs/testing.md are about twice these (v1: kNN 0.039, linear 0.020, NMI 0.16, ARI 0.13, accuracy
@@ -54,6 +58,10 @@ PROBES = {
     "deepcluster": {"knn_top1": 0.02, "linear_top1": 0.01, "nmi": 0.08, "ari": 0.06, "accuracy": 0.04},
     "deepcluster-v2": {"knn_top1": 0.02, "linear_top1": 0.015},
     "deepcluster-colour": {"knn_top1": 0.01, "linear_top1": 0.06, "nmi": 0.05},
+    # smallest gaps measured over the five paths: kNN 0.010, linear 0.021, NMI 0.092, ARI 0.058,
+    # accuracy 0.016 (all on bf16 with two threads; on the other paths kNN 0.019-0.031). The
+    # rotation task costs kNN on digits: without it (S = 10) that path's kNN gap is 0.044
+    "deepercluster": {"knn_top1": 0.005, "linear_top1": 0.01, "nmi": 0.045, "ari": 0.025, "accuracy": 0.008},
 }
 
 
@@ -105,7 +113,8 @@ def test_trained_features_beat_both_baselines(learned) -> None:
 
 def test_the_clustering_settles_and_stays_healthy(learned) -> None:
     case, result, m = learned
-    stability = [h.nmi_prev for h in result.history[1:]]
+    every = result.params.cluster.reassign_every  # the epochs in between keep their clusters
+    stability = [h.nmi_prev for h in result.history[every::every]]
     assert np.mean(stability[-3:]) > stability[0] + 0.05, stability
     assert m["largest_cluster_share_kmeans"] < 0.1 and not any(h.guard for h in result.history)
     assert result.params.model.method == CASES[case][1]

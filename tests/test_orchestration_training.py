@@ -230,3 +230,33 @@ def test_ctrl_c_stops_a_materialisation_in_one_line(digits_subset: Path, tmp_pat
     [line] = rest.splitlines()
     assert line.startswith(STOPPED_TRAINING.format("SIGINT")), rest
     assert code == 128 + signal.SIGINT
+
+
+def test_the_graph_materialises_a_deepercluster_model(digits_subset: Path, tmp_path: Path) -> None:
+    """model.method: deepercluster through the whole graph as any method: training under Pipes,
+    the embedding's features, clusters, evaluation and the registry, unchanged."""
+    from orchestration.defs.assets.steps import (
+        cluster_assignments,
+        eval_report,
+        features,
+        raw_images,
+        registered_model,
+    )
+
+    deeper = {"model": {"method": "deepercluster"}, "cluster": {"super_clusters": 3}}
+    assets = [raw_images, ingest, checkpoint, features, cluster_assignments, eval_report,
+              registered_model]  # fmt: skip
+    ops = ("ingest", "checkpoint", "eval_report", "registered_model")
+    with instance_for_test(overrides=project_instance_settings()) as instance:
+        result = materialize(
+            assets, instance=instance, resources=resources_in(tmp_path, digits_subset),
+            run_config=only_ops(fast_run_config(**deeper), *ops),
+        )  # fmt: skip
+    assert result.success
+    metadata = _checkpoint_metadata(result)
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(metadata["mlflow_run_id"])
+    assert run.data.params["model.method"] == "deepercluster"
+    assert run.data.params["cluster.super_clusters"] == "3"
+    assert run.data.params["cluster.reassign_every"] == "1"  # auto: 2 epochs are too few for 3
+    registered = {e.asset_key for e in result.get_asset_materialization_events()}
+    assert AssetKey("registered_model") in registered

@@ -1,7 +1,7 @@
 """`auto` hyperparameters, resolved from the data the run sees.
 
-params.yaml may say `auto` for the resolution, k, the PCA dimension, the batch size and the
-number of epochs. Each rule below reads only the manifest (image count and sizes), so the same
+params.yaml may say `auto` for the resolution, k, the PCA dimension, the batch size, the
+number of epochs and DeeperCluster's super-clusters and epochs per clustering. Each rule below reads only the manifest (image count and sizes), so the same
 folder always resolves to the same values on every machine; the resolved values are printed,
 stored in model.pt, logged to MLflow and shown in Dagster. The rules and the figures behind them
 are in docs/learning.md.
@@ -9,6 +9,7 @@ are in docs/learning.md.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,8 +32,15 @@ STEPS_PER_EPOCH = 40  # at least this many SGD steps per clustering, while the b
 # epochs x images: enough passes over small sets, not endless on large. v1's hard pseudo-labels
 # peak early (digits NMI 0.81 after 30 epochs, 0.74 after 100; MNIST-5k 0.70 after 10, 0.69 after
 # 40); v2 keeps improving (MNIST-5k NMI 0.43 after 10 epochs, 0.73 after 40): docs/learning.md
-SAMPLES_SEEN = {"deepcluster": 60_000, "deepcluster-v2": 200_000}
+# deepercluster trains v1's linear heads on hard labels: v1's figure
+SAMPLES_SEEN = {"deepcluster": 60_000, "deepcluster-v2": 200_000, "deepercluster": 60_000}
 EPOCH_BOUNDS = (10, 100)
+# deepercluster: a sub-head per (rotation, super-cluster) learns only from its own images, so each
+# should see at least this many per epoch; and S <= sqrt(k) keeps both levels about as wide
+IMAGES_PER_SUPER_CLASS = 250
+REASSIGN_EVERY = 3  # the paper's epochs per clustering: the heads get time to learn the labels
+CLUSTERINGS = 10  # a run still clusters about this many times when it is short
+ROTATIONS = 4
 
 
 COLOUR_CHROMA = 8  # mean (max - min) over the channels, 0..255: above it an image is in colour
@@ -78,9 +86,36 @@ def resolution(arch: str, facts: DataFacts) -> tuple[int, str]:
     return side, f"median shorter side {facts.median_side} px, kept within {lo}..{hi} for {arch}"
 
 
-def k(facts: DataFacts) -> tuple[int, str]:
+def k(facts: DataFacts, multiple_of: int = 1) -> tuple[int, str]:
     value = _clamp(facts.images / IMAGES_PER_CLUSTER, K_BOUNDS)
-    return value, f"{facts.images} images / {IMAGES_PER_CLUSTER}, within {K_BOUNDS[0]}..{K_BOUNDS[1]}"
+    why = f"{facts.images} images / {IMAGES_PER_CLUSTER}, within {K_BOUNDS[0]}..{K_BOUNDS[1]}"
+    if multiple_of == 1:
+        return value, why
+    value = max(1, round(value / multiple_of)) * multiple_of
+    return value, f"{why}, rounded to a multiple of cluster.super_clusters ({multiple_of})"
+
+
+def super_clusters(method: str, k_value: int, rotation: bool, facts: DataFacts) -> tuple[int, str]:
+    if method != "deepercluster":
+        return 1, f"{method} clusters in one level"
+    heads = ROTATIONS if rotation else 1
+    cap = max(1, min(math.isqrt(k_value), facts.images // (heads * IMAGES_PER_SUPER_CLASS)))
+    value = max(d for d in range(1, cap + 1) if k_value % d == 0)
+    return value, (
+        f"the largest divisor of k ({k_value}) up to sqrt(k) and to {facts.images} images / "
+        f"({heads} x {IMAGES_PER_SUPER_CLASS}), so each of the {heads} x S sub-heads sees "
+        f"{IMAGES_PER_SUPER_CLASS}+ images an epoch"
+    )
+
+
+def reassign_every(method: str, epochs_value: int) -> tuple[int, str]:
+    if method != "deepercluster":
+        return 1, f"{method} clusters every epoch"
+    value = min(REASSIGN_EVERY, max(1, epochs_value // CLUSTERINGS))
+    return value, (
+        f"the paper's {REASSIGN_EVERY}, fewer if {epochs_value} epochs would give under "
+        f"{CLUSTERINGS} clusterings"
+    )
 
 
 def pca_dim(k_value: int, embed_dim: int) -> tuple[int, str]:
@@ -122,10 +157,14 @@ def resolve(params: Params, facts: DataFacts) -> tuple[Params, dict[str, str]]:
     if facts.colour is not None:
         fill("model", "sobel", lambda: sobel(facts))
     fill("data", "resolution", lambda: resolution(params.model.arch, facts))
-    fill("cluster", "k", lambda: k(facts))
-    fill("cluster", "pca_dim", lambda: pca_dim(raw["cluster"]["k"], params.model.embed_dim))
+    method, c = params.model.method, raw["cluster"]
+    split = 1 if c["super_clusters"] == AUTO else c["super_clusters"]
+    fill("cluster", "k", lambda: k(facts, split))
+    fill("cluster", "pca_dim", lambda: pca_dim(c["k"], params.model.embed_dim))
+    fill("cluster", "super_clusters", lambda: super_clusters(method, c["k"], c["rotation"], facts))
     fill("train", "batch_size", lambda: batch_size(facts))
-    fill("train", "epochs", lambda: epochs(params.model.method, facts))
+    fill("train", "epochs", lambda: epochs(method, facts))
+    fill("cluster", "reassign_every", lambda: reassign_every(method, raw["train"]["epochs"]))
     return params_from_dict(raw), notes
 
 

@@ -56,8 +56,9 @@ class DataParams(Section):
 
 
 class ModelParams(Section):
-    method: Literal["deepcluster", "deepcluster-v2"] = Field(
-        "deepcluster-v2", description="deepcluster (Caron et al. 2018) | deepcluster-v2 (2020)"
+    method: Literal["deepcluster", "deepcluster-v2", "deepercluster"] = Field(
+        "deepcluster-v2",
+        description="deepcluster (Caron et al. 2018) | deepcluster-v2 (2020) | deepercluster (2019)",
     )
     arch: Literal["smallconv", "alexnet", "vgg16", "resnet18", "resnet50"] = "smallconv"
     sobel: bool | Auto = Field(AUTO, description="fixed Sobel input layer; auto: on colour")
@@ -69,7 +70,9 @@ class ModelParams(Section):
 
 class ClusterParams(Section):
     k: whole(2, 1_000_000) | Auto = Field(AUTO, description="clusters")
-    pca_dim: whole(2, 16_384) | Auto = Field(AUTO, description="v1: PCA-whitening dimension")
+    pca_dim: whole(2, 16_384) | Auto = Field(
+        AUTO, description="deepcluster, deepercluster: PCA-whitening dimension"
+    )
     kmeans_iters: whole(1, 10_000) = 20
     kmeans_redo: whole(1, 1_000) = 1
     heads: Annotated[
@@ -77,6 +80,13 @@ class ClusterParams(Section):
         BeforeValidator(_pair),
         Field(min_length=1, max_length=16),
     ] = Field((0.05, 0.25, 1.0), description="v2: one prototype head per entry, of entry x k")
+    super_clusters: whole(1, 1_000_000) | Auto = Field(
+        AUTO, description="deepercluster: S super-clusters of k/S clusters each (1 otherwise)"
+    )
+    rotation: bool = Field(True, description="deepercluster: targets are (rotation, cluster)")
+    reassign_every: whole(1, 100_000) | Auto = Field(
+        AUTO, description="epochs per clustering (deepercluster; 1 otherwise)"
+    )
 
 
 class TrainParams(Section):
@@ -247,9 +257,25 @@ def _check_together(p: Params) -> Params:
     if p.cluster.pca_dim != AUTO and p.cluster.pca_dim > p.model.embed_dim:
         raise ParamError(f"cluster.pca_dim = {p.cluster.pca_dim}: must not exceed "
                          f"model.embed_dim ({p.model.embed_dim})")  # fmt: skip
+    _check_deepercluster(p)
     if p.compute.sync_bn and p.compute.device == "cpu":
         raise ParamError("compute.sync_bn = True: needs CUDA (set it with compute.device auto or cuda)")
     return p
+
+
+def _check_deepercluster(p: Params) -> None:
+    """S must split k; the other methods train one level on clusters made every epoch."""
+    c = p.cluster
+    if c.super_clusters != AUTO and c.k != AUTO and c.k % c.super_clusters:
+        raise ParamError(f"cluster.super_clusters = {c.super_clusters}: must divide cluster.k "
+                         f"({c.k}): each super-cluster holds k/S clusters")  # fmt: skip
+    if p.model.method == "deepercluster":
+        return
+    for key in ("super_clusters", "reassign_every"):
+        value = getattr(c, key)
+        if value not in (AUTO, 1):
+            raise ParamError(f"cluster.{key} = {value}: must be 1 or auto with model.method "
+                             f"{p.model.method} (other values need deepercluster)")  # fmt: skip
 
 
 def params_from_dict(raw: Any) -> Params:

@@ -123,6 +123,18 @@ def merge_rows(memory: torch.Tensor, touched: torch.Tensor, ranks: Ranks) -> tor
     return torch.where(touched_any(touched, ranks).view(1, -1, 1), mine, memory)
 
 
+def wrap(module: torch.nn.Module, device: torch.device, ranks: Ranks, unused: bool = False):
+    """`module` under DistributedDataParallel when several processes train, else itself.
+    `unused`: some parameters may get no gradient in a step (DeeperCluster's sub-heads of the
+    super-classes absent from a batch), which DDP must be told to expect."""
+    if not ranks.active:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused)
+
+
 def touched_any(touched: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     count = touched.to(torch.int32)
     dist.all_reduce(count)

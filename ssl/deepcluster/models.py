@@ -171,6 +171,8 @@ class DeepClusterNet(nn.Module):
     v1: one linear head (with bias) on ReLU(embedding), replaced every epoch.
     v2: the embedding is L2-normalised; each head is a bias-free matrix of unit prototypes, set to
     the centroids of its clustering and not trained (as in the reference DeepCluster-v2).
+    deepercluster: v1's kind of heads, the super-class head first, then one sub-class head per
+    super-class (`methods.deepercluster.head_sizes`); `forward` gives the super-class logits.
     """
 
     def __init__(self, params: ModelParams, heads: list[int] | int) -> None:

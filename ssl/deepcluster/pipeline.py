@@ -41,7 +41,8 @@ from .embed import ImageSource, compute_features, eval_batch_size
 from .epochs import EpochStats
 from .errors import UserError
 from .paths import Artifacts, TrainFiles, require
-from .train import check_clusters, check_resumable
+from .resume import check_resumable
+from .train import check_clusters
 from .train import train as train_loop
 
 # The library modules each step runs. Dagster's code versions and dvc.yaml's `deps` both come
@@ -83,7 +84,7 @@ def observed_data_version(data_dir: Path | str, dvc_file: Path | str) -> tuple[s
 
 def module_paths(step: str) -> list[str]:
     """`ssl/deepcluster/<module>.py` for each module of `step`, as dvc.yaml lists them."""
-    return [f"ssl/deepcluster/{name}.py" for name in step_modules(step)]
+    return [f"ssl/deepcluster/{sources.path_of(name)}" for name in step_modules(step)]
 
 
 def labels_of(manifest: pl.DataFrame) -> np.ndarray | None:
