@@ -55,8 +55,8 @@ def _is_environ(node: ast.AST) -> bool:
 
 @cache
 def variables_read_by_code() -> frozenset[str]:
-    """Names in os.environ[...] / .get / .setdefault, os.getenv, from_env(field="VAR") and
-    EnvVar("VAR") across the library, the code location and deploy/'s scripts."""
+    """Names in os.environ[...] / .get / .setdefault, os.getenv, EnvVar("VAR") and the resources'
+    `ENV = {field: "VAR"}` across the library, the code location and deploy/'s scripts."""
     names: set[str] = set()
     files = [*(ROOT / "ssl").rglob("*.py"), *(ROOT / "orchestration").rglob("*.py"),
              *DEPLOY.rglob("*.py")]  # fmt: skip
@@ -64,6 +64,8 @@ def variables_read_by_code() -> frozenset[str]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Subscript) and _is_environ(node.value):
                 names.add(_string(node.slice))
+            elif isinstance(node, ast.AnnAssign) and getattr(node.target, "id", "") == "ENV":
+                names.update(_string(value) for value in getattr(node.value, "values", []))
             elif isinstance(node, ast.Call):
                 func = node.func
                 attr = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
@@ -74,8 +76,6 @@ def variables_read_by_code() -> frozenset[str]:
                     "EnvVar",
                 ):
                     names.add(first)
-                elif attr == "from_env":
-                    names.update(_string(kw.value) for kw in node.keywords)
     names.discard(None)
     return frozenset(names)
 
