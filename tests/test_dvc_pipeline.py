@@ -203,7 +203,9 @@ def test_training_is_an_mlflow_run_in_the_default_store(repo: Repo) -> None:
     client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     run_id = json.loads((repo.path / "artifacts/train/mlflow_run.json").read_text())["run_id"]
     run = client.get_run(run_id)
-    params = load_params(repo.path / "params.yaml", {"model.sobel": False})  # auto: grey digits
+    # auto: grey digits; v2 clusters in one level, every epoch
+    resolved = {"model.sobel": False, "cluster.super_clusters": 1, "cluster.reassign_every": 1}
+    params = load_params(repo.path / "params.yaml", resolved)
     assert run.data.params == {k: str(v) for k, v in params.flat().items()}
     steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
     assert steps == [1, 2]

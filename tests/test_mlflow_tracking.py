@@ -151,8 +151,10 @@ def test_every_cli_training_is_an_mlflow_run(project: Path) -> None:
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     run_file = project / "artifacts/train/mlflow_run.json"
     first = client.get_run(json.loads(run_file.read_text())["run_id"])
-    params = load_params(project / "params.yaml", {"train.epochs": 1, "model.sobel": False})
-    assert first.data.params == {k: str(v) for k, v in params.flat().items()}  # sobel: grey digits
+    # auto: grey digits (no Sobel); v2 clusters in one level, every epoch
+    resolved = {"model.sobel": False, "cluster.super_clusters": 1, "cluster.reassign_every": 1}
+    params = load_params(project / "params.yaml", {"train.epochs": 1, **resolved})
+    assert first.data.params == {k: str(v) for k, v in params.flat().items()}
     assert [m.step for m in client.get_metric_history(first.info.run_id, "train/loss")] == [1]
     data_md5 = lineage.recorded_md5(project / "data.dvc")[0]
     (dataset,) = first.inputs.dataset_inputs
