@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..schedule import sgd
+
 if TYPE_CHECKING:  # the model imports the DeeperCluster heads from this package
     from .. import distributed as dist
     from ..cluster import Clustering
@@ -93,7 +95,8 @@ class Method:
     def head_optimizer(self, model: DeepClusterNet, device: torch.device):
         """An optimiser of the heads at the base rate (heads that start from nothing each
         clustering), or None when the heads are not trained by SGD."""
-        return
+        t = self.params.train
+        return sgd(model.heads.parameters(), device, t.lr, 0.0, t.weight_decay)
 
     def step_module(self, net: DeepClusterNet) -> nn.Module:
         """The forward pass of one step as one module, as DistributedDataParallel needs it."""

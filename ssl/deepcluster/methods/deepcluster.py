@@ -18,7 +18,6 @@ from ..cluster import Clustering, cluster_features
 from ..models import DeepClusterNet
 from ..resume import LoopState
 from ..sampler import uniform_over_clusters
-from ..schedule import sgd
 from . import Context, Method, Plan, StepBatch
 
 
@@ -62,10 +61,6 @@ class DeepCluster(Method):
         order, labels = uniform_over_clusters(clusterings[0].assignments, n, generator)
         first = torch.from_numpy(labels)
         return Plan(order, lambda start, batch: [first[start : start + len(batch)]])
-
-    def head_optimizer(self, model: DeepClusterNet, device: torch.device):
-        t = self.params.train
-        return sgd(model.heads.parameters(), device, t.lr, 0.0, t.weight_decay)
 
     def step_module(self, net: DeepClusterNet) -> nn.Module:
         return Step(net)

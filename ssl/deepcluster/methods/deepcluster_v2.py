@@ -81,6 +81,10 @@ class DeepClusterV2(Method):
         ctx.model.set_prototypes([torch.from_numpy(cl.centroids) for cl in clusterings])
         return clusterings
 
+    def head_optimizer(self, model: DeepClusterNet, device: torch.device) -> None:
+        """None: the prototypes are set by each clustering, not trained by SGD."""
+        return
+
     def plan(self, clusterings: list[Clustering], n: int, generator: torch.Generator) -> Plan:
         """Every image once, in a random order; labels looked up by image id."""
         order = torch.randperm(n, generator=generator).numpy()

@@ -49,7 +49,6 @@ from ..hkmeans import hierarchical_kmeans
 from ..models import DeepClusterNet
 from ..resume import LoopState
 from ..sampler import uniform_over_clusters
-from ..schedule import sgd
 from . import Context, Method, Plan, StepBatch
 
 ROTATIONS = 4  # 0, 90, 180 and 270 degrees
@@ -267,11 +266,6 @@ class DeeperCluster(Method):
         return Plan(
             order, lambda start, batch: [y[start : start + len(batch)] for y in (supers, subs)]
         )
-
-    def head_optimizer(self, model: DeepClusterNet, device: torch.device):
-        """All heads at v1's head rate (the sub-heads' step size: the module's docstring)."""
-        t = self.params.train
-        return sgd(model.heads.parameters(), device, t.lr, 0.0, t.weight_decay)
 
     def step_module(self, net: DeepClusterNet) -> nn.Module:
         return Step(net)
