@@ -494,15 +494,19 @@ def _write_pictures(params: Params, art: Artifacts, images, table: pl.DataFrame,
 
 def saved_features(art: Artifacts) -> tuple[np.ndarray, int, int]:
     """features.npy (memory-mapped), the manifest's row count and the model's embedding width."""
-    rows = pl.scan_parquet(art.manifest).select(pl.len()).collect().item()
-    return np.load(art.features, mmap_mode="r"), rows, saved_params(art.model).model.embed_dim
+    feats = np.load(art.features, mmap_mode="r")
+    return feats, _manifest_rows(art), saved_params(art.model).model.embed_dim
 
 
 def saved_clusters(art: Artifacts) -> tuple[np.ndarray, int, dict[str, float]]:
     """The assignments, the manifest's row count and k with k-means' own figures."""
     clusters = pl.read_parquet(art.assignments, columns=["cluster"])["cluster"].to_numpy()
-    rows = pl.scan_parquet(art.manifest).select(pl.len()).collect().item()
-    return clusters, rows, saved_size_summary(art.clustering, np.zeros(0, dtype=np.int64))
+    kmeans = saved_size_summary(art.clustering, np.zeros(0, dtype=np.int64))
+    return clusters, _manifest_rows(art), kmeans
+
+
+def _manifest_rows(art: Artifacts) -> int:
+    return pl.scan_parquet(art.manifest).select(pl.len()).collect().item()
 
 
 def whitened_features(art: Artifacts) -> np.ndarray:
