@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 import traceback
@@ -30,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from machine import uptime
 from sklearn.decomposition import PCA
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
@@ -37,8 +37,8 @@ from sklearn.metrics import balanced_accuracy_score
 from sklearn.preprocessing import StandardScaler
 
 from deepcluster import pipeline
-from deepcluster.config import load_params
-from deepcluster.curate import Pool, Settings, class_coverage, curate, load_pool
+from deepcluster.config import CurateParams, load_params
+from deepcluster.curate import Pool, class_coverage, curate, load_pool
 from deepcluster.data import load_cache
 from deepcluster.evaluate import pixel_features
 from deepcluster.io import write_json
@@ -68,7 +68,7 @@ def skewed_folder(out: Path, seed: int = 0) -> Path:
 
 def build_features(folder: Path, art: Artifacts, which: str) -> str:
     """features.npy and the clustering in `art`; returns what the features are."""
-    params = load_params(ROOT / "params.yaml", {"cluster.k": K, "train.device": "cpu"})
+    params = load_params(ROOT / "params.yaml", {"cluster.k": K, "compute.device": "cpu"})
     pipeline.ingest(folder, params, art, progress=False)
     if which == "trained":
         try:
@@ -113,7 +113,7 @@ def subsets(pool: Pool, budget: int) -> dict[str, list[np.ndarray]]:
 
 
 def _rows(pool: Pool, budget: int, method: str, seed: int) -> np.ndarray:
-    return curate(pool, Settings(budget=budget, method=method, seed=seed)).subset["row"].to_numpy()
+    return curate(pool, CurateParams(budget=budget, method=method, seed=seed)).subset["row"].to_numpy()
 
 
 def figures(pool: Pool, rows_per_seed: list[np.ndarray]) -> dict[str, float]:
@@ -137,10 +137,6 @@ def table(results: list[dict]) -> str:
             f"{r['accuracy']:.3f} | {r['balanced_accuracy']:.3f} |"
         )
     return "\n".join(lines)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def main() -> None:

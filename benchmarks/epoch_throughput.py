@@ -29,7 +29,6 @@ import io
 import json
 import statistics
 import struct
-import subprocess
 import tempfile
 import time
 import zlib
@@ -39,6 +38,7 @@ import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from machine import uptime
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision.transforms import v2
@@ -310,10 +310,6 @@ def alternate(params: Params, images: np.ndarray, work: Path, conventional, repe
     train(params, images, work / "ours", on_epoch=conventional_epoch, stop_after=repeats + 1,
           progress=False)  # fmt: skip
     return times
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def main() -> None:

@@ -11,28 +11,14 @@ the matmul kernels (avx2, avx512f, avx512_bf16, amx).
 from __future__ import annotations
 
 import argparse
-import subprocess
 import time
-from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
+from machine import cpu_flags, uptime
 
 from deepcluster import cluster, torch_kmeans
-
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return " ".join(f"{f}={'yes' if f in have else 'no'}" for f in FLAGS)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def data(n: int, d: int, k: int, seed: int = 0) -> np.ndarray:

@@ -3,8 +3,8 @@
 DEEPCLUSTER_TEST_COMPUTE="amp=false,threads=1" runs every test that trains under those `compute`
 settings (docs/testing.md): they go into FAST's compute section, into COMPUTE_OVERRIDES for tests
 that load the repo's params.yaml, and so into every params.yaml a test writes for a CLI, DVC or
-Dagster subprocess. With `threads`, OMP_NUM_THREADS follows (unless set), so a subprocess that
-leaves `compute.threads` at auto gets the same count.
+Dagster subprocess. OMP_NUM_THREADS follows `threads` (else the cores; unless set), so every
+process that leaves `compute.threads` at auto gets one fixed count.
 """
 
 from __future__ import annotations
@@ -61,8 +61,13 @@ TEST_COMPUTE = compute_settings(os.environ.get(COMPUTE_ENV, ""))
 FAST["compute"].update(TEST_COMPUTE)
 # `section.key` overrides for tests that train with the repo's params.yaml (load_params)
 COMPUTE_OVERRIDES = {f"compute.{key}": value for key, value in FAST["compute"].items()}
-if isinstance(TEST_COMPUTE.get("threads"), int):
-    os.environ.setdefault("OMP_NUM_THREADS", str(TEST_COMPUTE["threads"]))
+# `threads: auto` follows the machine's load epoch by epoch, while runs the suite compares bit for
+# bit need one count: OMP_NUM_THREADS (which auto obeys) fixes it, at the cores this process may use
+# unless the numerics settings name one
+_threads = TEST_COMPUTE.get("threads")
+os.environ.setdefault(
+    "OMP_NUM_THREADS", str(_threads if isinstance(_threads, int) else len(os.sched_getaffinity(0)))
+)
 
 
 def run_cli(

@@ -55,3 +55,21 @@ def test_non_finite_features_and_too_few_points_are_errors() -> None:
     x[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN or infinity"):
         cluster_features(x, k=2, pca_dim=2)
+
+
+def test_nmi_is_scikit_learns_arithmetic_nmi() -> None:
+    """The numpy NMI (the training loop imports no scikit-learn) against scikit-learn's own, on
+    random, related and degenerate labelings, labels of any dtype among them."""
+    from sklearn.metrics import normalized_mutual_info_score
+
+    rng = np.random.default_rng(0)
+    cases = [([0, 0, 0], [1, 1, 1]), ([0, 1, 2], [0, 0, 0]), ([], []), (["a", "b", "a"], [5, 7, 5])]
+    for _ in range(200):
+        n, ka, kb = int(rng.integers(1, 400)), int(rng.integers(1, 15)), int(rng.integers(1, 15))
+        a = rng.integers(0, ka, n)
+        b = (a + rng.integers(0, 2, n)) % kb if rng.random() < 0.5 else rng.integers(0, kb, n)
+        cases.append((a, b - 3))
+    for a, b in cases:
+        assert abs(nmi(np.array(a), np.array(b)) - normalized_mutual_info_score(a, b)) < 1e-9
+    with pytest.raises(ValueError, match="different lengths"):
+        nmi(np.zeros(3), np.zeros(4))

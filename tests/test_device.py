@@ -8,7 +8,16 @@ import os
 import pytest
 import torch
 
-from deepcluster.device import _glibc, heap_reuse
+from deepcluster.device import (
+    CpuShare,
+    _glibc,
+    cgroup_quota,
+    choose_threads,
+    heap_reuse,
+    other_runnable,
+    retune_threads,
+    threads_for,
+)
 from deepcluster.train import sgd
 
 
@@ -93,3 +102,116 @@ def test_a_onednn_cap_below_avx512_bf16_turns_bf16_autocast_off() -> None:
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, check=False
     )
     assert out.stdout.strip() == "False", out.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# compute.threads: auto on a shared machine
+
+
+@pytest.mark.parametrize(
+    ("share", "threads"),
+    [
+        (CpuShare(cores=2), 2),  # an idle machine: every core
+        (CpuShare(cores=2, others=1.0), 1),  # one busy process: the core left
+        (CpuShare(cores=2, others=0.1), 2),  # a short-lived command now and then is no reason
+        (CpuShare(cores=2, others=0.6), 1),  # half a core taken: a thread would wait for it
+        (CpuShare(cores=2, others=9.0), 1),  # never none
+        (CpuShare(cores=2, quota=1.5), 1),
+        (CpuShare(cores=2, quota=1.9), 2),
+        (CpuShare(cores=64, quota=4.0), 4),
+        (CpuShare(cores=8, processes=4), 2),  # torchrun: the cores shared among the ranks
+        (CpuShare(cores=8, others=6.0, processes=4), 2),  # the three other ranks' threads
+        (CpuShare(cores=8, others=7.0, processes=4), 1),  # ... and one busy process
+    ],
+)
+def test_auto_threads_are_the_cores_nobody_else_is_running_on(share, threads) -> None:
+    assert threads_for(share) == threads
+
+
+@pytest.mark.parametrize(
+    ("files", "cpus"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({}, None),
+    ],
+)
+def test_the_cgroup_cpu_quota_is_read_from_v2_and_v1_files(tmp_path, files, cpus) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    membership = tmp_path / "self-cgroup"
+    membership.write_text("2:cpu,cpuacct:/\n0::/\n")
+    assert cgroup_quota(tmp_path, membership) == cpus
+
+
+def test_a_busy_process_counts_as_another_runnable_one() -> None:
+    import subprocess
+    import sys
+    import time
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # started and spinning
+        assert other_runnable() >= 0.8
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+@pytest.fixture
+def torch_threads():
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_a_number_wins_over_omp_num_threads_which_wins_over_auto(monkeypatch) -> None:
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert choose_threads(5)[0] == 5
+    assert choose_threads("auto") == (3, "OMP_NUM_THREADS")
+
+
+def test_the_recheck_changes_torchs_count_and_says_so_once(torch_threads) -> None:
+    import faiss
+
+    torch.set_num_threads(2)
+    assert retune_threads(1) == "threads 2 -> 1: compute.threads"
+    assert torch.get_num_threads() == 1
+    assert faiss.omp_get_max_threads() == 1  # k-means runs in faiss's own OpenMP pool
+    assert retune_threads(1) is None  # unchanged: nothing to log
+
+
+def test_training_rechecks_the_threads_each_epoch(ingested, tmp_path, torch_threads) -> None:
+    from deepcluster import pipeline, progress
+    from deepcluster.train import train
+    from tests.conftest import fast_params
+
+    manifest, images = pipeline.ingested(ingested)
+    raw = fast_params(train={"epochs": 1}, compute={"threads": 1})
+    params, _ = pipeline.resolve_params(raw, manifest, images)
+    torch.set_num_threads(2)
+    lines: list[str] = []
+    with progress.lines_to(lines.append):
+        train(params, images, tmp_path / "run", progress=True)
+    assert torch.get_num_threads() == 1
+    assert lines[0] == "threads 2 -> 1: compute.threads"
+
+
+def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise() -> None:
+    import subprocess
+    import sys
+
+    probe = "import os, deepcluster; print(os.environ.get('OMP_WAIT_POLICY'))"
+    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+
+    def policy(**extra: str) -> str:
+        run = subprocess.run([sys.executable, "-c", probe], env=clean | extra, capture_output=True,
+                             text=True, check=True)  # fmt: skip
+        return run.stdout.strip()
+
+    assert policy() == "PASSIVE"
+    assert policy(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
+    assert policy(GOMP_SPINCOUNT="300000") == "None"  # libgomp's own default spin, as set

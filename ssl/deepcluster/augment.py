@@ -59,10 +59,12 @@ def photometric(params: AugmentParams, colour: bool, side: int) -> nn.Module:
     Hue, saturation and grayscale only act on colour, so grey data skips them. The blur's width
     follows the image size (SimCLR blurs 224 px images with sigma up to 2).
     """
+    j = params.jitter
+    if not (j > 0 or (colour and params.grayscale > 0) or params.blur > 0 or params.solarize > 0):
+        return nn.Sequential()  # none asked for: no kornia needed (a machine without it trains)
     import kornia.augmentation as K
 
     steps: list[nn.Module] = []
-    j = params.jitter
     if j > 0:
         saturation, hue = (j, min(0.5, j / 4)) if colour else (0.0, 0.0)
         steps.append(K.ColorJitter(j, j, saturation, hue, p=0.8))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
 from .cluster import l2_normalize
@@ -86,6 +85,8 @@ def near_copies(
 
 
 def _dedup_cluster(x: np.ndarray, rows: np.ndarray, threshold: float) -> list:
+    import faiss  # here: importing deepcluster (the training loop) needs no faiss
+
     index = faiss.IndexFlatIP(x.shape[1])
     index.add(x)
     lims, sims, neighbours = index.range_search(x, threshold)  # pairs with similarity > threshold

@@ -1,4 +1,4 @@
-"""Device choice and the hardware speed-ups (bf16 autocast, channels_last), on CUDA and the CPU."""
+"""Device choice, torch's thread count and the hardware speed-ups (bf16 autocast, channels_last)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import ctypes
 import functools
 import os
 import platform
+import sys
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -66,23 +70,142 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last
 
 
-def auto_threads() -> int:
-    """OMP_NUM_THREADS when set, else the cores this process may use, shared among the processes
-    of one run (torchrun sets LOCAL_WORLD_SIZE). More threads than free cores makes torch's
-    threads wait on each other: on a loaded two-core machine one thread was 2-17x faster than
-    two (docs/benchmarks.md)."""
-    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+# A fractional share rounds up when nearly whole (1.8 CPUs -> 2 threads), not when half (1.5 -> 1)
+_SLACK = 0.25
+_LOAD_SAMPLES, _LOAD_GAP_S = 10, 0.005  # about 50 ms per check: a mean, not one instant
+_CGROUP = Path("/sys/fs/cgroup")
+_MEMBERSHIP = Path("/proc/self/cgroup")
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    """What this process may use of the CPU now: the inputs of `threads_for`."""
+
+    cores: int  # CPUs in this process's affinity mask
+    quota: float | None = None  # the cgroup's CPU limit, in CPUs (None: no limit)
+    others: float = 0.0  # runnable threads of other processes on those cores (a mean)
+    processes: int = 1  # processes of one run sharing the cores (torchrun's LOCAL_WORLD_SIZE)
+
+    def reason(self) -> str:
+        parts = [f"{self.others:.1f} other runnable processes"]
+        if self.quota is not None and self.quota < self.cores:
+            parts.append(f"cgroup quota {self.quota:g} CPUs")
+        if self.processes > 1:
+            parts.append(f"{self.processes} processes of this run")
+        return ", ".join(parts)
+
+
+def threads_for(share: CpuShare) -> int:
+    """As many threads as get a core each. torch's threads meet at a barrier after every
+    operation, so one thread waiting for a core stalls them all: beside one busy process, two
+    threads on two cores ran 3.4-3.9x slower than alone (benchmarks/shared_machine.py)."""
+    capacity = share.cores if share.quota is None else min(share.cores, share.quota)
+    fair = capacity / max(1, share.processes)
+    return max(1, int(min(fair, capacity - share.others) + _SLACK))
+
+
+def cgroup_quota(root: Path = _CGROUP, membership: Path = _MEMBERSHIP) -> float | None:
+    """The CPU limit of this process's cgroup in CPUs: v2 `cpu.max`, v1 `cpu.cfs_quota_us`."""
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    limits = []
+    for line in lines:
+        _, controllers, group = line.split(":", 2)
+        group = group.lstrip("/")
+        if controllers == "":
+            folders, names = [root / group, root], ("cpu.max",)
+        elif "cpu" in controllers.split(","):
+            v1 = [root / name for name in ("cpu", "cpu,cpuacct", "cpuacct,cpu")]
+            folders = [f / group for f in v1] + v1
+            names = ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        limits += [q for q in (_read_quota(f, names) for f in folders) if q is not None]
+    return min(limits, default=None)
+
+
+def _read_quota(folder: Path, names: tuple[str, ...]) -> float | None:
+    try:
+        fields = " ".join((folder / name).read_text() for name in names).split()
+        quota, period = fields[0], float(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+    if quota in ("max", "-1") or period <= 0:
+        return None
+    return float(quota) / period
+
+
+def other_runnable() -> float:
+    """Runnable threads of other processes, a mean over a few instants: the kernel's count of
+    runnable threads (/proc/loadavg) less this process's own. Elsewhere: the 1-minute load
+    average less torch's threads."""
+    try:
+        samples = []
+        for _ in range(_LOAD_SAMPLES):
+            running = int(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+            samples.append(max(0, running - _own_running()))
+            time.sleep(_LOAD_GAP_S)
+        return sum(samples) / len(samples)
+    except (OSError, IndexError, ValueError):
+        return max(0.0, os.getloadavg()[0] - torch.get_num_threads())
+
+
+def _own_running() -> int:
+    count = 0
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            stat = (task / "stat").read_text()
+            count += stat[stat.rindex(")") + 2] == "R"  # the state follows the command name
+    return count
+
+
+def cpu_share() -> CpuShare:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    sharing = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (cores or 1) // max(1, sharing))
+    everywhere = os.cpu_count() or 1
+    # the load counts every CPU's threads; on a subset, only its part competes with us
+    others = other_runnable() * min(1.0, (cores or 1) / everywhere)
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return CpuShare(cores or 1, cgroup_quota(), others, max(1, processes))
+
+
+def choose_threads(threads: int | str) -> tuple[int, str]:
+    """`compute.threads` as a count, and why: a number wins, then OMP_NUM_THREADS, then `auto`
+    (the cores and quota this process may use, less the other processes running on them)."""
+    if threads != "auto":
+        return int(threads), "compute.threads"
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"])), "OMP_NUM_THREADS"
+    share = cpu_share()
+    return threads_for(share), share.reason()
+
+
+def auto_threads() -> int:
+    return choose_threads("auto")[0]
 
 
 def set_threads(threads: int | str) -> int:
     """Apply `compute.threads` (auto or a number) to torch's intra-op pool; returns the count."""
-    count = auto_threads() if threads == "auto" else int(threads)
+    return _apply(choose_threads(threads)[0])
+
+
+def retune_threads(threads: int | str) -> str | None:
+    """`set_threads` again, as the load changes (once an epoch); the line to log when the count
+    changed ("threads 2 -> 1: 1.0 other runnable processes"), else None."""
+    before = torch.get_num_threads()
+    count, reason = choose_threads(threads)
+    if _apply(count) == before:
+        return None
+    return f"threads {before} -> {count}: {reason}"
+
+
+def _apply(count: int) -> int:
     if torch.get_num_threads() != count:
         torch.set_num_threads(count)
+    faiss = sys.modules.get("faiss")  # its own OpenMP runtime: k-means would keep the old count
+    if faiss is not None and hasattr(faiss, "omp_set_num_threads"):
+        faiss.omp_set_num_threads(count)
     return count
 
 

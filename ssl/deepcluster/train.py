@@ -28,7 +28,7 @@ from . import methods, resume
 from .autoparams import is_colour
 from .cluster import Clustering, nmi
 from .config import Params
-from .device import autocast, heap_reuse, memory_format, resolve_device, set_threads
+from .device import autocast, heap_reuse, memory_format, resolve_device, retune_threads
 from .embed import ImageSource, compute_features, eval_batch_size
 from .epochs import EpochStats, describe
 from .errors import ParamError, UserError
@@ -237,7 +237,6 @@ def train(
     check_resolution(params.model.arch, images.shape[-1])
     check_clusters(params, len(images))
     device = dist.device_for(resolve_device(params.compute.device), ranks)
-    set_threads(params.compute.threads)
     files.folder.mkdir(parents=True, exist_ok=True)
     method = methods.for_params(params)
     model, optimizer, generator = _build(params, images, device, ranks)
@@ -255,6 +254,8 @@ def train(
     )
     with heap_reuse(device.type == "cpu"):  # CPU steps reuse freed blocks, not fault them in
         for epoch in range(start_epoch, last_epoch):
+            if change := retune_threads(params.compute.threads):  # the load changes
+                say(change, show)
             stats = _epoch(epoch, method, ctx, state, trainer, labels)
             resume.save(files.checkpoint, model, optimizer, generator, state, params, ranks)
             say(describe(stats, t.epochs), show)
