@@ -24,17 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import machine
 import numpy as np
 import yaml
 
-from deepcluster import evaluate, figures, pipeline
+from deepcluster import evaluate, figures, methods, pipeline
 from deepcluster.autoparams import with_resolution
 from deepcluster.cluster import cluster_as_trained
 from deepcluster.config import Params, load_params
@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("DEEPCLUSTER_BENCH_CACHE", Path.home() / ".cache/deepcluster/bench"))
 METRICS = figures.COMPARED
 EMBEDDING = "accuracy_embedding"  # the trained projection at k = classes, no baselines
+ROTATION = "rotation_accuracy"  # DeeperCluster's own figure (methods.Method.figures)
 BASELINES = ("pixels", "random_init")
 
 
@@ -97,6 +98,7 @@ def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:
         cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     views = evaluate.network_views(result.model, ds.images, params, show=False)
     scores = score(views, ds, params)
+    scores |= methods.for_params(params).figures(lambda: result.model, ds.images)
     if os.environ.get("QUALITY_SAVE_FEATURES"):  # a folder: to study the protocol offline
         run = f"{ds.name}-{params.model.method}-{params.train.seed}.npz"
         np.savez(Path(os.environ["QUALITY_SAVE_FEATURES"]) / run, embed=views.clusters,
@@ -105,8 +107,7 @@ def run_training(ds: Dataset, params: Params, on_epoch=None) -> dict:
 
 
 def machine_line() -> str:
-    load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
-    return f"{os.cpu_count()} CPUs; uptime: {load}"
+    return f"{machine.cpu_flags()}; uptime: {machine.uptime()}"
 
 
 def mean_std(values: list[float]) -> str:
@@ -134,12 +135,13 @@ def _settings(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     """Markdown: one row per (set, method); each metric as trained (pixels / random init)."""
-    head = "| set | method | " + " | ".join(METRICS) + f" | {EMBEDDING} | CPU-s |"
-    lines = [head, "|" + " --- |" * (len(METRICS) + 4)]
+    head = "| set | method | " + " | ".join(METRICS) + f" | {EMBEDDING} | {ROTATION} | CPU-s |"
+    lines = [head, "|" + " --- |" * (len(METRICS) + 5)]
     for row in rows:
         cells = [_cell(row, m) for m in METRICS]
-        embedding = row["trained"].get(EMBEDDING)  # absent from results before 2026-11-24
-        cells.append(mean_std(embedding) if embedding else "n/a")
+        for own in (EMBEDDING, ROTATION):  # embedding: absent from results before 2026-11-24
+            values = row["trained"].get(own)
+            cells.append(mean_std(values) if values else "n/a")
         cpu = f"{np.mean(row['cpu_seconds']):.0f}"
         lines.append(f"| {row['set']} | {_settings(row)} | " + " | ".join(cells) + f" | {cpu} |")
     return "\n".join(lines)
@@ -155,13 +157,15 @@ def run_row(name: str, method: str, seeds: list[int], extra: dict) -> dict:
         params = resolved(base, ds)
         out = run_training(ds, params)
         row["trained"][EMBEDDING].append(out[EMBEDDING])
+        if ROTATION in out:
+            row["trained"].setdefault(ROTATION, []).append(out[ROTATION])
         for m in METRICS:
             row["trained"][m].append(out[m])
             for b in BASELINES:
                 row[b][m].append(out[f"{m}_{b}"])
         row["cpu_seconds"].append(out["cpu_seconds"])
         row["wall_seconds"].append(out["wall_seconds"])
-        line = ", ".join(f"{m} {out[m]:.3f}" for m in METRICS)
+        line = ", ".join(f"{m} {out[m]:.3f}" for m in (*METRICS, ROTATION) if m in out)
         print(f"{name} {method} seed {seed}: {line}, {out['cpu_seconds']:.0f} CPU-s", flush=True)
     row["params"] = params.flat()
     return row

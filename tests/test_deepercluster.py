@@ -20,6 +20,7 @@ from torch import nn
 from deepcluster import checkpoint, cluster, hkmeans, pipeline
 from deepcluster.cluster import Clustering, cluster_features, nmi
 from deepcluster.distributed import Ranks
+from deepcluster.embed import ImageSource
 from deepcluster.errors import ParamError
 from deepcluster.hkmeans import HierarchicalClustering, hierarchical_kmeans
 from deepcluster.methods import deepercluster as dc
@@ -164,6 +165,41 @@ def test_the_loss_falls_on_a_fixed_batch() -> None:
         opt.step()
         losses.append(value.item())
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+class _CornerNet(nn.Module):
+    """Embeds an image as its four corners (top-left, bottom-left, bottom-right, top-right): a
+    bright top-left pixel turned counter-clockwise q times lands in corner q."""
+
+    def __init__(self, head: nn.Linear) -> None:
+        super().__init__()
+        self.heads = nn.ModuleList([head])
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([x[:, 0, 0, 0], x[:, 0, -1, 0], x[:, 0, -1, -1], x[:, 0, 0, -1]], 1)
+
+
+def _corner_images(n: int = 10) -> ImageSource:
+    images = np.zeros((n, 1, 8, 8), dtype=np.uint8)
+    images[:, :, 0, 0] = 255
+    return ImageSource(images, torch.device("cpu"))
+
+
+def test_rotation_accuracy_sums_the_angle_over_the_super_clusters() -> None:
+    """A head that reads the angle from the corner, split between S = 2 super-clusters, names
+    every quarter turn; one that ignores its input names one angle, exactly chance."""
+    S = 2
+    knowing = nn.Linear(4, S * dc.ROTATIONS)
+    with torch.no_grad():
+        knowing.weight.zero_(), knowing.bias.zero_()
+        for s in range(S):
+            for r in range(dc.ROTATIONS):  # super-class s * R + r: angle r, weight split by s
+                knowing.weight[s * dc.ROTATIONS + r, r] = 5.0 + s
+    blind = nn.Linear(4, S * dc.ROTATIONS)
+    with torch.no_grad():
+        blind.weight.zero_()
+    assert dc.rotation_accuracy(_CornerNet(knowing), _corner_images(), amp=False) == 1.0
+    assert dc.rotation_accuracy(_CornerNet(blind), _corner_images(), amp=False) == 0.25
 
 
 # ---------------------------------------------------------------------------------------------

@@ -109,6 +109,11 @@ class Method:
     def end_epoch(self, state: LoopState, touched: torch.Tensor, ranks: dist.Ranks) -> None:
         """After the epoch's last step; `touched` (n,) bool: the images this rank trained on."""
 
+    def figures(self, trained: Callable[[], DeepClusterNet], images: np.ndarray) -> dict[str, float]:
+        """Figures of the trained network that only this method gives, for the report;
+        `trained()` loads the network, called only by a method that has such figures."""
+        return {}
+
 
 def for_params(params: Params) -> Method:
     """The method `model.method` names."""

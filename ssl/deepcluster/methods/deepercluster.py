@@ -45,6 +45,8 @@ from torch import nn
 
 from ..cluster import Clustering, identity_whitening
 from ..config import Params
+from ..device import autocast, resolve_device
+from ..embed import ImageSource
 from ..hkmeans import hierarchical_kmeans
 from ..models import DeepClusterNet
 from ..resume import LoopState
@@ -117,6 +119,28 @@ def sub_logits(sub_heads: nn.ModuleList, z: torch.Tensor, super_targets: torch.T
     back = torch.empty_like(order)
     back[order] = torch.arange(len(order), device=order.device)
     return torch.cat(parts)[back]  # rows back in the batch's order
+
+
+@torch.no_grad()
+def rotation_accuracy(
+    net: DeepClusterNet, source: ImageSource, amp: bool, limit: int = 2048, seed: int = 0
+) -> float:
+    """The share of (image, angle) pairs whose quarter turn the super-class head names: up to
+    `limit` images (a fixed sample), each shown whole at all four angles, where training showed
+    one random crop at one random angle. The head's probabilities are summed over the
+    super-clusters to give the angle's. Chance is 0.25."""
+    net.eval()
+    ids = np.sort(np.random.default_rng(seed).permutation(len(source))[:limit])
+    correct = 0
+    for start in range(0, len(ids), 256):
+        x = source.floats(ids[start : start + 256])
+        for q in range(ROTATIONS):
+            turned = rotate(x, torch.full((len(x),), q, dtype=torch.long))
+            with autocast(source.device, amp):
+                logits = net.heads[0](F.relu(net.embed(turned))).float()
+            angles = logits.softmax(1).view(len(x), -1, ROTATIONS).sum(1)  # (B, S, R) -> (B, R)
+            correct += int((angles.argmax(1) == q).sum())
+    return correct / (len(ids) * ROTATIONS)
 
 
 class HierarchicalHeads(nn.Module):
@@ -269,6 +293,14 @@ class DeeperCluster(Method):
 
     def step_module(self, net: DeepClusterNet) -> nn.Module:
         return Step(net)
+
+    def figures(self, trained, images: np.ndarray) -> dict[str, float]:
+        """How well the network tells the rotations apart (`rotation_accuracy`), with rotation."""
+        if not self.params.cluster.rotation:
+            return {}
+        c = self.params.compute
+        source = ImageSource(images, resolve_device(c.device))
+        return {"rotation_accuracy": rotation_accuracy(trained().to(source.device), source, c.amp)}
 
     def forward_loss(self, forward: nn.Module, batch: StepBatch, state: LoopState) -> torch.Tensor:
         rotation = self.params.cluster.rotation
