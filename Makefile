@@ -8,12 +8,16 @@ STAMP := $(VENV)/.installed
 DVC_VENV := .dvc-venv
 DVC := $(DVC_VENV)/bin/dvc
 DVC_STAMP := $(DVC_VENV)/.installed
-# dvc-s3: the S3 remote of deploy/ (docs/deploy.md); tests/test_services.py pushes through it
-DVC_PACKAGES := 'dvc>=3.67,<4' 'dvc-s3>=3.3,<4'
+# dvc-s3: the S3 remote of deploy/ (docs/deploy.md); tests/test_services.py pushes through it.
+# django-js-lib-vega-embed: vega, vega-lite and vega-embed as plain files (no dependencies), which
+# PLOTS_PAGE inlines so that `dvc plots show` draws its charts with no network.
+DVC_PACKAGES := 'dvc>=3.67,<4' 'dvc-s3>=3.3,<4' 'django-js-lib-vega-embed==6.29.0.3'
+# deepcluster.paths.PLOTS_PAGE; DVC reads `plots.html_template` relative to .dvc/
+PLOTS_PAGE := .dvc/plots/offline.html
 export DAGSTER_HOME ?= $(CURDIR)/.dagster
 
 .PHONY: install services-deps data push-data demo dvc-lock dagster serve test test-fast lint clean \
-	test-numerics numerics-grey-learning numerics-others
+	test-numerics numerics-grey-learning numerics-others gpu-wheels
 
 # pip takes torch from this machine's local wheels where they exist; see README "Installing".
 # The services extra (PostgreSQL, S3 and Kubernetes clients, moto) is for deploy/ and its tests.
@@ -29,7 +33,13 @@ $(DVC_STAMP): Makefile
 	$(DVC_VENV)/bin/python -m pip install -q $(DVC_PACKAGES)
 	touch $(DVC_STAMP)
 
-install: $(STAMP) $(DVC_STAMP)
+# DVC's own page loads the chart scripts from a CDN (blank charts offline); this one inlines them
+$(PLOTS_PAGE): $(STAMP) $(DVC_STAMP) ssl/deepcluster/dvcstages.py
+	$(BIN)/python -m deepcluster.dvcstages \
+	  "$$($(DVC_VENV)/bin/python -c 'import js_lib_vega_embed as m; print(m.__path__[0])')"
+	$(DVC) config --local plots.html_template $(patsubst .dvc/%,%,$(PLOTS_PAGE))
+
+install: $(STAMP) $(DVC_STAMP) $(PLOTS_PAGE)
 
 # PostgreSQL's server binaries for tests/test_services.py, from Debian, only when missing and only
 # as root (CI); elsewhere that test skips and says why. `make demo` needs none of it.
@@ -67,7 +77,7 @@ push-data: install
 	@$(PUSH_DATA)
 
 demo: data
-	$(BIN)/python -m orchestration materialize
+	$(BIN)/python -m orchestration materialize --demo
 	@$(PUSH_DATA)
 	@echo
 	@echo "Done. Pictures: artifacts/eval/clusters.png, curves.png, cluster_sizes.png; figures: artifacts/eval/metrics.json"
@@ -122,6 +132,21 @@ test-fast: install
 
 lint: install
 	$(BIN)/ruff check ssl orchestration tests benchmarks deploy
+
+# The wheels that the training loop imports and a bare torch GPU machine may lack (the device tool's:
+# docs/benchmarks.md "GPU check"), at .venv's versions, for CPython 3.11-3.13 on x86-64 Linux;
+# benchmarks/gpu_check.py installs the ones missing there. No faiss: k-means runs in torch.
+GPU_WHEELS := pydantic pydantic-core annotated-types typing-inspection typing-extensions pyyaml tqdm \
+	kornia kornia-rs
+GPU_PLATFORMS := $(foreach p,manylinux_2_28 manylinux_2_17 manylinux2014,--platform $(p)_x86_64)
+gpu-wheels: $(STAMP)
+	rm -rf .gpu-wheels
+	pins="$$($(BIN)/python -c 'import sys, importlib.metadata as m; print(*(f"{d}=={m.version(d)}" for d in sys.argv[1:]))' $(GPU_WHEELS))" && \
+	for v in 3.11 3.12 3.13; do \
+	  $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version $$v \
+	    --implementation cp $(GPU_PLATFORMS) -d .gpu-wheels $$pins || exit 1; \
+	done
+	@du -sh .gpu-wheels
 
 clean:
 	rm -rf artifacts dvc_plots .pytest_cache

@@ -4,6 +4,7 @@ recording what `dvc repro` made, the UI; all on DAGSTER_HOME (default .dagster/)
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,8 @@ from pathlib import Path
 from typing import NoReturn
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_STEP = "checkpoint.train_epochs"
+EPOCH_LINE = re.compile(r"epoch (\d+/\d+)\s")  # epochs.py's line for a finished epoch
 SESSION_ENV = "DEEPCLUSTER_MATERIALIZE_PARENT"  # the supervisor's pid, in the run's own session
 
 
@@ -100,9 +103,21 @@ def stopped_line(signame: str, result) -> str:
         for failure in result.get_step_failure_events():
             data = failure.step_failure_data
             said = data.user_failure_data and data.user_failure_data.description
+            epoch = last_epoch(result.run_id) if failure.step_key == TRAIN_STEP else None
             return f"stopped by {signame} in {failure.step_key}: " + (
-                said or "it published nothing; the steps finished before it stay published")
+                said or "it published nothing; the steps finished before it stay published"
+            ) + (f"; it had finished epoch {epoch}" if epoch else "")
     return f"stopped by {signame}: the steps finished before the stop stay published"
+
+
+def last_epoch(run_id: str) -> str | None:
+    """The last epoch the run's training reported ("3/20"), read back from its event log."""
+    from dagster import DagsterInstance
+
+    with DagsterInstance.get() as instance:
+        said = [m[1] for e in instance.all_logs(run_id) if e.step_key == TRAIN_STEP
+                and (m := EPOCH_LINE.match(e.user_message or ""))]  # fmt: skip
+    return said[-1] if said else None
 
 
 def materialize(args: argparse.Namespace) -> int:
@@ -117,13 +132,12 @@ def materialize(args: argparse.Namespace) -> int:
     home = dagster_home(args)
     from dagster import DagsterInstance
 
-    from deepcluster.config import load_params
-
     from .config import run_config_for
     from .definitions import defs
 
     quiet_log = {"console": {"config": {"log_level": "INFO"}}}  # no step-event chatter
-    run_config = run_config_for(load_params(args.params)) if args.params else {}
+    params = chosen_params(args)
+    run_config = run_config_for(params) if params else {}
     run_config["loggers"] = quiet_log
     loggers = {"console": quiet_after(stop)}
     result = None
@@ -151,15 +165,30 @@ def materialize(args: argparse.Namespace) -> int:
     if result.success:
         print(_record_for_dvc(args))
     print(f"Open the UI with `python -m orchestration dev` (`dg dev` with DAGSTER_HOME={home}),")
-    print("then http://127.0.0.1:3000 -> Assets: eval_report shows the metrics and the pictures.")
+    print("then http://127.0.0.1:3000 -> Assets: eval_report shows the metrics and the pictures."
+          if result.success else f"then http://127.0.0.1:3000 -> Runs -> {result.run_id}.")
     return 0 if result.success else 1
+
+
+def chosen_params(args: argparse.Namespace):
+    """The run's parameters when they are not the repo's params.yaml as it stands (None then):
+    another file, `-S` overrides, or `--demo`'s budget (`deepcluster.config.DEMO`)."""
+    from deepcluster.config import DEMO, load_params, parse_overrides
+
+    overrides = (DEMO if args.demo else {}) | parse_overrides(args.set)
+    if not (args.params or overrides):
+        return None
+    return load_params(args.params or ROOT / "params.yaml", overrides)
 
 
 def _record_for_dvc(args: argparse.Namespace) -> str:
     """dvc.lock describes this run's outputs, when they are the repo's own pipeline's."""
     from .sync import dvc_commit
 
-    if args.params or args.data or args.artifacts:
+    if args.demo:
+        return ("dvc.lock not updated: the demo trains for its own budget (--demo), not params.yaml's;"
+                " `dvc repro` runs params.yaml as it stands")  # fmt: skip
+    if args.params or args.set or args.data or args.artifacts:
         return "dvc.lock not updated: the run used other params, data or artifacts than dvc.yaml"
     problem = dvc_commit()
     if problem:
@@ -198,6 +227,10 @@ def main() -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("materialize", help="materialise every asset and check once")
     run.add_argument("--params", type=Path, help="a params.yaml other than the repo's")
+    run.add_argument("-S", "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                     help="override one parameter for this run, as the CLI's -S")  # fmt: skip
+    run.add_argument("--demo", action="store_true",
+                     help="the demo's training budget (make demo; deepcluster.config.DEMO)")  # fmt: skip
     record = commands.add_parser("sync", help="record dvc repro's outputs as materialisations")
     for command in (run, record):
         command.add_argument("--data", type=Path, help="image folder (default: data/)")
@@ -208,7 +241,13 @@ def main() -> int:
         return dev(extra)
     if extra:
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
-    return sync(args) if args.command == "sync" else materialize(args)
+    from deepcluster.errors import UserError
+
+    try:
+        return sync(args) if args.command == "sync" else materialize(args)
+    except UserError as err:  # a bad -S value or --params file: one line
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

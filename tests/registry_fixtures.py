@@ -9,7 +9,9 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from mlflow.tracking import MlflowClient
 
+from deepcluster import figures, registry
 from deepcluster.paths import Artifacts
 from tests.conftest import build_artifacts, fast_params
 
@@ -29,6 +31,26 @@ def with_metrics(art: Artifacts, folder: Path, **figures) -> Artifacts:
     metrics = {**json.loads(art.metrics.read_text()), **figures}
     copy.metrics.write_text(json.dumps(metrics))
     return copy
+
+
+def clear_of_baselines(art: Artifacts, folder: Path, **figures_: float) -> Artifacts:
+    """`with_metrics` with every baseline figure at the floor of its range, so that only the
+    champion comparison decides: for the tests of that rule, not of the baseline gate
+    (test_registry.py tests the gate on the real figures)."""
+    floors = {
+        f"{key}_{base}": figures.FIGURES[key].lo
+        for key in (*figures.PROBES, *figures.LABEL_FREE)
+        for base in figures.BASELINES
+    }
+    return with_metrics(art, folder, **{**floors, **figures_})
+
+
+def register_as_champion(art: Artifacts, name: str = registry.MODEL_NAME) -> registry.Registration:
+    """Register `art` and hand it `champion` through the registry API, whatever the rule says:
+    for tests that need a champion to load and serve, not a judgement of it."""
+    reg = registry.register_model(art, name=name)
+    MlflowClient().set_registered_model_alias(name, registry.CHAMPION, reg.version)
+    return reg
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,7 @@ from dagster import (
     instance_for_test,
     materialize,
 )
+from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from deepcluster import drift, inbox, pipeline, registry
@@ -48,9 +49,13 @@ TRAIN_PER_CLASS = 100  # the champion's: the first 100 other images of each digi
 
 
 def train_and_register(images: Path, art: Artifacts) -> registry.Registration:
-    """ingest -> train -> features -> cluster -> evaluate -> register, as the CLI does."""
+    """ingest -> train -> features -> cluster -> evaluate -> register, as the CLI does; then the
+    version is made champion through the registry API: these tests need a champion to assign
+    with, and whether two epochs beat the baselines is not what they test."""
     build_artifacts(art, images, PARAMS)
-    return pipeline.register(art)
+    reg = pipeline.register(art)
+    MlflowClient().set_registered_model_alias(reg.name, registry.CHAMPION, reg.version)
+    return reg
 
 
 def write_batch(folder: Path, sources: list[Path], invert: bool) -> Path:
@@ -147,7 +152,7 @@ def test_each_batch_is_assigned_by_the_champion(world, sensed) -> None:
     art, reg = world["art"], world["registration"]
     for batch, run in sensed["runs"].items():
         info = json.loads(art.batch_info(batch).read_text())
-        assert info["model_version"] == reg.version == "1" and reg.promoted
+        assert info["model_version"] == reg.version == "1"
         assert info["model_uri"] == "models:/deepcluster/1" and info["images"] == 150
         table = pl.read_parquet(art.batch_assignments(batch))
         assert table.columns == ["path", "sha256", "cluster", "distance", "embedding"]
@@ -242,7 +247,7 @@ def test_a_batch_without_usable_images_fails_plainly(world, tmp_path) -> None:
 
 def test_predict_prints_the_same_drift_figures(world, sensed, capsys) -> None:
     art = world["art"]
-    table = pl.read_parquet(art.batch_assignments("inverted"))
+    table, _ = registry.predict_files(world["registration"].model_uri, [world["inbox"] / "inverted"])
     report, lines = drift.predicted_drift(table, art, "models:/deepcluster@champion")
     assert report == drift.batch_drift(art, "inverted")
     assert f"images: {report.images}" in lines and lines[-1].startswith(
@@ -257,14 +262,35 @@ def test_drift_is_refused_against_another_training(world, tmp_path) -> None:
         drift.require_same_clustering(drift.reference_from(art).fingerprint, other, "batch x")
 
 
-def test_left_out_distances_undo_the_centroid_fitting_its_own_members() -> None:
+@pytest.mark.numerics
+def test_pure_noise_lies_beyond_the_training_distance(world, sensed) -> None:
+    """60 images of uniform random pixels. The embedding maps them near some centroid (the demo
+    champion put none beyond its 99% distance to the centroid); in the backbone features no
+    training image is as far from its nearest training images (all 60, on both numeric paths
+    measured), while the held-back digits are as far as training images are (1% by construction;
+    0.7-1.3%)."""
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(5, 3))
-    d = ((x - x.mean(0)) ** 2).sum(1)
-    expected = [((x[i] - np.delete(x, i, 0).mean(0)) ** 2).sum() for i in range(5)]
-    assert drift.left_out_distances(d, np.zeros(5, dtype=int)) == pytest.approx(expected)
-    singles = drift.left_out_distances(np.array([0.0, 1.0, 2.0]), np.array([0, 1, 1]))
-    assert singles.tolist() == [4.0, 8.0]  # the one-image cluster says nothing about spread
+    noise = world["inbox"].parent / "noise"
+    noise.mkdir(exist_ok=True)
+    for i in range(60):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(noise / f"{i:02d}.png")
+    table, _ = registry.predict_files(world["registration"].model_uri, [noise])
+    report, lines = drift.predicted_drift(table, world["art"])
+    held = drift.batch_drift(world["art"], "heldback")
+    print(f"\nnoise: {'; '.join(report.lines())}\nheld back: {held.far_share:.1%}")
+    assert report.images == 60 and report.far_share > 0.5, report  # by distance, not sizes alone
+    assert f"beyond the training's {drift.FAR_QUANTILE:.0%} distance" in lines[-1]
+    assert held.far_share < 0.05, held  # near the 1% that training images show
+
+
+def test_kth_distances_leave_each_training_image_out_of_its_own_reference() -> None:
+    points = np.array([[0.0], [1.0], [3.0], [7.0]])
+    # each point's nearest other point: 1, 0, 1, 3
+    assert drift.kth_distances(points, points, k=1, leave_self_out=True).tolist() == [1, 1, 4, 16]
+    assert drift.kth_distances(np.array([[2.0]]), points, k=2).tolist() == [1.0]  # 1 and 3
+    assert drift.kth_distances(points, points, k=1).tolist() == [0, 0, 0, 0]  # itself
+    with pytest.raises(UserError, match="too few training images"):
+        drift.kth_distances(points[:1], points[:1], k=1, leave_self_out=True)
 
 
 def test_js_divergence_and_its_chance_level() -> None:

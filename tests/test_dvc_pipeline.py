@@ -21,7 +21,9 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from deepcluster import dvcstages
 from deepcluster.config import load_params
+from deepcluster.paths import PLOTS_PAGE, VEGA_SCRIPTS
 
 from .conftest import TEST_COMPUTE
 
@@ -186,8 +188,17 @@ def test_repro_runs_every_stage_then_nothing(repo: Repo) -> None:
 
 def test_metrics_and_plots_show(repo: Repo) -> None:
     (workspace,) = json.loads(repo.dvc("metrics", "show", "--json")).values()
-    figures = workspace["data"]["artifacts/eval/metrics.json"]["data"]
-    assert 0 < figures["nmi"] <= 1 and figures["images"] == 1797
+    figures = {Path(path).stem: file["data"] for path, file in workspace["data"].items()}
+    assert {"nmi", "knn_top1", "linear_top1", "shortcut"} <= set(figures)
+    assert set(figures["nmi"]) == {"trained", "random_init", "pixels"}
+    assert 0 < figures["nmi"]["trained"] <= 1
+    everything = json.loads((repo.path / "artifacts/eval/metrics.json").read_text())
+    assert figures["linear_top1"]["pixels"] == everything["linear_top1_pixels"]
+    # a table of figures by model and baselines that an 80-column terminal shows whole
+    table = repo.dvc("metrics", "show").splitlines()
+    assert table[0].split() == ["Path", "pixels", "random_init", "trained"], table
+    rows = [line for line in table if line.startswith("artifacts/eval/scores/")]
+    assert len(rows) == len(figures) and max(map(len, table)) <= 80, table
     out = repo.path.parent / "plots"
     repo.dvc("plots", "show", "-o", str(out))
     page = (out / "index.html").read_text()
@@ -199,6 +210,38 @@ def test_metrics_and_plots_show(repo: Repo) -> None:
     }
 
 
+def vega_package() -> Path:
+    """The installed django-js-lib-vega-embed of .dvc-venv (`make install`), as make finds it."""
+    probe = "import js_lib_vega_embed as m; print(m.__path__[0])"
+    found = subprocess.run(
+        [str(DVC.parent / "python"), "-c", probe], capture_output=True, text=True, check=False
+    )
+    if found.returncode != 0:
+        reason = ".dvc-venv lacks django-js-lib-vega-embed: make install"
+        if os.environ.get("CI"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return Path(found.stdout.strip())
+
+
+def test_plots_show_draws_its_charts_offline(repo: Repo) -> None:
+    """make install's page and setting: the chart scripts inlined, nothing fetched."""
+    package = vega_package()
+    dvcstages.write_plots_page(package, repo.path / PLOTS_PAGE)
+    setting = PLOTS_PAGE.relative_to(".dvc").as_posix()  # DVC reads it relative to .dvc/
+    repo.dvc("config", "--local", "plots.html_template", setting)
+    out = repo.path.parent / "offline"
+    repo.dvc("plots", "show", "-o", str(out))
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert not re.search(r"<script[^>]*\bsrc\s*=", page, re.IGNORECASE)  # no CDN, no file
+    for script in VEGA_SCRIPTS:  # vega, vega-lite and vega-embed, whole
+        assert (package / script).read_text(encoding="utf-8") in page, script
+    assert page.count("vegaEmbed('#") == 3  # the three charts of dvc.yaml
+    history = json.loads((repo.path / "artifacts/eval/history.json").read_text())
+    for row in history:  # the data are in the page: each epoch's loss, as DVC writes numbers
+        assert f'"loss": {json.dumps(row["loss"])}' in page
+
+
 def test_training_is_an_mlflow_run_in_the_default_store(repo: Repo) -> None:
     client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
     run_id = json.loads((repo.path / "artifacts/train/mlflow_run.json").read_text())["run_id"]
@@ -207,9 +250,9 @@ def test_training_is_an_mlflow_run_in_the_default_store(repo: Repo) -> None:
     resolved = {"model.sobel": False, "cluster.super_clusters": 1, "cluster.reassign_every": 1}
     params = load_params(repo.path / "params.yaml", resolved)
     assert run.data.params == {k: str(v) for k, v in params.flat().items()}
-    steps = [m.step for m in client.get_metric_history(run_id, "train/loss")]
+    steps = [m.step for m in client.get_metric_history(run_id, "epoch/loss")]
     assert steps == [1, 2]
-    assert [m.step for m in client.get_metric_history(run_id, "train/nmi_prev")] == [2]
+    assert [m.step for m in client.get_metric_history(run_id, "epoch/nmi_prev")] == [2]
     data_md5 = yaml.safe_load((repo.path / "data.dvc").read_text())["outs"][0]["md5"]
     (dataset,) = run.inputs.dataset_inputs
     assert dataset.dataset.digest == data_md5 == run.data.tags["data_md5"]

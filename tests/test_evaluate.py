@@ -156,3 +156,12 @@ def test_images_of_no_class_are_clustered_but_left_out_of_the_label_figures(
     metrics = json.loads(art.metrics.read_text())
     assert metrics["images"] == 36  # clustered with the rest
     assert len(seen["labels"]) == 30 and NO_CLASS not in set(seen["labels"])
+
+
+def test_knn_agreement_is_high_for_clusters_that_follow_the_space_and_chance_otherwise() -> None:
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(4), 60)
+    blobs = np.eye(8)[groups] * 5 + rng.normal(0, 0.1, (240, 8))
+    assert evaluate.knn_agreement(blobs, groups, 10, seed=0) == 1.0
+    shuffled = evaluate.knn_agreement(blobs, rng.permutation(groups), 10, seed=0)
+    assert 0.1 < shuffled < 0.4  # chance: a quarter

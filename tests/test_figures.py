@@ -25,6 +25,7 @@ EVALUATED = {
     "nmi_k": 0.72, "purity_k": 0.9, "nmi_embedding": 0.69, "accuracy_embedding": 0.74,
     **{f"{key}_{base}": 0.3 for key in figures.PROBES for base in figures.BASELINES},
     "shortcut": -0.002, "shortcut_random_init": 0.3, "shortcut_pixels": 0.4,
+    **{f"{key}{suffix}": 0.5 for key in figures.LABEL_FREE for suffix in ("", "_random_init", "_pixels")},
 }  # fmt: skip
 
 

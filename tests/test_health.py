@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
-from deepcluster import health, pipeline
+from deepcluster import figures, health, pipeline
 from deepcluster.cluster import cluster_features
 from deepcluster.errors import UserError
 from deepcluster.paths import Artifacts
 from deepcluster.train import LoopState
 
 from .conftest import fast_params
+from .test_figures import EVALUATED
 
 
 def test_a_collapsed_clustering_is_seen_before_reseeding_hides_it() -> None:
@@ -88,7 +89,49 @@ def test_training_reacts_to_collapse_and_the_model_is_not_registered(
     metrics = pipeline.evaluate_step(art, params, show=False)
     problems = health.collapse_problems(metrics)
     assert problems and all(re.fullmatch(SYMPTOM, p) for p in problems), metrics
+    # the report says when training collapsed, beside the final clustering's share
+    assert "the collapse guard fired at epochs 1-2 on" in metrics["training_collapse"]
     refused = f"not registering a collapsed model: {re.escape('; '.join(problems))}"
     with pytest.raises(UserError, match=refused):
         pipeline.register(art)
     assert not art.registration.exists()
+
+
+def _history(shares: list[float], guard_at: int | None = None) -> list[dict]:
+    """A training history as train.py writes it; the guard's message as `react` words it."""
+    fired = health.react(health.ClusterHealth(0.62, 0, 72, None), LoopState())
+    return [{"epoch": i, "largest_cluster_share": s, "guard": fired if i == guard_at else None}
+            for i, s in enumerate(shares, start=1)]  # fmt: skip
+
+
+FINAL = {"largest_cluster_share": 0.043, "largest_cluster_share_kmeans": 0.043}
+
+
+@pytest.mark.parametrize(
+    ("method", "why"),
+    [("deepcluster-v2", "memory bank"), ("deepcluster", "PCA-whitened"),
+     ("deepercluster", "two levels")],
+)  # fmt: skip
+def test_the_report_says_when_training_collapsed_and_why_the_final_share_differs(
+    method: str, why: str
+) -> None:
+    note = health.training_collapse_note(_history([0.29, 0.38, 0.45, 0.41, 0.1], 4), FINAL, method)
+    assert note.startswith("During training the collapse guard fired at epoch 4 on “largest "
+                           "cluster holds 62% of the images")  # fmt: skip
+    assert "held up to 45.0% of the images (epoch 3)" in note
+    assert "the final clustering's holds 4.3%" in note and why in note
+    assert note.count(". ") == 1 and note.endswith(".")  # two sentences
+    # metrics.json carries it: the schema takes text there, and only text
+    assert figures.validate({**EVALUATED, "training_collapse": note}, "m")["training_collapse"] == note
+    with pytest.raises(UserError, match="training_collapse = 0.45: must be text$"):
+        figures.validate({**EVALUATED, "training_collapse": 0.45}, "m")
+
+    over = health.training_collapse_note(_history([0.2, 0.7, 0.8, 0.3, 0.6]), FINAL, method)
+    assert "one cluster held over 50% of the images at epochs 2-3, 5" in over
+    assert "guard" not in over and "up to 80.0% of the images (epoch 3)" in over
+
+
+def test_a_healthy_training_adds_nothing_to_the_report() -> None:
+    # 45% in one cluster is below the guard's limit: no collapse, nothing to explain
+    assert health.training_collapse_note(_history([0.29, 0.45, 0.2]), FINAL, "deepcluster-v2") is None
+    assert health.training_collapse_note([], FINAL, "deepcluster") is None

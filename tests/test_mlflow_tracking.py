@@ -12,13 +12,14 @@ import re
 import shutil
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from deepcluster import checkpoint, lineage, pipeline
+from deepcluster import checkpoint, epochs, lineage, pipeline, tracking
 from deepcluster.config import load_params
 from deepcluster.paths import Artifacts
 
@@ -155,7 +156,8 @@ def test_every_cli_training_is_an_mlflow_run(project: Path) -> None:
     resolved = {"model.sobel": False, "cluster.super_clusters": 1, "cluster.reassign_every": 1}
     params = load_params(project / "params.yaml", {"train.epochs": 1, **resolved})
     assert first.data.params == {k: str(v) for k, v in params.flat().items()}
-    assert [m.step for m in client.get_metric_history(first.info.run_id, "train/loss")] == [1]
+    [loss] = epochs.metrics({"loss": 0.0})  # its MLflow name
+    assert [m.step for m in client.get_metric_history(first.info.run_id, loss)] == [1]
     data_md5 = lineage.recorded_md5(project / "data.dvc")[0]
     (dataset,) = first.inputs.dataset_inputs
     assert dataset.dataset.digest == data_md5
@@ -171,10 +173,17 @@ def test_every_cli_training_is_an_mlflow_run(project: Path) -> None:
     second = client.get_run(json.loads(run_file.read_text())["run_id"])
     assert second.info.run_id != first.info.run_id
     assert second.data.params["train.epochs"] == "2"
-    assert [m.step for m in client.get_metric_history(second.info.run_id, "train/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(second.info.run_id, loss)] == [1, 2]
     assert second.data.tags["data_md5"] == data_md5
     experiment = client.get_experiment_by_name("deepcluster")
     assert len(client.search_runs([experiment.experiment_id])) == 2
+
+    # MLflow's charts: a section per prefix before the last "/", sections in name order, the
+    # unprefixed ones after them; the first section must be the curves, not one-value figures
+    sections = sorted({key.rpartition("/")[0] for key in second.data.metrics} - {"", "system"})
+    first_section = {key for key in second.data.metrics if key.startswith(sections[0] + "/")}
+    per_epoch = epochs.metrics({field.name: 1.0 for field in fields(epochs.EpochStats)})
+    assert loss in first_section and first_section <= per_epoch.keys()
 
 
 def test_runs_are_named_sourced_and_stored_beside_the_database(project: Path) -> None:
@@ -200,6 +209,21 @@ def test_runs_are_named_sourced_and_stored_beside_the_database(project: Path) ->
                         run.info.run_name), run.info.run_name  # fmt: skip
     assert run.data.tags["mlflow.source.name"] == "deepcluster train"
     assert any(key.startswith("system/") for key in run.data.metrics)  # CPU, memory meanwhile
+
+
+def test_an_experiment_from_before_the_tag_becomes_a_classic_one(tmp_path, monkeypatch) -> None:
+    """A store whose experiment predates the experimentKind tag gets it on the next run; the
+    links the project prints open MLflow 3's UI in its machine-learning view."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    tracking.use_store()
+    client = MlflowClient(uri)
+    old = client.create_experiment(tracking.EXPERIMENT)
+    assert "mlflow.experimentKind" not in client.get_experiment(old).tags
+    assert tracking.experiment_id() == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    link = tracking.ui_link("http://127.0.0.1:5000/", f"experiments/{old}")
+    assert link == f"http://127.0.0.1:5000/#/experiments/{old}?workflowType=machine_learning"
 
 
 def test_predict_without_a_store_says_so_at_once(tmp_path: Path) -> None:

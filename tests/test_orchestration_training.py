@@ -96,7 +96,7 @@ def test_failed_training_op_is_retried_and_resumes_from_its_checkpoint(
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run = client.get_run(metadata["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["dagster_run_id"] == result.run_id
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "epoch/loss")] == [1, 2]
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
 
@@ -229,6 +229,7 @@ def test_ctrl_c_stops_a_materialisation_in_one_line(digits_subset: Path, tmp_pat
     )
     [line] = rest.splitlines()
     assert line.startswith(STOPPED_TRAINING.format("SIGINT")), rest
+    assert "; it had finished epoch " in line and line.endswith("/60"), line
     assert code == 128 + signal.SIGINT
 
 

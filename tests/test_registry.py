@@ -2,7 +2,9 @@
 forms the model takes, and `deepcluster predict`.
 
 Real models on real digits (registry_fixtures.py) in a private MLflow store. Each rule test
-registers under its own model name, so the tests do not depend on one another.
+registers under its own model name, so the tests do not depend on one another. The tests of the
+champion comparison floor the baseline figures (`clear_of_baselines`); the baseline gate is
+tested on the models' real figures.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from deepcluster.paths import Artifacts
 from deepcluster.serving import EXPECTED_INPUT, InputError
 
 from .conftest import run_cli
-from .registry_fixtures import PARAMS, build, store, with_metrics
+from .registry_fixtures import PARAMS, build, clear_of_baselines, store, with_metrics
 
 pytestmark = pytest.mark.slow  # trains and registers models
 
@@ -55,17 +57,21 @@ def models(store: str, digits_subset: Path, tmp_path_factory: pytest.TempPathFac
 
 @pytest.fixture(scope="module")
 def registered(models: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """`deepcluster`: low, high, then low re-evaluated (other figures beside the same NMI): all
-    three branches of the rule."""
-    again = with_metrics(models["low"], tmp_path_factory.mktemp("again") / "art", knn_top1=0.5)
-    regs = [registry.register_model(art) for art in (models["low"], models["high"], again)]
-    return {**models, "regs": regs}
+    """`deepcluster`: low, high, then low re-evaluated (other figures beside the same NMI), each
+    clear of its baselines: all three branches of the champion comparison."""
+    base = tmp_path_factory.mktemp("registered")
+    arts = [
+        clear_of_baselines(models["low"], base / "low"),
+        clear_of_baselines(models["high"], base / "high"),
+        clear_of_baselines(models["low"], base / "again", knn_top1=0.5),
+    ]
+    return {**models, "arts": arts, "regs": [registry.register_model(art) for art in arts]}
 
 
 def test_an_identical_model_adds_no_version(registered):
     client = MlflowClient()
     count = len(client.search_model_versions("name = 'deepcluster'"))
-    same = registry.register_model(registered["high"])
+    same = registry.register_model(registered["arts"][1])
     assert same.version == registered["regs"][1].version and same.promoted
     assert "already registered as version 2" in same.summary()
     assert len(client.search_model_versions("name = 'deepcluster'")) == count
@@ -81,6 +87,51 @@ def _champion(name: str) -> str | None:
 
 # ---------------------------------------------------------------------------------------------
 # The promotion rule
+
+
+def test_a_model_not_above_doing_nothing_stays_candidate_and_says_why(models):
+    """The untrained network is its own random-init baseline: equal on every figure, so not
+    above it, and never champion, not even as the first version. The reason names the baseline
+    and the figures, in the version's tags and in the one line `register` prints."""
+    untrained = registry.register_model(models["low"], name="gate")
+    assert not untrained.promoted and _champion("gate") is None
+    assert untrained.reason.startswith("not above the random-init network on nmi (")
+    nmi = _metrics(models["low"])["nmi"]
+    assert f"nmi ({nmi:.3f} = {nmi:.3f})" in untrained.reason
+    assert untrained.summary().endswith(f"{untrained.reason}; stays candidate")
+    tags = MlflowClient().get_model_version("gate", untrained.version).tags
+    assert tags["promotion_reason"] == untrained.reason
+    assert (tags["promoted"], tags["beats_baselines"]) == ("false", "false")
+
+    # the same model with baselines it does beat becomes champion: only the gate held it back
+    cleared = registry.register_model(clear_of_baselines(models["low"], models["low"].root.parent
+                                                         / "gate-cleared"), name="gate")  # fmt: skip
+    assert cleared.promoted and cleared.reason == "no champion before"
+    assert MlflowClient().get_model_version("gate", cleared.version).tags["beats_baselines"] == "true"
+
+
+def test_beating_doing_nothing_is_strictly_above_on_each_gated_figure():
+    labelled = {key: 0.8 for key in promotion.LABELLED_GATE} | {"shortcut": 0.9}
+    labelled |= {f"{key}_{base}": 0.5 for key in labelled for base in ("random_init", "pixels")}
+    assert promotion.baseline_shortfalls(labelled) == ()  # shortcut: a warning, not gated
+    labelled |= {"accuracy_random_init": 0.8, "knn_top1_pixels": 0.9, "ari_pixels": 0.8000001}
+    assert promotion.baseline_shortfalls(labelled) == (
+        "not above the random-init network on accuracy (0.800 = 0.800)",
+        "not above raw pixels on ari (0.8 < 0.8000001), knn_top1 (0.800 < 0.900)",
+    )
+    # without labels: the label-free figures against the untrained network (pixels only shown)
+    unlabelled = {"seed_stability": 0.9, "seed_stability_random_init": 0.8, "knn_agreement": 0.5,
+                  "knn_agreement_random_init": 0.6, "seed_stability_pixels": 0.95}  # fmt: skip
+    assert promotion.baseline_shortfalls(unlabelled) == (
+        "not above the random-init network on knn_agreement (0.500 < 0.600)",
+    )
+    assert promotion.baseline_shortfalls({"nmi": 0.9})[0].startswith("not above the random-init "
+                                                                      "network on nmi (no baseline")
+    # a champion recorded below its baselines (set by hand) blocks nothing
+    below = promotion.Record("1", "nmi", 0.9, "m", ("not above raw pixels on nmi",))
+    assert not promotion.judge(below, None).promote
+    verdict = promotion.judge(promotion.Record("2", "nmi", 0.1, "m"), below)
+    assert verdict.promote and verdict.reason == "champion version 1 does not beat its baselines"
 
 
 def test_first_version_is_champion_a_better_one_takes_over_a_worse_one_does_not(registered):
@@ -108,12 +159,12 @@ def test_each_version_is_judged_by_its_own_recorded_value(models, tmp_path):
     y) and registered with z, y < z < x. The champion (x) must stay: comparing z with the run's
     latest metric (y) moved the champion to a worse model."""
     x = _metrics(models["high"])["nmi"]
-    first = registry.register_model(with_metrics(models["high"], tmp_path / "a"), name="own")
+    first = registry.register_model(clear_of_baselines(models["high"], tmp_path / "a"), name="own")
     rescored = with_metrics(models["high"], tmp_path / "b", nmi=x - 0.3)
     tracking.log_evaluation(first.run_id, _metrics(rescored), rescored.eval_dir)
     assert MlflowClient().get_run(first.run_id).data.metrics["eval/nmi"] == pytest.approx(x - 0.3)
 
-    second = registry.register_model(with_metrics(models["high"], tmp_path / "c", nmi=x - 0.1),
+    second = registry.register_model(clear_of_baselines(models["high"], tmp_path / "c", nmi=x - 0.1),
                                      name="own")  # fmt: skip
     assert (first.promoted, second.promoted, second.run_id) == (True, False, first.run_id)
     assert second.champion_value == pytest.approx(x) and _champion("own") == first.version
@@ -127,7 +178,7 @@ def test_nan_never_becomes_champion_and_never_blocks_a_real_one(models, tmp_path
         registry.register_model(nan, name="nan")
     assert MlflowClient().search_registered_models("name = 'nan'") == []
 
-    real = registry.register_model(models["low"], name="nan")
+    real = registry.register_model(clear_of_baselines(models["low"], tmp_path / "real"), name="nan")
     assert real.promoted and _champion("nan") == real.version
 
     # a champion set by hand to a version with no usable value (NaN, a value forged out of its
@@ -138,14 +189,14 @@ def test_nan_never_becomes_champion_and_never_blocks_a_real_one(models, tmp_path
         tags = {"promotion_metric": "nmi", "data_md5": real.data_md5, **recorded} if recorded else {}
         hand = client.create_model_version("nan", real.model_uri, run_id=real.run_id, tags=tags)
         client.set_registered_model_alias("nan", "champion", hand.version)
-        rescored = with_metrics(models["low"], tmp_path / f"worse{index}", nmi=0.01 + index / 100)
+        rescored = clear_of_baselines(models["low"], tmp_path / f"worse{index}", nmi=0.01 + index / 100)
         worse = registry.register_model(rescored, name="nan")
         assert worse.promoted and worse.reason == f"champion version {hand.version} has no usable value"
 
 
 def test_models_of_other_data_are_not_compared(models, tmp_path):
-    champion = registry.register_model(models["high"], name="data")
-    better_elsewhere = with_metrics(models["other"], tmp_path / "other", nmi=0.999)
+    champion = registry.register_model(clear_of_baselines(models["high"], tmp_path / "high"), name="data")
+    better_elsewhere = clear_of_baselines(models["other"], tmp_path / "other", nmi=0.999)
     other = registry.register_model(better_elsewhere, name="data")
     assert champion.data_md5 and other.data_md5 and champion.data_md5 != other.data_md5
     assert not other.promoted and _champion("data") == champion.version
@@ -172,7 +223,7 @@ def test_a_collapsed_model_is_refused(models, tmp_path):
             registry.register_model(collapsed, name="collapsed")
     assert MlflowClient().search_registered_models("name = 'collapsed'") == []
     healthy = {"largest_cluster_share_kmeans": 0.3, "empty_clusters_kmeans": 2, "k": k}
-    assert registry.register_model(with_metrics(models["high"], tmp_path / "ok", **healthy),
+    assert registry.register_model(clear_of_baselines(models["high"], tmp_path / "ok", **healthy),
                                    name="collapsed").promoted  # fmt: skip
 
 
@@ -187,10 +238,10 @@ def test_concurrent_registrations_end_with_the_better_champion(models, tmp_path,
         monkeypatch.setattr(promotion, "local_store_path", lambda uri: None)
         monkeypatch.setattr(promotion, "SETTLE", 0.1)
     base = registry.register_model(
-        with_metrics(models["low"], tmp_path / "c", nmi=0.1), name=name
+        clear_of_baselines(models["low"], tmp_path / "c", nmi=0.1), name=name
     )
-    b_art = with_metrics(models["low"], tmp_path / "b", nmi=0.2)
-    a_art = with_metrics(models["high"], tmp_path / "a", nmi=0.3)
+    b_art = clear_of_baselines(models["low"], tmp_path / "b", nmi=0.2)
+    a_art = clear_of_baselines(models["high"], tmp_path / "a", nmi=0.3)
     results: dict[str, registry.Registration] = {}
     a_thread = threading.Thread(target=lambda: results.update(a=_register(a_art, name)))
     set_alias, started = MlflowClient.set_registered_model_alias, []

@@ -76,11 +76,15 @@ class MlflowTracking(FromEnv, dg.ConfigurableResource):
     def run_url(self, run_id: str) -> str:
         from mlflow.tracking import MlflowClient
 
+        from deepcluster.tracking import ui_link
+
         experiment = MlflowClient(self.tracking_uri).get_run(run_id).info.experiment_id
-        return f"{self.ui_url}/#/experiments/{experiment}/runs/{run_id}"
+        return ui_link(self.ui_url, f"experiments/{experiment}/runs/{run_id}")
 
     def model_url(self, name: str, version: str) -> str:
-        return f"{self.ui_url}/#/models/{name}/versions/{version}"
+        from deepcluster.tracking import ui_link
+
+        return ui_link(self.ui_url, f"models/{name}/versions/{version}")
 
 
 class InboxStore(FromEnv, dg.ConfigurableResource):

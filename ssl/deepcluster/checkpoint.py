@@ -15,6 +15,7 @@ import torch
 
 from .config import TRAINING, Params, params_from_dict
 from .device import memory_format
+from .errors import stop_held
 from .io import atomic_path, write_json
 from .models import DeepClusterNet, build_model
 from .paths import TrainFiles
@@ -35,8 +36,9 @@ def params_fingerprint(params: Params) -> str:
 
 def save(state: dict, path: Path) -> Path:
     """torch.save, atomically. Through a file object: given a path, torch names the archive inside
-    after the (random) temporary file, so equal states would give different bytes."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    after the (random) temporary file, so equal states would give different bytes. A stop waits
+    for the file: torch's writer, interrupted, raises its own error and hides the stop."""
+    with stop_held(), atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
     return path
 

@@ -284,7 +284,8 @@ def register(
     ] = "auto",
     name: Annotated[str, typer.Option(help="Registered model name.")] = "deepcluster",
 ) -> None:
-    """Register the model in MLflow: alias `candidate`; `champion` only if its metric is higher."""
+    """Register the model in MLflow: alias `candidate`; `champion` only if it beats the untrained
+    network and raw pixels and its metric is higher than the champion's."""
     art = _artifacts(artifacts)
     with _writing(art, "register"):
         from . import pipeline
@@ -399,6 +400,7 @@ def _summary(metrics: dict) -> str:
     lines = [f"k={metrics['k']}, largest cluster {metrics['largest_cluster_share']:.1%} of images"]
     lines += [f"{r['metric']:12s} {r['trained']:.3f}   random init {r['random_init']:.3f}   "
               f"raw pixels {r['pixels']:.3f}" for r in beside_baselines(metrics)]  # fmt: skip
+    lines += [metrics["training_collapse"]] if "training_collapse" in metrics else []
     return "\n".join(lines)
 
 

@@ -1,11 +1,13 @@
 """Has a batch of new images drifted from what the model learned? Two figures, each with a limit:
-the far share (images beyond the training's 99th-percentile distance to their centroid, training
-distances taken as if each image were left out of its centroid) and the Jensen-Shannon divergence
-of cluster sizes from the training's, which counts only above its chance level (`js_chance`)."""
+the far share (images farther from their k-th nearest training image, in the network's backbone
+features, than 99% of training images are from theirs) and the Jensen-Shannon divergence of
+cluster sizes from the training's, which counts only above its chance level (`js_chance`)."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -19,42 +21,112 @@ MAX_FAR_SHARE = 0.10  # ten times what training-like images show
 # unseen digits against a 300-image, k=30 training: 0.13 (in-sample k-means); inverted ones: 0.42
 MAX_JS = 0.20
 CHANCE_DRAWS = 400
+# Novelty is the distance to the k-th nearest training image in the L2-normalised backbone
+# features (deep nearest neighbours, Sun et al. 2022). Not the embedding's distance to its
+# centroid: the embedding is what the heads were trained to sort into clusters, so it maps even
+# pure noise near some centroid (demo champion: 0% of 60 noise images beyond its 99% distance).
+NEIGHBOUR = 5
+REFERENCE_IMAGES = 5000  # a seeded sample of the training images, when there are more
+FEATURE_BATCH = 256
 
 
 @dataclass(frozen=True)
 class Reference:
     """What the training looked like: the far distance and the cluster shares."""
 
-    far_distance: float  # FAR_QUANTILE of the training distances to the centroid
+    far_distance: float  # FAR_QUANTILE of the training images' novelty, each left out
     shares: np.ndarray  # (k,) share of training images per cluster
     fingerprint: str  # of the centroids these figures belong to
+    features: np.ndarray | None = None  # (m, d) backbone features novelty is measured against
 
 
 def reference_from(art: Artifacts) -> Reference:
     from .cluster import load_clustering
     from .paths import require
 
-    table = pl.read_parquet(require(art.assignments, "cluster"))
+    table = pl.read_parquet(require(art.assignments, "cluster"), columns=["cluster"])
     _, centroids = load_clustering(require(art.clustering, "cluster"))
-    clusters = table["cluster"].to_numpy()
-    sizes = np.bincount(clusters, minlength=len(centroids))
-    held_out = left_out_distances(table["distance"].to_numpy(), clusters)
-    return Reference(
-        float(np.quantile(held_out, FAR_QUANTILE)), sizes / sizes.sum(), fingerprint(centroids)
+    sizes = np.bincount(table["cluster"].to_numpy(), minlength=len(centroids))
+    model, cache = require(art.model, "train"), require(art.cache, "ingest")
+    features, far = _training_novelty(model, _stamp(model), cache, _stamp(cache))
+    return Reference(far, sizes / sizes.sum(), fingerprint(centroids), features)
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size
+
+
+@functools.lru_cache(maxsize=2)  # one pass of the network per training, not one per batch
+def _training_novelty(model: Path, _model_stamp, cache: Path, _cache_stamp):
+    """The training sample's backbone features and the FAR_QUANTILE of their novelty, each
+    image left out of the reference it is measured against."""
+    images = np.load(cache, mmap_mode="r")
+    chosen = np.sort(np.random.default_rng(0).permutation(len(images))[:REFERENCE_IMAGES])
+    net = _network(model)
+    # read from the memory map a batch at a time: 5,000 large images need not sit in memory
+    features = np.concatenate([backbone_features(net, images[chosen[i : i + FEATURE_BATCH]])
+                               for i in range(0, len(chosen), FEATURE_BATCH)])  # fmt: skip
+    held_out = kth_distances(features, features, leave_self_out=True)
+    return features, float(np.quantile(held_out, FAR_QUANTILE))
+
+
+def _network(model_path: Path):
+    from .checkpoint import load_model
+
+    return load_model(model_path, "cpu")
+
+
+def backbone_features(net, images: np.ndarray) -> np.ndarray:
+    """The conv trunk's output for uint8 images, L2-normalised: where novelty is measured."""
+    import torch
+
+    from .cluster import l2_normalize
+    from .embed import ImageSource, compute_views
+
+    source = ImageSource(np.ascontiguousarray(images), torch.device("cpu"))
+    _, trunk = compute_views(net, source, FEATURE_BATCH, amp=False, progress=False)
+    return l2_normalize(trunk)
+
+
+def kth_distances(
+    queries: np.ndarray, reference: np.ndarray, k: int = NEIGHBOUR, leave_self_out: bool = False
+) -> np.ndarray:
+    """Squared distance of each query to its k-th nearest reference row. `leave_self_out`: the
+    queries are the reference rows themselves, and each one's own row does not count."""
+    k = min(k, len(reference) - leave_self_out)
+    if k < 1:
+        raise UserError("too few training images to measure novelty against")
+    found = []
+    for start in range(0, len(queries), 1024):  # bounded memory: 1024 x m distances at a time
+        q = queries[start : start + 1024]
+        d = (q**2).sum(1)[:, None] - 2 * q @ reference.T + (reference**2).sum(1)[None]
+        if leave_self_out:
+            d[np.arange(len(q)), np.arange(start, start + len(q))] = np.inf
+        found.append(np.partition(d, k - 1, axis=1)[:, k - 1])
+    return np.maximum(np.concatenate(found), 0.0) if found else np.zeros(0)
+
+
+def novelty(art: Artifacts, files: list[Path], ref: Reference) -> np.ndarray:
+    """Each file's squared distance to its k-th nearest training image (`Reference.features`),
+    decoded at the training resolution as the model decodes it."""
+    from .checkpoint import saved_params
+    from .imagefile import (
+        DECODE_ERRORS,
+        ImageLimits,
+        ImageRejected,
+        decode_bytes,
+        read_regular_file,
     )
 
-
-def left_out_distances(distances: np.ndarray, clusters: np.ndarray) -> np.ndarray:
-    """Each squared distance as if its image had not been part of its centroid's mean.
-
-    c' = (n c - x) / (n - 1) gives |x - c'|^2 = (n / (n - 1))^2 |x - c|^2. A single-image cluster
-    says nothing about spread and is left out, unless every cluster is a single image.
-    """
-    n = np.bincount(clusters)[clusters].astype(np.float64)
-    several = n > 1
-    if not several.any():
-        return distances
-    return distances[several] * (n[several] / (n[several] - 1)) ** 2
+    resolution, limits = saved_params(art.model).data.resolution, ImageLimits.from_env()
+    try:
+        images = [decode_bytes(read_regular_file(f, limits), resolution, limits) for f in files]
+    except (ImageRejected, *DECODE_ERRORS) as error:
+        raise UserError(f"cannot read the batch's images again to measure drift: {error}") from None
+    if not images:
+        return np.zeros(0, dtype=np.float32)
+    return kth_distances(backbone_features(_network(art.model), np.stack(images)), ref.features)
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:
@@ -101,7 +173,8 @@ class DriftReport:
         return found
 
     def lines(self) -> list[str]:
-        far = f"beyond the training {FAR_QUANTILE:.0%} distance ({self.far_distance:.4g})"
+        far = (f"beyond the training {FAR_QUANTILE:.0%} distance to the {NEIGHBOUR}th-nearest "
+               f"training image ({self.far_distance:.4g})")  # fmt: skip
         chance = f"chance level for {self.images} images: {self.js_chance:.3f}"
         return [
             f"images: {self.images}",
@@ -114,7 +187,7 @@ class DriftReport:
 
 
 def measure(clusters: np.ndarray, distances: np.ndarray, ref: Reference) -> DriftReport:
-    """The drift figures of one batch, given its cluster ids and distances to the centroid."""
+    """The drift figures of one batch, given its cluster ids and `novelty` distances."""
     clusters, distances = np.asarray(clusters), np.asarray(distances)
     if len(clusters) == 0:
         raise UserError("no images to measure drift on")
@@ -150,8 +223,9 @@ def batch_drift(art: Artifacts, batch: str) -> DriftReport:
     info = json.loads(info_path.read_text())
     ref = reference_from(art)
     require_same_clustering(info["centroids_fingerprint"], ref, f"batch {batch!r}")
-    table = pl.read_parquet(art.batch_assignments(batch), columns=["cluster", "distance"])
-    return measure(table["cluster"].to_numpy(), table["distance"].to_numpy(), ref)
+    table = pl.read_parquet(art.batch_assignments(batch), columns=["path", "cluster"])
+    files = [Path(info["folder"]) / p for p in table["path"]]
+    return measure(table["cluster"].to_numpy(), novelty(art, files, ref), ref)
 
 
 def check_limits(max_far_share: float, max_js: float) -> None:
@@ -167,7 +241,7 @@ def predicted_drift(
     max_far_share: float = MAX_FAR_SHARE,
     max_js: float = MAX_JS,
 ) -> tuple[DriftReport, list[str]]:
-    """Drift of a prediction table (cluster, distance) from the training in `art`; the report
+    """Drift of a prediction table (path, cluster) from the training in `art`; the report
     and its lines, the last one the verdict. With `model_uri`, the model's centroids must be
     those in `art` (else a UserError)."""
     ref = reference_from(art)
@@ -175,7 +249,8 @@ def predicted_drift(
         from .inbox import load_registered
 
         require_same_clustering(load_registered(model_uri).fingerprint, ref, model_uri)
-    report = measure(table["cluster"].to_numpy(), table["distance"].to_numpy(), ref)
+    files = [Path(p) for p in table["path"]]
+    report = measure(table["cluster"].to_numpy(), novelty(art, files, ref), ref)
     problems = report.problems(max_far_share, max_js)
     verdict = (
         "DRIFTED, a reason to retrain: " + "; ".join(problems)

@@ -5,13 +5,16 @@ DVC's description of the pipeline cannot drift from the code. `deepcluster dvc-y
 
 from __future__ import annotations
 
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .config import TRAINING
-from .paths import Artifacts
+from .errors import UserError
+from .paths import PLOTS_PAGE, VEGA_SCRIPTS, Artifacts
 
 REPO_LAYOUT = Artifacts(Path("artifacts"))  # the folder dvc.yaml describes
 
@@ -23,6 +26,9 @@ HEADER = """\
 # A stage lists only the params.yaml sections its step reads; steps after `train` read the
 # parameters the model was trained with from artifacts/train/params.json. Training also logs to
 # MLflow (MLFLOW_TRACKING_URI, default mlflow.db at the repo root): docs/tracking.md.
+# Metrics: artifacts/eval/scores/ holds one file per compared figure (pixels, random_init,
+# trained), so `dvc metrics show` is a table that fits 80 columns; every figure is in
+# eval/metrics.json. `dvc exp diff` compares two experiments in rows (docs/tracking.md).
 """
 
 
@@ -56,9 +62,9 @@ def stages(art: Artifacts = REPO_LAYOUT) -> dict[str, Any]:
         "evaluate": _stage("evaluate", "deepcluster evaluate --quiet",
                            [cache, art.features.parent, art.cluster_dir, art.history,
                             art.published.params, art.run_file],
-                           [art.eval_history, art.cluster_sizes, art.curves_png, art.sizes_png,
-                            art.overview_png, art.grids_dir],
-                           params=["eval"], metrics=[art.metrics.as_posix()],
+                           [art.metrics, art.eval_history, art.cluster_sizes, art.curves_png,
+                            art.sizes_png, art.overview_png, art.grids_dir],
+                           params=["eval"], metrics=[art.scores_dir.as_posix()],
                            desc="figures beside the random-init network and raw pixels; pictures"),
         "register": _stage("register", "deepcluster register --metric auto",
                            [art.model, art.run_file, art.clustering, art.metrics, cache],
@@ -104,3 +110,59 @@ def write(path: Path) -> bool:
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)
     return True
+
+
+# DVC's own page (dvc_render.html.PAGE_HTML) without its `{scripts}` placeholder, where DVC would
+# put <script src> tags for a CDN: the charts were blank offline. The scripts are inlined instead.
+PLOTS_PAGE_HTML = """<!DOCTYPE html>
+<html>
+<head>
+    {refresh_tag}
+    <meta charset="utf-8">
+    <title>DVC Plot</title>
+%s
+    <style>
+        table {
+            border-spacing: 15px;
+        }
+    </style>
+</head>
+<body>
+    {plot_divs}
+</body>
+</html>
+"""
+
+
+def plots_page(package: Path) -> str:
+    """The page `dvc plots show` fills, with the scripts of `package` (the installed
+    django-js-lib-vega-embed) inlined: it draws its charts with no network."""
+    scripts = []
+    for relative in VEGA_SCRIPTS:
+        source = Path(package) / relative
+        if not source.is_file():
+            raise UserError(f"{source} not found: `make install` installs django-js-lib-vega-embed")
+        # "</script" inside a script would end the element early; "<\/" means the same in JS
+        text = source.read_text(encoding="utf-8")
+        code = re.sub(r"</(script)", r"<\\/\1", text, flags=re.IGNORECASE)
+        scripts.append(f"<script>/* {source.name} */\n{code}\n</script>")
+    return PLOTS_PAGE_HTML % "\n".join(scripts)
+
+
+def write_plots_page(package: Path, path: Path = PLOTS_PAGE) -> Path:
+    """Write `plots_page(package)` at `path` (make install: then `plots.html_template`)."""
+    from .io import atomic_path
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(plots_page(package), encoding="utf-8")
+    return Path(path)
+
+
+if __name__ == "__main__":  # make install: the page, from the package folder it names
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m deepcluster.dvcstages DJANGO_JS_LIB_VEGA_EMBED_FOLDER")
+    try:
+        print(write_plots_page(Path(sys.argv[1])))
+    except UserError as error:
+        sys.exit(str(error))

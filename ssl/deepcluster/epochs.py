@@ -8,26 +8,28 @@ from typing import Any
 
 
 def _stat(title: str, metric: str | None = None, shown: str | None = None) -> Any:
-    """A field's title (tables), MLflow metric (logged with step = epoch) and line format."""
+    """A field's title (tables), MLflow metric (logged with step = epoch) and line format.
+    MLflow's charts group metrics by the part before "/" into sections sorted by name: `epoch/`
+    comes before the single-value `eval/` figures, so the training curves are seen first."""
     return field(metadata={"title": title, "metric": metric, "shown": shown})
 
 
 @dataclass
 class EpochStats:
     epoch: int = _stat("epoch")  # 1-based
-    loss: float = _stat("loss", "train/loss", "loss {:.3f}")  # mean pseudo-label cross-entropy
-    kmeans_loss: float = _stat("k-means loss", "train/kmeans_loss", "kmeans {:.2f}")
+    loss: float = _stat("loss", "epoch/loss", "loss {:.3f}")  # mean pseudo-label cross-entropy
+    kmeans_loss: float = _stat("k-means loss", "epoch/kmeans_loss", "kmeans {:.2f}")
     # NMI between this epoch's and the previous epoch's assignments
-    nmi_prev: float | None = _stat("NMI(t-1,t)", "train/nmi_prev", "NMI(t-1,t) {:.3f}")
+    nmi_prev: float | None = _stat("NMI(t-1,t)", "epoch/nmi_prev", "NMI(t-1,t) {:.3f}")
     # NMI against the folder labels, when there are any
-    nmi_labels: float | None = _stat("NMI(labels)", "train/nmi_labels", "NMI(labels) {:.3f}")
-    reseeded: int = _stat("re-seeded", "train/reseeded_clusters")  # empty clusters split
-    lr: float = _stat("lr", "train/lr")  # the trunk's learning rate at the end of the epoch
+    nmi_labels: float | None = _stat("NMI(labels)", "epoch/nmi_labels", "NMI(labels) {:.3f}")
+    reseeded: int = _stat("re-seeded", "epoch/reseeded_clusters")  # empty clusters split
+    lr: float = _stat("lr", "epoch/lr")  # the trunk's learning rate at the end of the epoch
     # as k-means left it, before empty clusters were re-seeded
     largest_cluster_share: float = _stat(
-        "largest cluster", "train/largest_cluster_share", "largest {:.1%}"
+        "largest cluster", "epoch/largest_cluster_share", "largest {:.1%}"
     )
-    seconds: float = _stat("seconds", "train/epoch_seconds", "{:.1f}s")
+    seconds: float = _stat("seconds", "epoch/seconds", "{:.1f}s")
     guard: str | None = field(  # what the cluster-health guard did, if anything
         default=None, metadata={"title": "guard", "metric": None, "shown": "GUARD: {}"}
     )

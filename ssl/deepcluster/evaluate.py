@@ -217,6 +217,55 @@ def shortcut_figures(
     return shortcut.scores(shortcut.statistics_groups(stats, seed), clusters)
 
 
+AGREEMENT_QUERIES = 2000  # images whose neighbours `knn_agreement` reads: enough for 2 decimals
+
+
+def knn_agreement(space: np.ndarray, ids: np.ndarray, k: int, seed: int) -> float:
+    """Share of an image's k nearest neighbours in its own cluster, over a seeded sample of
+    images, in `space`, where k-means saw them: clusters that follow the space's own
+    neighbourhoods score high, without labels."""
+    f = l2_normalize(np.asarray(space, dtype=np.float32))
+    k = max(1, min(k, len(f) - 1))
+    rng = np.random.default_rng(seed)
+    queries = np.sort(rng.choice(len(f), min(len(f), AGREEMENT_QUERIES), replace=False))
+    agree = 0
+    for rows in np.array_split(queries, -(-len(queries) // 256)):  # 256 x n similarities at once
+        sims = f[rows] @ f.T
+        sims[np.arange(len(rows)), rows] = -np.inf  # an image is not its own neighbour
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        agree += int((ids[top] == ids[rows, None]).sum())
+    return agree / (len(queries) * k)
+
+
+def label_free_figures(
+    views: dict[str, Views], clusters: dict[str, np.ndarray], params: Params
+) -> dict[str, float]:
+    """What a folder without labels can say about each set's `clusters` at the training k:
+    `seed_stability`, the NMI between them and the same features clustered from another seed,
+    and `knn_agreement`. The baselines get both, so promotion can ask the model to beat the
+    untrained network's (`promotion.baseline_shortfalls`)."""
+    seed = params.train.seed
+    other = params.model_copy(update={"train": params.train.model_copy(update={"seed": seed + 1})})
+    out: dict[str, float] = {}
+    for name, view in views.items():
+        suffix = "" if name == "trained" else f"_{name}"
+        again, space = _recluster(name, view, other)
+        out[f"seed_stability{suffix}"] = nmi(clusters[name], again)
+        out[f"knn_agreement{suffix}"] = knn_agreement(space, clusters[name], params.eval.knn_k, seed)
+    return out
+
+
+def _recluster(name: str, view: Views, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """`view` clustered as `baseline_clusters` does, from `params`' seed, and the space k-means
+    saw (a network's: whitened as training does; the pixels: raw)."""
+    if name == "pixels":
+        c = params.cluster
+        x = np.ascontiguousarray(view.clusters, dtype=np.float32)
+        return _cluster_ids(x, int(c.k), None, params.train.seed, False, c.kmeans_redo), x
+    clustering = cluster_as_trained(view.clusters, params)
+    return clustering.assignments, clustering.whitening.apply(view.clusters)
+
+
 def compare(
     feature_sets: dict[str, Views],
     labels: np.ndarray,
@@ -270,8 +319,8 @@ def against_baselines(
     trained: Callable[[], Views],
     show: bool = True,
 ) -> dict[str, float]:
-    """The shortcut score of the trained `clusters` beside the untrained network's and the pixels';
-    with labels, every probe on the three (`trained()` is only embedded then), the images of no
+    """The shortcut score and the label-free figures of the trained `clusters` beside the
+    untrained network's and the pixels'; with labels, every probe on the three, the images of no
     class left out."""
     baselines = {
         "random_init": network_views(random_init_network(params, images), images, params, show),
@@ -279,10 +328,12 @@ def against_baselines(
     }
     ids = {"trained": clusters, **baseline_clusters(baselines, params)}
     out = shortcut_figures(images, manifest, ids, params.train.seed)
+    every = {"trained": trained(), **baselines}
+    out |= label_free_figures(every, ids, params)
     if labels is None:
         return out
     keep = with_class(labels)
-    views = {name: v.rows(keep) for name, v in {"trained": trained(), **baselines}.items()}
+    views = {name: v.rows(keep) for name, v in every.items()}
     return out | compare(views, labels[keep], params, {n: c[keep] for n, c in ids.items()}, show)
 
 

@@ -22,8 +22,12 @@ class Figure:
     baseline: bool = False  # measured on the untrained network or on raw pixels
     labelled: bool = False  # only written when the folder layout gives labels
     nullable: bool = False  # null when it cannot be measured (one epoch: no NMI(t-1, t))
+    optional: bool = False  # written only by some methods or only when there is something to say
+    text: bool = False  # a sentence for people, written only when there is something to say
 
     def rule(self) -> str:
+        if self.text:
+            return "must be text"
         kind = "a whole number" if self.whole else "a finite number"
         upper = "" if math.isinf(self.hi) else f"..{self.hi:g}"
         return f"must be {kind} in {self.lo:g}{upper}" + (" or null" if self.nullable else "")
@@ -39,6 +43,10 @@ COUNT = Figure(0, whole=True)
 PROBES = {"nmi": SCORE, "ari": ARI, "accuracy": SCORE, "knn_top1": SCORE, "linear_top1": SCORE,
           "nmi_k": SCORE, "purity_k": SCORE}  # fmt: skip
 BASELINES = ("random_init", "pixels")
+# label-free, written with or without labels for the model and both baselines: NMI between two
+# k-means seeds, share of kNN in the image's own cluster (what promotion compares without labels)
+LABEL_FREE = {"seed_stability": Figure(0, 1, higher_is_better=True),
+              "knn_agreement": Figure(0, 1, higher_is_better=True)}  # fmt: skip
 
 FIGURES: dict[str, Figure] = {
     "k": Figure(1, whole=True),
@@ -52,15 +60,22 @@ FIGURES: dict[str, Figure] = {
     **PROBES,
     "nmi_embedding": SCORE,
     "accuracy_embedding": SCORE,
+    # DeeperCluster: the super-class head names the quarter turn (chance 0.25); no labels needed
+    "rotation_accuracy": Figure(0, 1, higher_is_better=True, optional=True),
     **{f"{key}_{base}": Figure(f.lo, f.hi, higher_is_better=True, baseline=True, labelled=True)
        for key, f in PROBES.items() for base in BASELINES},
+    **LABEL_FREE,
+    **{f"{key}_{base}": Figure(f.lo, f.hi, higher_is_better=True, baseline=True)
+       for key, f in LABEL_FREE.items() for base in BASELINES},
     # how much the clusters follow colour, brightness and size (AMI; below 0 by chance)
     "shortcut": Figure(-1, 1, higher_is_better=False),
     **{f"shortcut_{base}": Figure(-1, 1, higher_is_better=False, baseline=True)
        for base in BASELINES},
+    # training's clusters collapsed at some epoch: when, and why the final ones differ (health.py)
+    "training_collapse": Figure(0, text=True, optional=True),
 }  # fmt: skip
 # every figure measured for the model and for both baselines, in the order reports show them
-COMPARED = (*PROBES, "shortcut")
+COMPARED = (*PROBES, "shortcut", *LABEL_FREE)
 
 
 def beside_baselines(metrics: dict) -> list[dict]:
@@ -131,7 +146,7 @@ def validate(metrics: Any, source: Path | str) -> dict[str, Any]:
     if unknown:
         raise UserError(f"{source}: {unknown[0]!r} is not a figure evaluate writes "
                         "(deepcluster/figures.py lists them)")  # fmt: skip
-    missing = [key for key, f in FIGURES.items() if not f.labelled and key not in metrics]
+    missing = [k for k, f in FIGURES.items() if not (f.labelled or f.optional) and k not in metrics]
     if missing:
         raise UserError(f"{source}: {missing[0]} is missing: run `deepcluster evaluate` again")
     for key, value in metrics.items():
@@ -144,6 +159,8 @@ def validate(metrics: Any, source: Path | str) -> dict[str, Any]:
 
 
 def _fits(figure: Figure, value: Any) -> bool:
+    if figure.text:
+        return isinstance(value, str)
     if value is None:
         return figure.nullable
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -8,6 +8,7 @@ cluster). The same limits decide the asset check and whether a model may be regi
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,61 @@ def react(health: ClusterHealth, state) -> str | None:
         f"collapse ({'; '.join(health.problems)}): clustered again from other seeds, "
         f"learning rate now x{state.lr_scale:g}"
     )
+
+
+GUARD_REASON = re.compile(r"collapse \((?P<reason>.*)\): clustered again")
+# what training clustered, per method, against the final clustering (`cluster.cluster_as_trained`)
+TRAINING_CLUSTERED = {
+    "deepcluster-v2": "the memory bank, the embeddings of each image's augmented crops from the "
+    "epoch before (the untrained network's at epoch 1), while the final clustering is spherical "
+    "k-means on the final model's embeddings of the plain images",
+    "deepcluster": "the PCA-whitened embeddings of the network as it was at that epoch, while the "
+    "final clustering is the same k-means on the final model's",
+    "deepercluster": "the embeddings of the network as it was at that epoch, in two levels "
+    "(super-clusters, then clusters within each), while the final clustering is one PCA-whitened "
+    "k-means at k on the final model's",
+}
+
+
+def training_collapse_note(history: list[dict], metrics: dict, method: str) -> str | None:
+    """Two sentences when training's clusters collapsed at some epoch (the guard fired, or k-means'
+    largest cluster passed MAX_LARGEST_SHARE): when, the largest share, the final clustering's and
+    why they differ. None when the history shows no such epoch."""
+
+    def share(entry: dict) -> float:
+        return entry.get("largest_cluster_share") or 0.0
+
+    fired = [e for e in history if e.get("guard")]
+    over = [e for e in history if share(e) > MAX_LARGEST_SHARE]
+    if not fired and not over:
+        return None
+    said = []
+    if fired:
+        reasons = [m["reason"] for e in fired if (m := GUARD_REASON.match(e["guard"]))]
+        said.append(f"the collapse guard fired at {_epochs(fired)}"
+                    + (f" on \u201c{reasons[0]}\u201d" if reasons else ""))  # fmt: skip
+    if over:
+        said.append(f"one cluster held over {MAX_LARGEST_SHARE:.0%} of the images at {_epochs(over)}")
+    peak = max(history, key=share)
+    final = metrics.get("largest_cluster_share_kmeans", metrics.get("largest_cluster_share", 0.0))
+    return (
+        f"During training {' and '.join(said)}; the largest cluster of the clusterings training "
+        f"used held up to {share(peak):.1%} of the images (epoch {peak['epoch']}), the final "
+        f"clustering's holds {final:.1%}. They differ because training clustered "
+        f"{TRAINING_CLUSTERED.get(method, TRAINING_CLUSTERED['deepcluster'])}."
+    )
+
+
+def _epochs(entries: list[dict]) -> str:
+    """'epoch 4' or 'epochs 2-4, 9'."""
+    runs: list[list[int]] = []
+    for n in sorted(e["epoch"] for e in entries):
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    spans = ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
+    return ("epoch " if len(entries) == 1 else "epochs ") + spans
 
 
 SHORTCUT_FLOOR = 0.2  # shortcut AMI below this: the clusters barely follow trivial statistics

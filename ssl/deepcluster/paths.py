@@ -12,6 +12,14 @@ from pathlib import Path
 
 LOCK_SUFFIX = ".lock"  # a lock file is the name it guards plus this
 
+# `dvc plots show`'s page with the chart scripts inlined (dvcstages.write_plots_page, run by
+# `make install`); DVC reads its `plots.html_template` setting relative to .dvc/
+PLOTS_PAGE = Path(".dvc") / "plots" / "offline.html"
+# the scripts it inlines, as the PyPI package django-js-lib-vega-embed ships them: vega 5,
+# vega-lite 5 and vega-embed 6, the versions DVC's plot templates are written for
+VEGA_SCRIPTS = tuple(f"static/js_lib_vega_embed/{name}.js"
+                     for name in ("vega5", "vega-lite5", "vega-embed6"))  # fmt: skip
+
 
 @dataclass(frozen=True)
 class TrainFiles:
@@ -165,6 +173,14 @@ class Artifacts:
     @property
     def metrics(self) -> Path:
         return self.eval_dir / "metrics.json"
+
+    @property
+    def scores_dir(self) -> Path:
+        """One small file per figure, the model beside its baselines (`dvc metrics show`)."""
+        return self.eval_dir / "scores"
+
+    def score_file(self, figure: str) -> Path:
+        return self.scores_dir / f"{figure}.json"
 
     @property
     def eval_history(self) -> Path:

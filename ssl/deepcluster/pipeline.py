@@ -19,31 +19,13 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from . import (
-    autoparams,
-    data,
-    distributed,
-    evaluate,
-    health,
-    io,
-    lineage,
-    lock,
-    plots,
-    progress,
-    sources,
-    tracking,
-)
-from .checkpoint import load, load_model, params_fingerprint, saved_params
-from .cluster import cluster_as_trained, load_clustering, save_clustering, saved_size_summary
+# torch (~2 s), MLflow (~4 s) and scikit-learn (~1.5 s) are imported inside the steps that use
+# them, so ingest, `deepcluster --help` and Dagster's definitions start without them
+from . import autoparams, data, io, lineage, lock, progress, sources
 from .config import Params
-from .device import resolve_device, set_threads
-from .embed import ImageSource, compute_features, eval_batch_size
 from .epochs import EpochStats
 from .errors import UserError
 from .paths import Artifacts, TrainFiles, require
-from .resume import check_resumable
-from .train import check_clusters
-from .train import train as train_loop
 
 # The library modules each step runs. Dagster's code versions and dvc.yaml's `deps` both come
 # from this table (tests/test_dvc_dagster_graph.py keeps dvc.yaml in step with it).
@@ -55,7 +37,7 @@ STEP_CALLS: dict[str, tuple[str, ...]] = {
     "train": ("train", "cluster", "health", "checkpoint", "autoparams", "embed"),
     "features": ("embed", "checkpoint", "device"),
     "cluster": ("cluster",),
-    "evaluate": ("evaluate", "plots", "cluster", "embed", "shortcut"),
+    "evaluate": ("evaluate", "plots", "cluster", "embed", "shortcut", "scores"),
     "register": ("registry", "serving", "promotion", "figures"),
     "curate": ("curate", "dedup", "plots"),
     "assign": ("inbox", "data", "imagefile", "drift"),
@@ -238,6 +220,8 @@ def resolve_training(
     params: Params, art: Artifacts, manifest: pl.DataFrame, images: np.ndarray
 ) -> tuple[Params, dict[str, str]]:
     """The experiment's parameters resolved against the ingested data (and its cache's side)."""
+    from .train import check_clusters
+
     side = images.shape[-1]
     if params.data.resolution not in ("auto", side):
         raise UserError(
@@ -266,6 +250,11 @@ def train(
     it). A failed or stopped run leaves the published model untouched. Under torchrun every
     process trains; rank 0 alone holds the lock, prepares the staging folder, tracks the run and
     publishes (the others wait for it at the start and the end)."""
+    from . import distributed
+    from .device import resolve_device
+    from .resume import check_resumable
+    from .train import train as train_loop
+
     ranks = distributed.start(resolve_device(params.compute.device))
     try:
         with lock.writing(art, "train") if ranks.main else contextlib.nullcontext():
@@ -310,6 +299,8 @@ class TrainingRun:
 
 def _open_run(art, params, manifest, notes, callbacks, tags, source, dvc_file) -> TrainingRun:
     """The training's MLflow run: the recorded data version, what each `auto` became and why."""
+    from . import tracking
+
     tracking.use_store()
     version = lineage.recorded_version(art, dvc_file, manifest)  # of the manifest trained on
     run_tags = {**(tags or {}), **{f"auto/{key}": note for key, note in notes.items()}}
@@ -324,6 +315,8 @@ def _stage(art: Artifacts, params: Params, fresh: bool, images: str) -> None:
 
     Either only on the images it was trained on (`images`: the manifest's digest, recorded in the
     staging folder and so published with the model): a run on other images is another run."""
+    from .checkpoint import load, params_fingerprint
+
     if fresh and art.staging_dir.exists():
         shutil.rmtree(art.staging_dir)
     art.staging_dir.mkdir(parents=True, exist_ok=True)
@@ -360,6 +353,8 @@ def _trained_on(files: TrainFiles) -> str | None:
 
 
 def _staged_history(art: Artifacts) -> list[dict]:
+    from .checkpoint import load
+
     return load(art.checkpoint)["history"] if art.checkpoint.exists() else []
 
 
@@ -369,6 +364,8 @@ def _staged_history(art: Artifacts) -> list[dict]:
 
 def model_params(art: Artifacts, params: Params) -> Params:
     """The model's own parameters, with the caller's `eval` and `compute` sections."""
+    from .checkpoint import saved_params
+
     trained = saved_params(require(art.model, "train"))
     return trained.model_copy(
         update={"eval": params.eval, "curate": params.curate, "compute": params.compute}
@@ -377,12 +374,18 @@ def model_params(art: Artifacts, params: Params) -> Params:
 
 def model_run(art: Artifacts) -> str:
     """The model's MLflow run, which every step after training logs into."""
+    from . import tracking
+
     tracking.use_store()
     return tracking.run_for(art)
 
 
 def features(art: Artifacts, params: Params, show: bool = True) -> np.ndarray:
     """Embeddings of every image under the final model (features.npy, one row per manifest row)."""
+    from .checkpoint import load_model
+    from .device import resolve_device, set_threads
+    from .embed import ImageSource, compute_features, eval_batch_size
+
     with lock.writing(art, "features"):
         p = model_params(art, params)
         _, images = ingested(art)
@@ -421,6 +424,8 @@ class ClusterSummary:
 def cluster(art: Artifacts, params: Params) -> ClusterSummary:
     """Cluster the final embeddings the way training did; one row per image: path, label,
     cluster, distance to its centroid. Centroids and whitening go to clustering.npz."""
+    from .cluster import cluster_as_trained, save_clustering
+
     with lock.writing(art, "cluster"):
         p = model_params(art, params)
         feats = np.load(require(art.features, "features"))
@@ -443,6 +448,10 @@ def cluster(art: Artifacts, params: Params) -> ClusterSummary:
 
 def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool = True) -> dict:
     """metrics.json, the history and the pictures under eval/; logged into the model's MLflow run."""
+    from . import health, methods, scores, tracking
+    from .checkpoint import load_model
+    from .cluster import saved_size_summary
+
     with lock.writing(art, "evaluate"):
         p = model_params(art, params)
         manifest, images = ingested(art)
@@ -453,8 +462,11 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
         metrics["images"] = len(assignments)
         metrics["nmi_stability"] = history[-1]["nmi_prev"] if history else None
         metrics |= _compare(art, p, manifest, images, assignments, labels_of(table), show)
+        metrics |= methods.for_params(p).figures(lambda: load_model(require(art.model, "train")), images)
         for warning in health.shortcut_problems(metrics, p):
             progress.say(f"warning: {warning}", show)
+        if note := health.training_collapse_note(history, metrics, p.model.method):
+            metrics["training_collapse"] = note  # the clusters collapsed during training
         _write_pictures(p, art, images, table, history)
         io.write_json(art.eval_history, history)
         sizes = np.bincount(assignments, minlength=int(p.cluster.k))
@@ -462,6 +474,7 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
             art.cluster_sizes, [{"cluster": i, "size": int(s)} for i, s in enumerate(sizes)]
         )
         io.write_json(art.metrics, metrics)
+        scores.write(art, metrics)  # the figures by model and baselines: `dvc metrics show`
     if log:
         tracking.use_store()
         tracking.log_evaluation(tracking.run_for(art), metrics, art.eval_dir)
@@ -470,6 +483,8 @@ def evaluate_step(art: Artifacts, params: Params, show: bool = True, log: bool =
 
 def _compare(art, params, manifest, images, assignments, labels, show) -> dict:
     """The trained clusters and network beside both baselines (`evaluate.against_baselines`)."""
+    from . import evaluate
+    from .checkpoint import load_model
 
     def trained() -> evaluate.Views:
         return evaluate.network_views(load_model(require(art.model, "train")), images, params, show)
@@ -478,6 +493,8 @@ def _compare(art, params, manifest, images, assignments, labels, show) -> dict:
 
 
 def _write_pictures(params: Params, art: Artifacts, images, table: pl.DataFrame, history) -> None:
+    from . import plots
+
     ids = table["cluster"].to_numpy()
     dist = table["distance"].to_numpy()
     e, k = params.eval, int(params.cluster.k)
@@ -494,12 +511,16 @@ def _write_pictures(params: Params, art: Artifacts, images, table: pl.DataFrame,
 
 def saved_features(art: Artifacts) -> tuple[np.ndarray, int, int]:
     """features.npy (memory-mapped), the manifest's row count and the model's embedding width."""
+    from .checkpoint import saved_params
+
     feats = np.load(art.features, mmap_mode="r")
     return feats, _manifest_rows(art), saved_params(art.model).model.embed_dim
 
 
 def saved_clusters(art: Artifacts) -> tuple[np.ndarray, int, dict[str, float]]:
     """The assignments, the manifest's row count and k with k-means' own figures."""
+    from .cluster import saved_size_summary
+
     clusters = pl.read_parquet(art.assignments, columns=["cluster"])["cluster"].to_numpy()
     kmeans = saved_size_summary(art.clustering, np.zeros(0, dtype=np.int64))
     return clusters, _manifest_rows(art), kmeans
@@ -511,12 +532,16 @@ def _manifest_rows(art: Artifacts) -> int:
 
 def whitened_features(art: Artifacts) -> np.ndarray:
     """features.npy as k-means saw it: PCA-whitened and L2-normalised."""
+    from .cluster import load_clustering
+
     whitening, _ = load_clustering(art.clustering)
     return whitening.apply(np.load(art.features))
 
 
 def saved_metrics(art: Artifacts) -> tuple[dict, Params | None]:
     """metrics.json and the parameters the model was trained with (None: no model)."""
+    from .checkpoint import saved_params
+
     params = saved_params(art.model) if art.model.exists() else None
     return json.loads(art.metrics.read_text()), params
 
@@ -526,10 +551,11 @@ def saved_metrics(art: Artifacts) -> tuple[dict, Params | None]:
 
 
 def register(art: Artifacts, metric: str = "auto", name: str = "deepcluster", tags=None):
-    """A new registry version of the model (alias candidate; champion if it is better), unless
-    this very model (weights, clustering, figures) is already registered: then that version is
-    reported and none is added. registered.json records the outcome."""
-    from . import registry
+    """A new registry version of the model (alias candidate; champion if it beats both baselines
+    and the champion), unless this very model (weights, clustering, figures) is already
+    registered: then that version is reported and none is added. registered.json records the
+    outcome; `reg.summary()`, the step's one line, names any baseline it did not beat."""
+    from . import registry, tracking
 
     with lock.writing(art, "register"):
         tracking.use_store()
@@ -546,6 +572,7 @@ def curate(art: Artifacts, settings, log: bool = True):
     """A subset for labelling (subset, duplicates, summary, contact sheets under curate/),
     logged into the model's MLflow run."""
     from . import curate as curation
+    from . import tracking
 
     with lock.writing(art, "curate"):
         result = curation.curate_step(art, settings)
@@ -558,7 +585,7 @@ def curate(art: Artifacts, settings, log: bool = True):
 def assign_batch(art: Artifacts, folder: Path, batch: str, model_uri: str):
     """One incoming batch folder: validated as at ingest, embedded and assigned by a registered
     model (the champion by default); its table under inbox/<batch>/."""
-    from . import inbox
+    from . import inbox, tracking
 
     tracking.use_store(create=False)
     loaded = inbox.load_registered(model_uri)

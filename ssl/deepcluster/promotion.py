@@ -1,6 +1,6 @@
 """Which registered version holds `champion`: the rule (`judge`) and the guard around setting it.
-The rule reads the tags each version recorded at registration, never its run's metrics: a version
-without a usable value neither wins nor blocks, only the same data md5 and metric compare, then
+A version must first beat doing nothing (`baseline_shortfalls`); then the recorded tags decide: a
+value that is not usable neither wins nor blocks, only the same data md5 and metric compare, and
 strictly better wins. MLflow aliases have no compare-and-set: `promote` holds `promotion_lock`."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from .errors import UserError
 CANDIDATE, CHAMPION = "candidate", "champion"
 TAG_METRIC, TAG_VALUE, TAG_DATA = "promotion_metric", "promotion_value", "data_md5"
 TAG_PROMOTED, TAG_REASON = "promoted", "promotion_reason"
+TAG_BASELINES = "beats_baselines"  # "true"/"false": above the untrained network and raw pixels
 TAG_DIGEST = "model_digest"  # sha256 of the registered weights, clustering and figures
 TAG_LOCK = "promotion_lock"  # registered-model tag of `registry_mutex`, present only while held
 LOCK_TIMEOUT = 120.0  # seconds to wait for another registration's decision (it takes < 1 s)
@@ -43,6 +44,7 @@ class Record:
     metric: str | None
     value: float | None  # None when missing or NaN
     data_md5: str | None
+    shortfalls: tuple[str, ...] = ()  # where it is not above a baseline: never champion
 
     @classmethod
     def of(cls, client: MlflowClient, version) -> Record:
@@ -55,6 +57,7 @@ class Record:
             metric=metric,
             value=figures.usable(metric, _number(tags.get(TAG_VALUE))),
             data_md5=tags.get(TAG_DATA) or _run_data_md5(client, version.run_id),
+            shortfalls=("not above its baselines",) if tags.get(TAG_BASELINES) == "false" else (),
         )
 
 
@@ -71,12 +74,16 @@ def judge(new: Record, champion: Record | None) -> Verdict:
     def verdict(promote: bool, reason: str) -> Verdict:
         return Verdict(promote, reason, champion)
 
+    if new.shortfalls:
+        return verdict(False, "; ".join(new.shortfalls))
     if new.value is None:
         return verdict(False, f"its {new.metric} is not a number, which never becomes champion")
     if champion is None:
         return verdict(True, "no champion before")
     if champion.value is None:
         return verdict(True, f"champion version {champion.version} has no usable value")
+    if champion.shortfalls:  # set by hand, or by a release before this rule
+        return verdict(True, f"champion version {champion.version} does not beat its baselines")
     if new.data_md5 is None:
         return verdict(False, "its run has no data_md5 tag, so its data cannot be compared")
     if champion.data_md5 != new.data_md5:
@@ -119,6 +126,50 @@ def promote(client: MlflowClient, name: str, new: Record) -> Verdict:
             if _champion_version(client, name) == new.version:
                 return verdict
     return Verdict(False, "the champion kept changing during registration; not moved", champion)
+
+
+BASELINE_NAMES = {"random_init": "the random-init network", "pixels": "raw pixels"}
+# with labels, what a model must beat both baselines on: every class-level figure the report shows
+LABELLED_GATE = tuple(figures.PROBES)
+
+
+def baseline_shortfalls(metrics: dict) -> tuple[str, ...]:
+    """Where the model does not beat doing nothing (strictly above), one entry per baseline, e.g.
+    "not above the random-init network on accuracy (0.853 < 0.879), ari (0.754 < 0.765)".
+
+    With labels: `LABELLED_GATE` (NMI, ARI, accuracy, kNN, linear probe, nmi_k, purity_k) against
+    the random-init network and raw pixels. Without: the label-free figures (`figures.LABEL_FREE`:
+    seed stability, kNN agreement) against the random-init network; raw pixels, clustered raw,
+    win those on 300 digits even against a v1 model above both on NMI, ARI, accuracy, kNN and
+    linear. A missing baseline figure counts as not beaten; the collapse guard runs before."""
+    labelled = metrics.get("nmi") is not None
+    compared = LABELLED_GATE if labelled else tuple(figures.LABEL_FREE)
+    rows = [row for row in figures.beside_baselines(metrics) if row["metric"] in compared]
+    if not rows:
+        return ("metrics.json has none of " + ", ".join(compared),)
+    found = []
+    for base in BASELINE_NAMES if labelled else ("random_init",):
+        short = [_short(row["metric"], row["trained"], row[base]) for row in rows
+                 if row[base] is None or not row["trained"] > row[base]]  # fmt: skip
+        if short:
+            found.append(f"not above {BASELINE_NAMES[base]} on {', '.join(short)}")
+    return tuple(found)
+
+
+def _short(metric: str, value: float, base: float | None) -> str:
+    if base is None:
+        return f"{metric} (no baseline figure)"
+    shown, base_shown = _apart(value, base)
+    return f"{metric} ({shown} {'=' if value == base else '<'} {base_shown})"
+
+
+def _apart(value: float, base: float) -> tuple[str, str]:
+    """Both figures to 3 decimals, or as many as it takes to tell them apart."""
+    for digits in (3, 6):
+        shown = f"{value:.{digits}f}", f"{base:.{digits}f}"
+        if shown[0] != shown[1] or value == base:
+            return shown
+    return repr(value), repr(base)
 
 
 def current_champion(client: MlflowClient, name: str) -> Record | None:

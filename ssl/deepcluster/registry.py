@@ -1,7 +1,8 @@
 """Registering the trained model in MLflow and deciding which version is `champion`.
 A version bundles the trunk weights, the whitening and centroids and this library's source, so it
 loads with or without `deepcluster` installed. A collapsed model, or a metrics file its schema
-(`figures`) refuses, is not registered. Rule: `promotion`; what the loaded model does: `serving`."""
+(`figures`) refuses, is not registered; one that does not beat its baselines stays candidate.
+Rule: `promotion`; what the loaded model does: `serving`."""
 
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -28,6 +28,7 @@ from .predict import collect_images, predict_files, write_predictions
 from .promotion import (
     CANDIDATE,
     CHAMPION,
+    TAG_BASELINES,
     TAG_DATA,
     TAG_DIGEST,
     TAG_METRIC,
@@ -35,9 +36,10 @@ from .promotion import (
     TAG_REASON,
     TAG_VALUE,
     Record,
+    baseline_shortfalls,
     promote,
 )
-from .serving import PREDICT_BATCH, SIGNATURE, DeepClusterModel, training_resolution
+from .serving import PREDICT_BATCH, SIGNATURE, DeepClusterModel, input_example, training_resolution
 
 # names other modules and older bundled models import from here
 __all__ = [
@@ -125,7 +127,9 @@ def register_model(
     `run_id` defaults to the run recorded by training (`tracking.run_for`). `metric` is one of
     `figures.PROMOTION_METRICS` (higher is better); "auto" picks NMI against labels when there
     are labels, else the NMI between the last two epochs' clusterings. metrics.json is checked
-    against its schema (`deepcluster.figures`) before any of it is used.
+    against its schema (`deepcluster.figures`) before any of it is used. A model that is not
+    above the random-init network and raw pixels (`promotion.baseline_shortfalls`) stays
+    candidate, the figures it fell short on in its `promotion_reason` tag.
     """
     if metric != "auto":
         figures.require_promotable(metric)
@@ -133,6 +137,7 @@ def register_model(
     refuse_collapsed(metrics, art.metrics)
     metric = resolve_metric(metric, metrics)
     value = float(metrics[metric])
+    shortfalls = baseline_shortfalls(metrics)
     digest = model_digest(art)
     client = MlflowClient()
     existing = _version_with_digest(client, name, digest)
@@ -142,11 +147,12 @@ def register_model(
     data_md5 = _run_tag(client, run_id, TAG_DATA)
     info = log_pyfunc(art, run_id)
     # the version's own record, written with it in one call: what promotion compares
-    own = {TAG_METRIC: metric, TAG_VALUE: repr(value), TAG_DIGEST: digest}
+    own = {TAG_METRIC: metric, TAG_VALUE: repr(value), TAG_DIGEST: digest,
+           TAG_BASELINES: str(not shortfalls).lower()}  # fmt: skip
     own |= {TAG_DATA: data_md5} if data_md5 else {}
     version = str(mlflow.register_model(info.model_uri, name, tags={**(tags or {}), **own}).version)
     client.set_registered_model_alias(name, CANDIDATE, version)
-    verdict = promote(client, name, Record(version, metric, value, data_md5))
+    verdict = promote(client, name, Record(version, metric, value, data_md5, shortfalls))
     client.set_model_version_tag(name, version, TAG_PROMOTED, str(verdict.promote).lower())
     client.set_model_version_tag(name, version, TAG_REASON, verdict.reason)
     champion = verdict.champion
@@ -259,8 +265,8 @@ def _library_copy(tmp: Path) -> str:
     return str(target)
 
 
-def _input_example(art: Artifacts) -> pd.DataFrame:
-    """One training image, PNG-encoded as a client would send it."""
+def _input_example(art: Artifacts) -> dict:
+    """One training image, PNG-encoded and in base64 as a server's caller sends it."""
     from PIL import Image
 
     from .data import load_cache
@@ -268,7 +274,7 @@ def _input_example(art: Artifacts) -> pd.DataFrame:
     image = np.asarray(load_cache(art.cache)[0]).transpose(1, 2, 0)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    return pd.DataFrame({"image": [buffer.getvalue()]})
+    return input_example(buffer.getvalue())
 
 
 def _requirements() -> list[str]:

@@ -36,10 +36,18 @@ EXPECTED_INPUT = (
     "or ['a.png', 'b.png'] with params={'allow_paths': True}"
 )
 
-# No input schema: MLflow would drop a plain list's unnamed column before `predict` saw it, so
-# the model checks its input itself and answers with EXPECTED_INPUT.
+# The inputs are described for the registry and for callers, but MLflow must not enforce them: it
+# would drop a plain list's unnamed column, base64-decode `image` before the size limits, and
+# answer type errors by repeating the whole input. A signature "from type hints" is one MLflow
+# leaves to the model to check (as_frame does, with EXPECTED_INPUT); a server then takes JSON
+# `{"inputs": {"image": [...]}}`.
 SIGNATURE = ModelSignature(
-    inputs=None,
+    inputs=Schema(
+        [
+            ColSpec("string", "image", required=False),  # encoded image bytes, base64 over JSON
+            ColSpec("string", "path", required=False),  # a file (allow_paths or a serve root)
+        ]
+    ),
     outputs=Schema(
         [
             ColSpec("long", "cluster"),
@@ -49,11 +57,32 @@ SIGNATURE = ModelSignature(
     ),
     params=ParamSchema([ParamSpec(ALLOW_PATHS, "boolean", False)]),
 )
+SIGNATURE._is_signature_from_type_hint = True
+
+
+def input_example(encoded: bytes) -> dict[str, list[str]]:
+    """One image as a server's caller sends it (MLflow keeps it as the model's serving example)."""
+    return {"image": [base64.b64encode(encoded).decode("ascii")]}
+
 
 _log = logging.getLogger(__name__)
 
 
-class InputError(MlflowException, UserError):
+class OneLineError(MlflowException):
+    """An error that keeps its one line: MLflow's scoring server rewrites the message of an error
+    from `predict` to `Failed to predict data '<the input>'. Error: ...`, repeating the caller's
+    input (megabytes of base64) before the reason. `message` here is always the reason."""
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+    @message.setter
+    def message(self, _rewritten: str) -> None:
+        pass  # set by MlflowException.__init__ and by the server's rewrite; args hold the reason
+
+
+class InputError(OneLineError, UserError):
     """Bad input from the caller: HTTP 400 from a server, one line from the CLI."""
 
     def __init__(self, message: str) -> None:
@@ -82,10 +111,10 @@ class DeepClusterModel(mlflow.pyfunc.PythonModel):
         except InputError:
             raise
         except UserError as error:  # the operator's settings (limits), not the caller's input
-            raise MlflowException(str(error), error_code=INTERNAL_ERROR) from None
+            raise OneLineError(str(error), error_code=INTERNAL_ERROR) from None
         except Exception as error:  # a bug: no internals to the caller, all of them to the log
             _log.exception("prediction failed")
-            raise MlflowException(
+            raise OneLineError(
                 "prediction failed: internal error (details in the model server's log)",
                 error_code=INTERNAL_ERROR,
             ) from error
@@ -152,6 +181,8 @@ def as_frame(model_input) -> pd.DataFrame:
             frame = pd.DataFrame({key: _column(value) for key, value in model_input.items()})
         except ValueError:  # columns of different lengths
             raise InputError(f"{EXPECTED_INPUT}; got columns of different lengths") from None
+    elif _records(model_input):  # JSON `{"inputs": [{"image": ...}, ...]}`
+        frame = pd.DataFrame(list(model_input))
     elif isinstance(model_input, (str, bytes, os.PathLike)):
         return _unnamed([model_input])
     elif isinstance(model_input, (list, tuple, pd.Series, np.ndarray)):
@@ -167,6 +198,10 @@ def as_frame(model_input) -> pd.DataFrame:
     if frame.empty:
         return _unnamed([])
     raise InputError(f"{EXPECTED_INPUT}; got columns {[str(c) for c in frame.columns]}")
+
+
+def _records(value) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, dict) for v in value)
 
 
 def _column(value):

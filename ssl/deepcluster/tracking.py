@@ -27,7 +27,6 @@ from mlflow.utils.mlflow_tags import (
 )
 
 from . import data, epochs, lineage, lock
-from .checkpoint import params_fingerprint, saved_params
 from .config import Params
 from .errors import Stopped, UserError
 from .io import write_json
@@ -40,6 +39,10 @@ for _chatty in ("mlflow.store.db.utils", "mlflow.system_metrics", "alembic.runti
 
 EXPERIMENT = "deepcluster"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # not a GenAI experiment
+# MLflow 3.17's UI shows every experiment in its GenAI view (traces, "Detect Issues") unless the
+# browser switched the sidebar to "Machine learning" or the link asks for it; the tag above no
+# longer decides it there, so every link this project prints asks
+UI_VIEW = "?workflowType=machine_learning"
 EVAL_PREFIX = "eval/"
 PROJECT_MARKERS = ("params.yaml", "dvc.yaml")
 
@@ -100,12 +103,21 @@ def experiment_id(name: str = EXPERIMENT) -> str:
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
     if found:
+        for key, value in EXPERIMENT_KIND.items():  # a store from before the tag
+            if found.tags.get(key) != value:
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     location = _artifact_location(mlflow.get_tracking_uri())
     try:
         return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except mlflow.exceptions.MlflowException:
         return client.get_experiment_by_name(name).experiment_id
+
+
+def ui_link(ui_url: str, route: str) -> str:
+    """A link into `mlflow ui` at `ui_url` (e.g. route `models/deepcluster/versions/3`) that opens
+    in the classic view whatever the browser last chose."""
+    return f"{ui_url.rstrip('/')}/#/{route}{UI_VIEW}"
 
 
 def run_name(params: Params, data_md5: str) -> str:
@@ -122,6 +134,8 @@ def start_training_run(
     source: str = "deepcluster train",
 ) -> str:
     """Open a run for a training: params, lineage tags and the images as its dataset input."""
+    from .checkpoint import params_fingerprint  # torch (~2 s): logging a curation needs none
+
     commit = lineage.git_commit()
     run_tags = {
         MLFLOW_RUN_NAME: run_name(params, data_version.md5),
@@ -301,6 +315,8 @@ def run_for(art: Artifacts) -> str:
 
 def _adopt(art: Artifacts, origin: str | None) -> str:
     """A run for a model trained elsewhere: its own params, lineage and history."""
+    from .checkpoint import saved_params
+
     params = saved_params(art.model)
     version = lineage.recorded_version(art)
     tags = {"origin_run_id": origin or "unknown"}

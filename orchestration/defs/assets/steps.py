@@ -115,6 +115,7 @@ def eval_report(config: EvalConfig, artifacts: ArtifactStore, compute: ComputeRe
                                       for c, n in largest.iter_rows()}),
         "mlflow_run_id": run_id, "mlflow_run": dg.MetadataValue.url(mlflow.run_url(run_id)),
         **md.figures(metrics),
+        **{key: metrics[key] for key in ("training_collapse",) if key in metrics},
         "path": md_path(str(art.metrics)),
     })  # fmt: skip
 
@@ -123,7 +124,8 @@ def eval_report(config: EvalConfig, artifacts: ArtifactStore, compute: ComputeRe
 def registered_model(context: dg.AssetExecutionContext, config: RegisterConfig,
                      artifacts: ArtifactStore, mlflow: MlflowTracking) -> dg.MaterializeResult:
     """The model as an MLflow pyfunc version of `deepcluster`: alias `candidate`, and `champion`
-    when its metric beats the current champion's (the first version is champion)."""
+    when it beats the untrained network and raw pixels and its metric beats the current
+    champion's (the first such version is champion); `reason` says why or why not."""
     art = artifacts.layout
     with user_errors_fail_plainly():
         reg = pipeline.register(art, metric=config.metric, name=config.name,
@@ -131,7 +133,7 @@ def registered_model(context: dg.AssetExecutionContext, config: RegisterConfig,
     context.log.info(reg.summary())
     return dg.MaterializeResult(metadata={
         "model_uri": reg.model_uri, "version": int(reg.version), "aliases": ", ".join(reg.aliases),
-        "promoted": reg.promoted, "metric": reg.metric,
+        "promoted": reg.promoted, "reason": reg.reason, "metric": reg.metric,
         "champion_before": reg.champion_before or "none",
         **md.figures({"value": reg.value, "champion_value": reg.champion_value}),
         "mlflow_run_id": reg.run_id,

@@ -45,13 +45,15 @@ def run_training(context: dg.OpExecutionContext, extras: dict, nproc: int) -> li
     with dg.open_pipes_session(context=context, extras=extras,
                                context_injector=dg.PipesTempFileContextInjector(),
                                message_reader=dg.PipesTempFileMessageReader()) as session:
-        process = subprocess.Popen(training_command(nproc), cwd=ROOT, start_new_session=True,
-                                   env={**os.environ, **session.get_bootstrap_env_vars()})
-        try:
+        process = None
+        try:  # a stop while the process starts (a fork takes seconds) is a stop, never retried
+            process = subprocess.Popen(training_command(nproc), cwd=ROOT, start_new_session=True,
+                                       env={**os.environ, **session.get_bootstrap_env_vars()})
             code = process.wait()
         except (dg.DagsterExecutionInterruptedError, KeyboardInterrupt):
             context.log.info("run terminated: stopping the training process group")
-            _stop_group(process)
+            if process is not None:
+                _stop_group(process)
             raise dg.Failure("training stopped: the Dagster run was terminated (its MLflow run is "
                              "KILLED; the staged checkpoint is kept for `resume: true`)",
                              allow_retries=False) from None
