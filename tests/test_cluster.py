@@ -71,5 +71,8 @@ def test_nmi_is_scikit_learns_arithmetic_nmi() -> None:
         cases.append((a, b - 3))
     for a, b in cases:
         assert abs(nmi(np.array(a), np.array(b)) - normalized_mutual_info_score(a, b)) < 1e-9
+    for _ in range(50):  # a labeling against itself, renamed: exactly 1 (loops test == 1.0)
+        a = rng.integers(0, int(rng.integers(2, 300)), int(rng.integers(2, 3000)))
+        assert nmi(a, a) == 1.0 and nmi(a, rng.permutation(a.max() + 1)[a]) == 1.0
     with pytest.raises(ValueError, match="different lengths"):
         nmi(np.zeros(3), np.zeros(4))

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from deepcluster import dvcstages
+from deepcluster import dvcstages, promotion
 from deepcluster.config import load_params
 from deepcluster.paths import PLOTS_PAGE, VEGA_SCRIPTS
 
@@ -183,7 +183,11 @@ def test_repro_runs_every_stage_then_nothing(repo: Repo) -> None:
     assert stages_run(repo.second) == []
     assert "Data and pipelines are up to date." in repo.second
     registered = json.loads((repo.path / "artifacts/register/registered.json").read_text())
-    assert registered["version"] == "1" and registered["aliases"] == ["candidate", "champion"]
+    # champion only if two epochs beat both baselines (promotion's gate); the first version else
+    metrics = json.loads((repo.path / "artifacts/eval/metrics.json").read_text())
+    shortfalls = promotion.baseline_shortfalls(metrics)
+    assert registered["version"] == "1"
+    assert registered["aliases"] == ["candidate"] + ([] if shortfalls else ["champion"])
 
 
 def test_metrics_and_plots_show(repo: Repo) -> None:
@@ -260,8 +264,7 @@ def test_training_is_an_mlflow_run_in_the_default_store(repo: Repo) -> None:
     assert run.data.tags["git_commit"] == repo.head_at_repro
     assert run.data.metrics["eval/nmi"] > 0
     assert "eval/metrics.json" in {a.path for a in client.list_artifacts(run_id, "eval")}
-    version = client.get_model_version_by_alias("deepcluster", "champion")
-    assert version.run_id == run_id
+    assert client.get_model_version("deepcluster", "1").run_id == run_id
 
 
 def test_push_then_pull_into_a_fresh_clone_restores_everything(repo: Repo) -> None:
@@ -284,9 +287,11 @@ def test_a_changed_param_reruns_only_the_stages_downstream(repo: Repo) -> None:
     output = repo.dvc("exp", "run", "-S", "eval.knn_k=5")
     assert stages_run(output) == ["evaluate", "register", "dagster"]
     registered = json.loads((repo.path / "artifacts/register/registered.json").read_text())
-    # same model, same NMI: a tie does not move `champion`
+    # same model, same NMI: a tie does not move `champion` (nor does the baselines' gate)
     assert registered["version"] == "2" and registered["aliases"] == ["candidate"]
-    assert registered["champion_before"] == "1"
+    client = MlflowClient(f"sqlite:///{repo.path / 'mlflow.db'}")
+    first = client.get_model_version("deepcluster", "1")
+    assert registered["champion_before"] == ("1" if "champion" in first.aliases else None)
 
 
 def test_registering_an_unchanged_model_adds_no_version(repo: Repo) -> None:

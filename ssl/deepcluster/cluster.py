@@ -287,16 +287,16 @@ def nmi(a: np.ndarray, b: np.ndarray) -> float:
     _, ia = np.unique(a, return_inverse=True)
     _, ib = np.unique(b, return_inverse=True)
     ka, kb = int(ia.max(initial=-1)) + 1, int(ib.max(initial=-1)) + 1
-    if ka == kb and ka <= 1:
-        return 1.0  # neither labeling splits the data: a perfect match, as scikit-learn says
     codes, cells = np.unique(ia.astype(np.int64) * kb + ib, return_counts=True)
+    if len(codes) == ka == kb:
+        return 1.0  # one renames the other (or neither splits the data): exactly 1, as sklearn
     n, cells = float(a.size), cells.astype(np.float64)
     rows, cols = np.bincount(ia, minlength=ka), np.bincount(ib, minlength=kb)
     outer = rows[codes // kb].astype(np.float64) * cols[codes % kb]  # n_i n_j of each cell
     mi = float(max(np.sum(cells / n * (np.log(cells) + np.log(n) - np.log(outer))), 0.0))
     if mi == 0.0:
         return 0.0
-    return mi / ((_entropy(rows) + _entropy(cols)) / 2)
+    return min(1.0, mi / ((_entropy(rows) + _entropy(cols)) / 2))
 
 
 def _entropy(counts: np.ndarray) -> float:
