@@ -131,13 +131,13 @@ def test_auto_chooses_the_sobel_layer_by_the_images(learned) -> None:
 
 
 def test_deepercluster_tells_the_quarter_turns_apart(learned) -> None:
-    """The rotation accuracy is reported for DeeperCluster only, far above chance (0.25): 0.87 to
-    0.93 on the digits over three seeds (docs/learning.md), so the margin leaves a wide room."""
+    """The rotation accuracy is reported for DeeperCluster only, far above chance (0.25): 0.65 to
+    0.69 on MNIST-5k and 0.87 to 0.93 on the digits over three seeds (docs/learning.md)."""
     case, _, m = learned
     if CASES[case][1] != "deepercluster":
         assert "rotation_accuracy" not in m
         return
-    assert m["rotation_accuracy"] > 0.25 + 0.4, m["rotation_accuracy"]
+    assert m["rotation_accuracy"] > 0.25 + 0.2, m["rotation_accuracy"]
 
 
 def test_a_model_above_both_baselines_becomes_champion(learned) -> None:
