@@ -4,8 +4,8 @@
 
 Each arm trains the digits (params.yaml's defaults, a few epochs) in its own process, alone and
 then beside a `while True: pass` process; the median epoch's `seconds` is compared. `auto` is
-`compute.threads: auto` as shipped (load-aware, passive OpenMP waits); `old` is the former rule
-(all the cores, libgomp's default spinning wait). Fair sharing of the cores costs 2x; collapse is
+`compute.threads: auto` as shipped (load-aware, re-checked each epoch); `old` is the former rule
+(all the cores); `auto_passive` adds OpenMP's passive wait (tried: slower alone, not kept). Fair sharing of the cores costs 2x; collapse is
 more. The last lines are `shared_ratio_auto X.XX` and `shared_ratio_old X.XX`.
 """
 
@@ -20,28 +20,16 @@ import sys
 import tempfile
 from pathlib import Path
 
+from machine import cpu_flags, uptime
+
 ROOT = Path(__file__).resolve().parents[1]
-FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
 OMP_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
-# env and compute.threads of each arm; GOMP_SPINCOUNT=300000 is libgomp's own default, and any
-# user setting keeps the library from choosing the passive policy
+# env and compute.threads of each arm, each from a clean OpenMP environment
 ARMS = {
     "auto": ({}, "auto"),
-    "old": ({"GOMP_SPINCOUNT": "300000"}, str(os.cpu_count() or 1)),
-    "auto_spinning": ({"GOMP_SPINCOUNT": "300000"}, "auto"),  # the thread rule alone
-    "all_cores_passive": ({}, str(os.cpu_count() or 1)),  # the wait policy alone
+    "old": ({}, str(os.cpu_count() or 1)),
+    "auto_passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "auto"),  # tried, not kept: slower alone
 }
-
-
-def cpu_flags() -> str:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return f"cores={os.cpu_count()} " + " ".join(f"{f}={'yes' if f in have else 'no'}" for f in FLAGS)
-
-
-def uptime() -> str:
-    return subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
 
 
 def worker(art_root: Path, out_dir: Path, threads: str, epochs: int) -> None:

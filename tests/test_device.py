@@ -198,20 +198,3 @@ def test_training_rechecks_the_threads_each_epoch(ingested, tmp_path, torch_thre
         train(params, images, tmp_path / "run", progress=True)
     assert torch.get_num_threads() == 1
     assert lines[0] == "threads 2 -> 1: compute.threads"
-
-
-def test_openmp_threads_sleep_when_idle_unless_the_user_says_otherwise() -> None:
-    import subprocess
-    import sys
-
-    probe = "import os, deepcluster; print(os.environ.get('OMP_WAIT_POLICY'))"
-    clean = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-
-    def policy(**extra: str) -> str:
-        run = subprocess.run([sys.executable, "-c", probe], env=clean | extra, capture_output=True,
-                             text=True, check=True)  # fmt: skip
-        return run.stdout.strip()
-
-    assert policy() == "PASSIVE"
-    assert policy(OMP_WAIT_POLICY="ACTIVE") == "ACTIVE"
-    assert policy(GOMP_SPINCOUNT="300000") == "None"  # libgomp's own default spin, as set
