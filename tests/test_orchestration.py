@@ -532,3 +532,23 @@ def test_a_stop_during_a_checkpoint_save_waits_for_the_file(tmp_path: Path) -> N
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     assert torch.load(tmp_path / "c.pt", weights_only=False)["late"] == 7  # complete on disk
+
+
+def test_materialize_takes_the_demo_budget_and_overrides() -> None:
+    """`make demo`'s --demo trains config.DEMO's epochs over params.yaml; -S overrides on top;
+    neither given: None, the repo's params.yaml as the resources read it (and dvc.lock's)."""
+    from argparse import Namespace
+
+    from orchestration.__main__ import chosen_params
+
+    def args(**given) -> Namespace:
+        return Namespace(**({"params": None, "set": [], "demo": False} | given))
+
+    assert chosen_params(args()) is None
+    demo = chosen_params(args(demo=True))
+    assert demo.train.epochs == library_config.DEMO["train.epochs"] != "auto"
+    assert demo.cluster.k == "auto"  # only the budget changes
+    both = chosen_params(args(demo=True, set=["train.epochs=5", "cluster.k=20"]))
+    assert (both.train.epochs, both.cluster.k) == (5, 20)
+    with pytest.raises(library_config.ParamError, match="section.key=value"):
+        chosen_params(args(set=["epochs=5"]))
