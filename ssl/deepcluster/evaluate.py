@@ -196,13 +196,7 @@ def baseline_clusters(baselines: dict[str, Views], params: Params) -> dict[str, 
     """Each baseline clustered at the training k, as a user would browse it: a network's
     embedding the way training clusters it, the pixels with plain k-means. Beside the pipeline's
     own clusters, these are what `nmi_k` and the shortcut score compare."""
-    c, seed = params.cluster, params.train.seed
-    return {
-        name: _cluster_ids(views.clusters, int(c.k), None, seed, False, c.kmeans_redo)
-        if name == "pixels"
-        else cluster_as_trained(views.clusters, params).assignments
-        for name, views in baselines.items()
-    }
+    return {name: cluster_view(name, views, params)[0] for name, views in baselines.items()}
 
 
 def shortcut_figures(
@@ -249,15 +243,15 @@ def label_free_figures(
     out: dict[str, float] = {}
     for name, view in views.items():
         suffix = "" if name == "trained" else f"_{name}"
-        again, space = _recluster(name, view, other)
+        again, space = cluster_view(name, view, other)
         out[f"seed_stability{suffix}"] = nmi(clusters[name], again)
         out[f"knn_agreement{suffix}"] = knn_agreement(space, clusters[name], params.eval.knn_k, seed)
     return out
 
 
-def _recluster(name: str, view: Views, params: Params) -> tuple[np.ndarray, np.ndarray]:
-    """`view` clustered as `baseline_clusters` does, from `params`' seed, and the space k-means
-    saw (a network's: whitened as training does; the pixels: raw)."""
+def cluster_view(name: str, view: Views, params: Params) -> tuple[np.ndarray, np.ndarray]:
+    """`view` clustered at the training k from `params`' seed, and the space k-means saw: a
+    network's embedding whitened as training does, the pixels raw with plain k-means."""
     if name == "pixels":
         c = params.cluster
         x = np.ascontiguousarray(view.clusters, dtype=np.float32)
