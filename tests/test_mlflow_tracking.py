@@ -205,7 +205,7 @@ def test_runs_are_named_sourced_and_stored_beside_the_database(project: Path) ->
     assert run.info.artifact_uri.startswith((project / "mlartifacts").as_uri())
     assert any((project / "mlartifacts").rglob("metrics.json"))  # evaluate's artifacts
     data_md5 = lineage.recorded_md5(project / "data.dvc")[0]
-    assert re.fullmatch(rf"deepcluster-v2 \d{{4}}-\d\d-\d\d \d\d:\d\d data {data_md5[:8]}",
+    assert re.fullmatch(rf"v2 \d{{4}}-\d\d-\d\d \d\d:\d\d data {data_md5[:8]}",
                         run.info.run_name), run.info.run_name  # fmt: skip
     assert run.data.tags["mlflow.source.name"] == "deepcluster train"
     assert any(key.startswith("system/") for key in run.data.metrics)  # CPU, memory meanwhile

@@ -88,9 +88,9 @@ def plots(art: Artifacts = REPO_LAYOUT) -> list[Any]:
     return [
         {"Training loss (pseudo-label cross-entropy)": {"x": "epoch", "y": {history: "loss"}}},
         {"Clustering stability NMI(t-1, t) and NMI vs labels":
-            {"x": "epoch", "y": {history: ["nmi_prev", "nmi_labels"]}}},
+            {"x": "epoch", "y": {history: ["nmi_prev", "nmi_labels"]}, "y_label": "NMI"}},
         {"Cluster sizes": {"template": "bar_horizontal_sorted", "x": "size",
-                           "y": {sizes: "cluster"}}},
+                           "y": {sizes: "cluster"}, "x_label": "images", "y_label": "cluster"}},
         *(png.as_posix() for png in (art.curves_png, art.sizes_png, art.overview_png)),
     ]  # fmt: skip
 

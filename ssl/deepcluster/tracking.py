@@ -120,10 +120,15 @@ def ui_link(ui_url: str, route: str) -> str:
     return f"{ui_url.rstrip('/')}/#/{route}{UI_VIEW}"
 
 
+# short enough that MLflow's run list, which shows about 23 characters, still shows the minute
+SHORT_METHOD = {"deepcluster": "v1", "deepcluster-v2": "v2", "deepercluster": "deeper"}
+
+
 def run_name(params: Params, data_md5: str) -> str:
     """`<method> <date> data <data version>`: what a person tells runs apart by, method first so
     the UI's shortened names still differ (the parameters' hash is the params_fingerprint tag)."""
-    return f"{params.model.method} {time.strftime('%Y-%m-%d %H:%M')} data {data_md5[:8]}"
+    method = SHORT_METHOD.get(params.model.method, params.model.method)
+    return f"{method} {time.strftime('%Y-%m-%d %H:%M')} data {data_md5[:8]}"
 
 
 def start_training_run(
