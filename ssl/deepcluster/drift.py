@@ -63,7 +63,7 @@ def _training_novelty(model: Path, _model_stamp, cache: Path, _cache_stamp):
     image left out of the reference it is measured against."""
     images = np.load(cache, mmap_mode="r")
     chosen = np.sort(np.random.default_rng(0).permutation(len(images))[:REFERENCE_IMAGES])
-    net = _network(model)
+    net = _network(model, _model_stamp)
     # read from the memory map a batch at a time: 5,000 large images need not sit in memory
     features = np.concatenate([backbone_features(net, images[chosen[i : i + FEATURE_BATCH]])
                                for i in range(0, len(chosen), FEATURE_BATCH)])  # fmt: skip
@@ -71,7 +71,8 @@ def _training_novelty(model: Path, _model_stamp, cache: Path, _cache_stamp):
     return features, float(np.quantile(held_out, FAR_QUANTILE))
 
 
-def _network(model_path: Path):
+@functools.lru_cache(maxsize=2)  # the reference's pass and the batch's use one load
+def _network(model_path: Path, _model_stamp):
     from .checkpoint import load_model
 
     return load_model(model_path, "cpu")
@@ -126,7 +127,8 @@ def novelty(art: Artifacts, files: list[Path], ref: Reference) -> np.ndarray:
         raise UserError(f"cannot read the batch's images again to measure drift: {error}") from None
     if not images:
         return np.zeros(0, dtype=np.float32)
-    return kth_distances(backbone_features(_network(art.model), np.stack(images)), ref.features)
+    net = _network(art.model, _stamp(art.model))
+    return kth_distances(backbone_features(net, np.stack(images)), ref.features)
 
 
 def js_divergence(p: np.ndarray, q: np.ndarray) -> float:

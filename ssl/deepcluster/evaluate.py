@@ -62,18 +62,37 @@ def split(
     return np.sort(train), np.sort(test)
 
 
+NEIGHBOUR_BLOCK = 256  # query rows per similarity block: 256 x n similarities in memory at once
+
+
+def nearest(
+    queries: np.ndarray, reference: np.ndarray, k: int, self_rows: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k reference rows most similar to each query row (dot products: L2-normalised rows
+    give cosines), unordered, and those similarities, a block of queries at a time.
+    `self_rows[i]` is query i's own row of `reference`, which is not its neighbour."""
+    found, sims = [np.zeros((0, k), dtype=np.int64)], [np.zeros((0, k), dtype=np.float32)]
+    for start in range(0, len(queries), NEIGHBOUR_BLOCK):
+        block = queries[start : start + NEIGHBOUR_BLOCK] @ reference.T
+        if self_rows is not None:
+            block[np.arange(len(block)), self_rows[start : start + NEIGHBOUR_BLOCK]] = -np.inf
+        top = np.argpartition(-block, k - 1, axis=1)[:, :k]
+        found.append(top)
+        sims.append(np.take_along_axis(block, top, 1))
+    return np.concatenate(found), np.concatenate(sims)
+
+
 def knn_top1(
     features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray, k: int
 ) -> float:
     """Cosine-similarity kNN, votes weighted by similarity."""
     f = l2_normalize(features)
-    sims = f[test] @ f[train].T
     k = min(k, len(train))
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    top, sims = nearest(f[test], f[train], k)
     classes, train_codes = np.unique(labels[train], return_inverse=True)
     votes = np.zeros((len(test), len(classes)))
     rows = np.repeat(np.arange(len(test)), k)
-    np.add.at(votes, (rows, train_codes[top].ravel()), np.take_along_axis(sims, top, 1).ravel())
+    np.add.at(votes, (rows, train_codes[top].ravel()), sims.ravel())
     return float((classes[votes.argmax(1)] == labels[test]).mean())
 
 
@@ -222,13 +241,8 @@ def knn_agreement(space: np.ndarray, ids: np.ndarray, k: int, seed: int) -> floa
     k = max(1, min(k, len(f) - 1))
     rng = np.random.default_rng(seed)
     queries = np.sort(rng.choice(len(f), min(len(f), AGREEMENT_QUERIES), replace=False))
-    agree = 0
-    for rows in np.array_split(queries, -(-len(queries) // 256)):  # 256 x n similarities at once
-        sims = f[rows] @ f.T
-        sims[np.arange(len(rows)), rows] = -np.inf  # an image is not its own neighbour
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        agree += int((ids[top] == ids[rows, None]).sum())
-    return agree / (len(queries) * k)
+    top, _ = nearest(f[queries], f, k, self_rows=queries)  # an image is not its own neighbour
+    return int((ids[top] == ids[queries, None]).sum()) / (len(queries) * k)
 
 
 def label_free_figures(
