@@ -43,8 +43,6 @@ PYDANTIC_GROUP = {
 }
 OTHERS = {"yaml": "pyyaml", "tqdm": "tqdm", "kornia": "kornia", "kornia_rs": "kornia-rs"}
 SMOKE_EPOCHS = 2
-# the CPU flags that decide torch's CPU kernels (bf16 autocast pays only with AVX512-BF16/AMX)
-CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni")
 
 # (full, tiny) sizes; tiny runs every section on a laptop CPU in well under two minutes
 SIZES = {
@@ -86,15 +84,6 @@ def install_missing(wheels: Path | None) -> dict:
     return report
 
 
-def cpu_info() -> tuple[str, set[str]]:
-    """The CPU's model name and flags, from /proc/cpuinfo (empty where there is none)."""
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    fields = dict(line.split(":", 1) for line in lines if ":" in line)  # the last CPU's
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    return fields.get("model name", platform.processor()), set(fields.get("flags", "").split())
-
-
 # ---------------------------------------------------------------------------------------------
 # sections: each returns a dict of figures
 
@@ -102,8 +91,10 @@ def cpu_info() -> tuple[str, set[str]]:
 def machine(device) -> dict:
     import numpy as np
     import torch
+    from machine import FLAGS, cpu  # benchmarks/machine.py: the CPU flags that decide the kernels
 
-    model, flags = cpu_info()
+    host = cpu()
+    model = host["model"]
     out = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else model,
@@ -113,7 +104,7 @@ def machine(device) -> dict:
         "python": platform.python_version(),
         "cpu_model": model,
         "cpu_count": os.cpu_count(),
-        "cpu_flags": {f: f in flags for f in CPU_FLAGS},
+        "cpu_flags": {f: f in host["flags"] for f in FLAGS},
         "faiss": not module_missing("faiss"),
         "kornia": not module_missing("kornia"),
     }
