@@ -6,9 +6,10 @@
         --only v1-colour-before v1-sobel v1-jitter-0.8 v1-sobel-jitter-0.8 v1-grey-0.5 v1-crops-0.14
 
 Each variant is a set of params.yaml overrides, or a change of code path that is no parameter
-(the old head schedule, batch-mode batch norm or the trunk's output at feature extraction). All
-variants of a set share the epoch budget given on the command line, the seed and the evaluation
-(`benchmarks/quality.py`). Finished variants are kept in benchmarks/results/ablations-<set>.json
+(the old head schedule, batch-mode batch norm or the trunk's output at feature extraction; v2
+with one of its differences from v1 taken away, which `time_to_quality.py --variants` probes
+epoch by epoch). All variants of a set share the epoch budget given on the command line, the seed
+and the evaluation (`benchmarks/quality.py`). Finished variants are kept in benchmarks/results/ablations-<set>.json
 and skipped on the next call, so a long sweep can be stopped and continued; --redo runs them again.
 docs/learning.md discusses the table.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Iterator
@@ -26,20 +28,89 @@ import numpy as np
 import quality
 import torch
 
+from deepcluster import autoparams, methods, models
+from deepcluster import cluster as cluster_mod
 from deepcluster import train as train_mod
+from deepcluster.methods import deepcluster_v2 as v2_mod
+from deepcluster.sampler import uniform_over_clusters
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @contextlib.contextmanager
-def head_follows_trunk() -> Iterator[None]:
-    """v1's head with the trunk's decayed learning rate (the behaviour before the fix)."""
-    original = train_mod.EpochTrainer.head_lr
-    train_mod.EpochTrainer.head_lr = lambda self, trunk_lr, state: trunk_lr
+def patched(owner, name: str, value) -> Iterator[None]:
+    """`owner.name` replaced by `value` for the duration (a code path that is no parameter)."""
+    original = getattr(owner, name)
+    setattr(owner, name, value)
     try:
         yield
     finally:
-        train_mod.EpochTrainer.head_lr = original
+        setattr(owner, name, original)
+
+
+def head_follows_trunk():
+    """v1's head with the trunk's decayed learning rate (the behaviour before the fix)."""
+    return patched(train_mod.EpochTrainer, "head_lr", lambda self, trunk_lr, state: trunk_lr)
+
+
+# DeepCluster-v2 with one of its differences from v1 taken away (time_to_quality.py --variants)
+def v2_clean_features():
+    """Each epoch clusters a clean eval-mode pass over every image (v1's), not the memory bank."""
+    original = v2_mod.DeepClusterV2.cluster
+
+    def cluster(self, ctx, state, seed):
+        state.memory = None  # the method refills it from ctx.features(), as in its first epoch
+        return original(self, ctx, state, seed)
+
+    return patched(v2_mod.DeepClusterV2, "cluster", cluster)
+
+
+def v2_whitened():
+    """v1's clustering per head (PCA-whitened to the auto dimension for its k, Euclidean k-means);
+    the prototypes are the unit means of each cluster's embeddings."""
+    original = v2_mod.cluster_features
+
+    def cluster_features(feats, k, pca_dim, iters, redo, seed, use_gpu, spherical):
+        dim, _ = autoparams.pca_dim(k, feats.shape[1])
+        c = original(feats, k, dim, iters, redo, seed, use_gpu, spherical=False)
+        sums = np.zeros((k, feats.shape[1]), np.float32)
+        np.add.at(sums, c.assignments, feats)
+        return dataclasses.replace(c, centroids=cluster_mod.l2_normalize(sums))
+
+    return patched(v2_mod, "cluster_features", cluster_features)
+
+
+@contextlib.contextmanager
+def v2_trained_prototypes() -> Iterator[None]:
+    """The prototypes start at the centroids and are trained by SGD at the base rate (SwAV's)."""
+    set_prototypes = models.DeepClusterNet.set_prototypes
+
+    def trainable(self, centroids):
+        set_prototypes(self, centroids)
+        for head in self.heads:
+            head.weight.requires_grad_(True)
+
+    with (
+        patched(models.DeepClusterNet, "set_prototypes", trainable),
+        patched(v2_mod.DeepClusterV2, "head_optimizer", methods.Method.head_optimizer),
+    ):
+        yield
+
+
+def v2_balanced():
+    """Images drawn uniformly over the finest head's clusters (v1's sampler), not each once."""
+
+    def plan(self, clusterings, n, generator):
+        order, _ = uniform_over_clusters(clusterings[-1].assignments, n, generator)
+        labels = [torch.from_numpy(cl.assignments) for cl in clusterings]
+        return methods.Plan(order, lambda start, batch: [lab[torch.from_numpy(batch)] for lab in labels])
+
+    return patched(v2_mod.DeepClusterV2, "plan", plan)
+
+
+def v2_one_crop():
+    """One global crop per image (with `augment.local_crops: 0`: one view, as v1)."""
+    return patched(v2_mod, "GLOBAL_CROPS", 1)
 
 
 @contextlib.contextmanager
@@ -99,6 +170,15 @@ VARIANTS: dict[str, tuple[str, dict, Callable | None]] = {
     "v2-temp-0.2": ("temperature 0.2", {"train.temperature": 0.2}, None),
     "v2-epochs-half": ("half the epochs", {"train.epochs": "half"}, None),
     "v2-fp32": ("fp32 instead of bf16 autocast", {"compute.amp": False}, None),
+    "v2-temp-0.05": ("temperature 0.05", {"train.temperature": 0.05}, None),
+    "v2-temp-0.3": ("temperature 0.3", {"train.temperature": 0.3}, None),
+    "v2-lr-0.03": ("learning rate 0.03", {"train.lr": 0.03}, None),
+    "v2-lr-0.3": ("learning rate 0.3", {"train.lr": 0.3}, None),
+    "v2-clean-features": ("clusters a clean features pass, not the memory bank", {}, v2_clean_features),
+    "v2-whitened": ("v1's whitened k-means, prototypes the clusters' means", {}, v2_whitened),
+    "v2-trained-prototypes": ("prototypes trained by SGD from the centroids", {}, v2_trained_prototypes),
+    "v2-balanced": ("images drawn uniformly over the clusters (v1's sampler)", {}, v2_balanced),
+    "v2-one-crop": ("one crop per image, no local crops", {"augment.local_crops": 0}, v2_one_crop),
     "v1": ("DeepCluster (v1), same data settings", V1, None),
     "v1-paper-aug": ("v1, crops and flips only, as the paper", {**V1, **PAPER_AUG}, None),
     "v1-head-decays": ("v1, head lr decays with the trunk's (before)", V1, head_follows_trunk),
