@@ -5,8 +5,9 @@
 Each arm trains the digits (params.yaml's defaults, a few epochs) in its own process, alone and
 then beside a `while True: pass` process; the median epoch's `seconds` is compared. `auto` is
 `compute.threads: auto` as shipped (load-aware, re-checked each epoch); `old` is the former rule
-(all the cores); `auto_passive` adds OpenMP's passive wait (tried: slower alone, not kept). Fair sharing of the cores costs 2x; collapse is
-more. The last lines are `shared_ratio_auto X.XX` and `shared_ratio_old X.XX`.
+(all the cores); `one` is one thread; `auto_passive` adds OpenMP's passive wait (tried: slower
+alone, not kept). `--duty 0.3` makes the other process busy 30% of each 100 ms instead of always.
+Fair sharing of the cores costs 2x; collapse is more. The last lines are `shared_ratio_auto X.XX` and `shared_ratio_old X.XX`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ OMP_KEYS = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 ARMS = {
     "auto": ({}, "auto"),
     "old": ({}, str(os.cpu_count() or 1)),
+    "one": ({}, "1"),  # one thread whatever the load: what auto picks beside a busy process
     "auto_passive": ({"OMP_WAIT_POLICY": "PASSIVE"}, "auto"),  # tried, not kept: slower alone
 }
 
@@ -50,12 +52,21 @@ def worker(art_root: Path, out_dir: Path, threads: str, epochs: int) -> None:
     print(json.dumps({"seconds": [h.seconds for h in result.history], "log": lines}))
 
 
-def run_arm(arm: str, art_root: Path, epochs: int, busy: bool, scratch: Path) -> dict:
+def hog_command(duty: float) -> list[str]:
+    """A process busy `duty` of the time: spins, then sleeps, in 100 ms periods (1.0: always)."""
+    if duty >= 1.0:
+        return [sys.executable, "-c", "while True: pass"]
+    loop = (f"import time\nwhile True:\n    end = time.perf_counter() + {duty * 0.1}\n"
+            f"    while time.perf_counter() < end: pass\n    time.sleep({(1 - duty) * 0.1})")  # fmt: skip
+    return [sys.executable, "-c", loop]
+
+
+def run_arm(arm: str, art_root: Path, epochs: int, busy: float, scratch: Path) -> dict:
     extra, threads = ARMS[arm]
     env = {k: v for k, v in os.environ.items() if k not in OMP_KEYS} | extra
     env["PYTHONPATH"] = str(ROOT / "ssl")
     out_dir = Path(tempfile.mkdtemp(dir=scratch))
-    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"]) if busy else None
+    hog = subprocess.Popen(hog_command(busy)) if busy else None
     try:
         cmd = [sys.executable, __file__, "--worker", str(art_root), str(out_dir), threads,
                str(epochs)]  # fmt: skip
@@ -75,6 +86,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--arms", default="auto,old", help=f"comma-separated, of {', '.join(ARMS)}")
+    ap.add_argument("--duty", type=float, default=1.0,
+                    help="share of the time the busy process runs (default 1.0: always)")  # fmt: skip
     ap.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
     args = ap.parse_args()
     arms = args.arms.split(",")
@@ -94,8 +107,8 @@ def main() -> None:
         art = Artifacts(scratch / "art")
         pipeline.ingest(scratch / "digits", load_params(None), art, show=False)
         for arm in arms:
-            alone = run_arm(arm, art.root, args.epochs, False, scratch)
-            beside = run_arm(arm, art.root, args.epochs, True, scratch)
+            alone = run_arm(arm, art.root, args.epochs, 0.0, scratch)
+            beside = run_arm(arm, art.root, args.epochs, args.duty, scratch)
             ratio = beside["median"] / alone["median"]
             results[arm] = {"alone": alone, "beside_busy": beside, "ratio": ratio}
             print(f"{arm:18s} alone {alone['median']:6.2f} s  beside busy "

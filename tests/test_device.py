@@ -114,6 +114,7 @@ def test_a_onednn_cap_below_avx512_bf16_turns_bf16_autocast_off() -> None:
         (CpuShare(cores=2), 2),  # an idle machine: every core
         (CpuShare(cores=2, others=1.0), 1),  # one busy process: the core left
         (CpuShare(cores=2, others=0.1), 2),  # a short-lived command now and then is no reason
+        (CpuShare(cores=2, others=0.3), 2),  # a process busy a third of the time: two still faster
         (CpuShare(cores=2, others=0.6), 1),  # half a core taken: a thread would wait for it
         (CpuShare(cores=2, others=9.0), 1),  # never none
         (CpuShare(cores=2, quota=1.5), 1),

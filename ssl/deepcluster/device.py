@@ -70,8 +70,13 @@ def memory_format(device: torch.device) -> torch.memory_format:
     return torch.channels_last
 
 
-# A fractional share rounds up when nearly whole (1.8 CPUs -> 2 threads), not when half (1.5 -> 1)
-_SLACK = 0.25
+# A fractional limit rounds up when nearly whole (1.8 CPUs -> 2 threads), not when half: under a
+# 1.5-CPU quota one thread ran 3.9-4.3 s an epoch, two 4.6-4.7 s.
+_QUOTA_SLACK = 0.25
+# Other processes cost a thread once they take over half a core: beside a process busy 30% of the
+# time two threads ran 4.4 s an epoch against one's 5.4, at 70% 5.8 against 4.1, and at 50% each
+# won once (docs/benchmarks.md, "A shared machine")
+_LOAD_SLACK = 0.5
 _LOAD_SAMPLES, _LOAD_GAP_S = 10, 0.005  # about 50 ms per check: a mean, not one instant
 _CGROUP = Path("/sys/fs/cgroup")
 _MEMBERSHIP = Path("/proc/self/cgroup")
@@ -96,12 +101,14 @@ class CpuShare:
 
 
 def threads_for(share: CpuShare) -> int:
-    """As many threads as get a core each. torch's threads meet at a barrier after every
-    operation, so one thread waiting for a core stalls them all: beside one busy process, two
-    threads on two cores ran 3.4-3.9x slower than alone (benchmarks/shared_machine.py)."""
+    """As many threads as get a core each, a core less than half taken by others counting as
+    free. torch's threads meet at a barrier after every operation, so one thread waiting for a
+    core stalls them all: beside one busy process, two threads on two cores ran 3.4-3.9x slower
+    than alone (benchmarks/shared_machine.py)."""
     capacity = share.cores if share.quota is None else min(share.cores, share.quota)
-    fair = capacity / max(1, share.processes)
-    return max(1, int(min(fair, capacity - share.others) + _SLACK))
+    fair = int(capacity / max(1, share.processes) + _QUOTA_SLACK)
+    free = int(capacity - share.others + _LOAD_SLACK)
+    return max(1, min(fair, free))
 
 
 def cgroup_quota(root: Path = _CGROUP, membership: Path = _MEMBERSHIP) -> float | None:
