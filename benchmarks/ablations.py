@@ -9,8 +9,9 @@ Each variant is a set of params.yaml overrides, or a change of code path that is
 (the old head schedule, batch-mode batch norm or the trunk's output at feature extraction; v2
 with one of its differences from v1 taken away, which `time_to_quality.py --variants` probes
 epoch by epoch). All variants of a set share the epoch budget given on the command line, the seed
-and the evaluation (`benchmarks/quality.py`). Finished variants are kept in benchmarks/results/ablations-<set>.json
-and skipped on the next call, so a long sweep can be stopped and continued; --redo runs them again.
+and the evaluation (`benchmarks/quality.py`). Finished variants are kept in
+benchmarks/results/ablations-<set>.json and skipped on the next call, so a long sweep can be
+stopped and continued; --redo runs them again.
 docs/learning.md discusses the table.
 """
 

@@ -7,7 +7,8 @@ then beside a `while True: pass` process; the median epoch's `seconds` is compar
 `compute.threads: auto` as shipped (load-aware, re-checked each epoch); `old` is the former rule
 (all the cores); `one` is one thread; `auto_passive` adds OpenMP's passive wait (tried: slower
 alone, not kept). `--duty 0.3` makes the other process busy 30% of each 100 ms instead of always.
-Fair sharing of the cores costs 2x; collapse is more. The last lines are `shared_ratio_auto X.XX` and `shared_ratio_old X.XX`.
+Fair sharing of the cores costs 2x; collapse is more. The last lines are `shared_ratio_auto X.XX`
+and `shared_ratio_old X.XX`.
 """
 
 from __future__ import annotations
