@@ -112,10 +112,9 @@ def method_run(ds: quality.Dataset, seed: int, work: Path, targets: dict, every:
 def variants(args, targets: dict) -> int:
     """`--variants`: each ablation variant (benchmarks/ablations.py) at the auto settings, probed
     every epoch up to `--epochs`; kept in --out by name, merged with the runs already there."""
-    ds = quality.load_dataset(args.set, quality.default_params())
     for name in args.variants:
         description, overrides, hook = ablations.VARIANTS[name]
-        params, _ = ablations.params_for(overrides, args.set, None, args.seed)
+        params, ds = ablations.params_for(overrides, args.set, None, args.seed)  # ds: the cached set
         with tempfile.TemporaryDirectory(prefix="ttq-") as tmp, hook() if hook else contextlib.nullcontext():
             side = ours(ds, Path(tmp), targets, 1, name, params, args.epochs or params.train.epochs)
         record = json.loads(args.out.read_text()) if args.out.exists() else {}  # another run's rows
